@@ -1,0 +1,305 @@
+"""Where model files live: the one place that turns a model name into files on disk.
+
+Every loader (optimizer, rewards, trainers) and every host adapter goes through `resolve` /
+`resolve_file`, so the search order, the offline switch and the "where do I put the files"
+message are the same everywhere. Order: explicit local path -> the host's models folder ->
+the Hugging Face cache -> download (only when allowed; pinned sha256 where known).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_OPTIMIZER_MODEL = "microsoft/Promptist"
+
+# Environment switches that forbid any download.
+OFFLINE_ENV_VARS = ("PROMPTIST_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# Where headless users keep models when no host supplies a folder.
+MODELS_DIR_ENV_VAR = "PROMPTIST_MODELS_DIR"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A model could not be found locally and could not (or may not) be downloaded."""
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A model folder published on the Hugging Face Hub."""
+
+    repo_id: str
+    # Files that must be present for the folder to be usable (any one of each tuple).
+    required: tuple[tuple[str, ...], ...] = (("config.json",),)
+    allow_patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.txt", "*.model")
+    # Where the tokenizer comes from when the model repo ships none (Promptist uses GPT-2's).
+    tokenizer_repo_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FileModel:
+    """A single weights file downloadable from a URL, pinned by sha256."""
+
+    filename: str
+    url: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolveAttempt:
+    where: str
+    path: str
+
+
+@dataclass
+class SearchLog:
+    attempts: list[ResolveAttempt] = field(default_factory=list)
+
+    def add(self, where: str, path: Path | str) -> None:
+        self.attempts.append(ResolveAttempt(where, str(path)))
+
+    def lines(self) -> str:
+        return "\n".join(f"  - {a.where}: {a.path}" for a in self.attempts)
+
+
+TOKENIZER_FILES = (("tokenizer.json", "vocab.json"),)
+
+KNOWN_HUB_MODELS: dict[str, HubModel] = {
+    # Promptist's repo holds the GPT-2 policy only; the reference code loads the "gpt2" tokenizer.
+    "microsoft/Promptist": HubModel(
+        "microsoft/Promptist",
+        required=(("config.json",), ("model.safetensors", "pytorch_model.bin")),
+        allow_patterns=("*.json", "*.safetensors", "*.txt", "pytorch_model.bin"),
+        tokenizer_repo_id="openai-community/gpt2",
+    ),
+    "openai-community/gpt2": HubModel(
+        "openai-community/gpt2",
+        required=(("config.json",),) + TOKENIZER_FILES,
+        allow_patterns=("*.json", "*.safetensors", "*.txt"),
+    ),
+}
+
+
+def downloads_allowed(allow_download: bool | None = None) -> bool:
+    """Explicit argument wins; otherwise any of OFFLINE_ENV_VARS set to a true value forbids downloads."""
+    if allow_download is not None:
+        return allow_download
+    for var in OFFLINE_ENV_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
+    return True
+
+
+def default_models_dir() -> Path:
+    """The folder headless users keep models in: $PROMPTIST_MODELS_DIR, else ./models/promptist."""
+    env = os.environ.get(MODELS_DIR_ENV_VAR)
+    return Path(env).expanduser() if env else Path.cwd() / "models" / "promptist"
+
+
+def local_folder_name(name: str) -> str:
+    """`microsoft/Promptist` is kept as `<models_dir>/Promptist`: what users see on the Hub page."""
+    return name.rstrip("/").split("/")[-1]
+
+
+def _as_dirs(models_dir: Path | str | Sequence[Path | str] | None) -> list[Path]:
+    if models_dir is None:
+        return [default_models_dir()]
+    if isinstance(models_dir, (str, Path)):
+        return [Path(models_dir)]
+    return [Path(d) for d in models_dir]
+
+
+def _folder_has(folder: Path, required: tuple[tuple[str, ...], ...]) -> bool:
+    return folder.is_dir() and all(any((folder / f).is_file() for f in group) for group in required)
+
+
+def _is_meant_as_path(name: str) -> bool:
+    """Hub ids are `owner/name`; anything else with a separator, or starting with . / ~, is a path."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def _hub_cache_folder(repo_id: str, required: tuple[tuple[str, ...], ...]) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a hard dependency
+        return None
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+    return folder if _folder_has(folder, required) else None
+
+
+def resolve(
+    name: str,
+    *,
+    models_dir: Path | str | Sequence[Path | str] | None = None,
+    allow_download: bool | None = None,
+    required: tuple[tuple[str, ...], ...] | None = None,
+) -> Path:
+    """Return a local folder holding model `name` (a path, a folder under `models_dir`, or a Hub id).
+
+    `models_dir` is the host's folder (ComfyUI `models/promptist`, A1111 `extensions/<ext>/models`)
+    or several of them, searched in order. Raises WeightsNotFoundError naming every place looked at.
+    """
+    if not name or not name.strip():
+        raise ValueError("model name is empty: give a folder path or a Hugging Face id like microsoft/Promptist")
+    name = name.strip()
+    known = KNOWN_HUB_MODELS.get(name)
+    required = required or (known.required if known else (("config.json",),))
+    dirs = _as_dirs(models_dir)
+    log = SearchLog()
+
+    # 1. explicit local path
+    candidate = Path(name).expanduser()
+    if _is_meant_as_path(name):
+        if _folder_has(candidate, required):
+            return candidate
+        if candidate.is_dir():
+            missing = [" or ".join(g) for g in required if not any((candidate / f).is_file() for f in g)]
+            raise WeightsNotFoundError(
+                f"model folder {candidate} is incomplete: missing {', '.join(missing)}. "
+                "Copy the model's files (config.json, model.safetensors, tokenizer files) into it."
+            )
+        raise WeightsNotFoundError(f"model folder {candidate} does not exist.")
+
+    # 2. the host's models folder(s)
+    for d in dirs:
+        for sub in dict.fromkeys((local_folder_name(name), name)):
+            folder = d / sub
+            log.add("models folder", folder)
+            if _folder_has(folder, required):
+                return folder
+
+    # 3. the Hugging Face cache (only for names that look like Hub ids)
+    is_hub_id = name.count("/") == 1
+    if is_hub_id:
+        log.add("Hugging Face cache", f"{_hf_cache_root()}/models--{name.replace('/', '--')}")
+        folder = _hub_cache_folder(name, required)
+        if folder is not None:
+            return folder
+
+    # 4. download
+    allowed = downloads_allowed(allow_download)
+    if is_hub_id and allowed:
+        return _download_hub(name, dirs[0] / local_folder_name(name), known, required)
+
+    target = dirs[0] / local_folder_name(name)
+    why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if is_hub_id else (
+        "it is not a Hugging Face id, so it cannot be downloaded")
+    needed = ", ".join(" or ".join(g) for g in required)
+    raise WeightsNotFoundError(
+        f"model '{name}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
+        f"Put the model files ({needed}, plus the tokenizer files) in: {target}"
+        + (f"\n(download them from https://huggingface.co/{name})" if is_hub_id else "")
+    )
+
+
+def resolve_tokenizer(model_folder: Path, name: str, *, models_dir=None, allow_download: bool | None = None) -> Path:
+    """The folder to load the tokenizer from: the model folder if it has one, else the known fallback."""
+    if _folder_has(model_folder, TOKENIZER_FILES):
+        return model_folder
+    known = KNOWN_HUB_MODELS.get(name)
+    if known is None or known.tokenizer_repo_id is None:
+        raise WeightsNotFoundError(
+            f"model folder {model_folder} has no tokenizer (tokenizer.json or vocab.json + merges.txt). "
+            "Copy the tokenizer files that came with the model into it."
+        )
+    try:
+        return resolve(known.tokenizer_repo_id, models_dir=models_dir, allow_download=allow_download,
+                       required=TOKENIZER_FILES)
+    except WeightsNotFoundError as e:
+        raise WeightsNotFoundError(
+            f"{e}\nAlternatively copy GPT-2's tokenizer files (vocab.json, merges.txt) into {model_folder}."
+        ) from None
+
+
+def _hf_cache_root() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return str(HF_HUB_CACHE)
+    except Exception:  # pragma: no cover
+        return "~/.cache/huggingface/hub"
+
+
+def _download_hub(repo_id: str, target: Path, known: HubModel | None, required) -> Path:
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    patterns = list(known.allow_patterns if known else HubModel(repo_id).allow_patterns)
+    # Never fetch a pickle when safetensors exist.
+    if "pytorch_model.bin" in patterns:
+        try:
+            if any(f.endswith(".safetensors") for f in list_repo_files(repo_id)):
+                patterns.remove("pytorch_model.bin")
+        except Exception:
+            pass
+    target.mkdir(parents=True, exist_ok=True)
+    snapshot_download(repo_id, local_dir=str(target), allow_patterns=patterns)
+    if not _folder_has(target, required):
+        raise WeightsNotFoundError(f"downloaded {repo_id} into {target} but it lacks {required}")
+    return target
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_file(
+    name: str,
+    *,
+    known: FileModel | None = None,
+    models_dir: Path | str | Sequence[Path | str] | None = None,
+    allow_download: bool | None = None,
+) -> Path:
+    """Return a local single weights file: `name` as a path, `<models_dir>/<filename>`, or a download."""
+    log = SearchLog()
+    candidate = Path(name).expanduser()
+    log.add("local path", candidate)
+    if candidate.is_file():
+        return candidate
+    filename = known.filename if known else candidate.name
+    dirs = _as_dirs(models_dir)
+    for d in dirs:
+        log.add("models folder", d / filename)
+        if (d / filename).is_file():
+            return d / filename
+    if known is not None and downloads_allowed(allow_download):
+        return download_file(known.url, dirs[0] / filename, known.sha256)
+    why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if known else "no download URL is known for it"
+    raise WeightsNotFoundError(
+        f"weights file '{filename}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
+        f"Put the file in: {dirs[0] / filename}" + (f"\n(download it from {known.url})" if known else "")
+    )
+
+
+def download_file(url: str, target: Path, sha256: str | None = None) -> Path:
+    """Download to a temporary file beside `target`, check sha256, then rename: never a half file."""
+    from tqdm.auto import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}") as bar:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+        if sha256 is not None:
+            got = sha256_of(Path(tmp))
+            if got != sha256:
+                raise OSError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; the file was discarded")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,1 @@
+"""Headless trainers (SFT, PPO) built on promptist_core. See README.md, "Training"."""
