@@ -1,0 +1,324 @@
+"""Promptist prompt optimizer: a GPT-2 policy rewrites a plain prompt into a model-preferred one.
+
+The reference recipe (Hao et al., "Optimizing Prompts for Text-to-Image Generation", NeurIPS 2023,
+`microsoft/Promptist`) is the default, argument for argument: input `x.strip() + " Rephrase:"`,
+8 beams, 75 new tokens, length_penalty -1.0, greedy beams, the top beam. On top of it: batches,
+several candidates per prompt, diverse (group) beam search, seeded sampling, and CLIP's 77-token
+guard. Example (runs on any GPT-2 folder):
+
+    >>> from promptist_core.optimizer import load_optimizer
+    >>> optimizer = load_optimizer("microsoft/Promptist")          # or a local folder
+    >>> optimizer("a cat riding a bike")[0].prompt
+    'a cat riding a bike, highly detailed, digital painting, artstation, sharp focus, ...'
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
+from .devices import pick_device, pick_dtype
+from .weights import DEFAULT_OPTIMIZER_MODEL, resolve, resolve_tokenizer
+
+logger = logging.getLogger(__name__)
+
+REPHRASE_SUFFIX = " Rephrase:"
+MODES = ("beam", "diverse", "sample")
+# A prompt longer than this many characters is refused outright (it is not a prompt any more).
+MAX_PROMPT_CHARS = 20_000
+
+StepCallback = Callable[[int, int], None]
+
+
+class PromptError(ValueError):
+    """A prompt the optimizer cannot work with (empty, not text, absurdly long)."""
+
+
+@dataclass
+class OptimizedPrompt:
+    """The rewrite of one input prompt."""
+
+    source: str  # the user's prompt, stripped
+    prompt: str  # the best candidate (after the optional CLIP trim)
+    candidates: list[str]  # best first
+    clip_tokens: int  # CLIP tokens of `prompt` (the window holds 75)
+    trimmed: bool = False  # `prompt` was cut to fit CLIP's window
+    input_truncated: bool = False  # the input exceeded the policy's context and was cut
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.source, "optimized": self.prompt, "candidates": self.candidates,
+                "clip_tokens": self.clip_tokens, "trimmed": self.trimmed,
+                "input_truncated": self.input_truncated}
+
+
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """Validate and strip prompts; raises PromptError naming the bad one."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise PromptError("no prompt given: pass a prompt string or a list of prompts")
+    cleaned = []
+    for i, p in enumerate(prompts):
+        where = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        if not isinstance(p, str):
+            raise PromptError(f"{where} is a {type(p).__name__}, expected text")
+        if not p.strip():
+            raise PromptError(f"{where} is empty: type a few words to optimize, e.g. 'a cat riding a bike'")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise PromptError(f"{where} is {len(p)} characters long; the limit is {MAX_PROMPT_CHARS}")
+        cleaned.append(p.strip())
+    return cleaned
+
+
+class _StepHook:
+    """A StoppingCriteria that never stops: it reports progress and lets the caller interrupt."""
+
+    def __init__(self, callback: StepCallback, total: int):
+        self.callback, self.total, self.step = callback, total, 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.step += 1
+        self.callback(self.step, self.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class PromptOptimizer:
+    """A causal LM + tokenizer that rewrite prompts. Build with `load_optimizer` (cached)."""
+
+    def __init__(self, model, tokenizer, name: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        # The reference recipe: GPT-2 has no pad token; pad with eos, on the left, for generation.
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.eos_token_id = tokenizer.eos_token_id
+        config = model.config
+        self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+        # One generate at a time per model: HF generate is not re-entrant on a shared cache.
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        # Read at call time: a host's memory manager may have moved the model.
+        return next(self.model.parameters()).device
+
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        mode: str = "beam",
+        candidates: int = 1,
+        num_beams: int = 8,
+        max_new_tokens: int = 75,
+        length_penalty: float = -1.0,
+        num_beam_groups: int | None = None,
+        diversity_penalty: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 16,
+        trim_to_clip_window: bool = False,
+        step_callback: StepCallback | None = None,
+    ) -> list[OptimizedPrompt]:
+        """Rewrite each prompt; returns one OptimizedPrompt per input, in input order.
+
+        Args:
+            mode: `beam` (the reference recipe), `diverse` (group beam search: `num_beam_groups`
+                groups, `diversity_penalty` against tokens earlier groups chose at the same step),
+                or `sample` (temperature / top_k / top_p; `seed` makes it reproducible per prompt).
+            candidates: how many rewrites to return per prompt, best first (<= num_beams for beams).
+            num_beams, max_new_tokens, length_penalty: the reference recipe's 8, 75 and -1.0.
+            batch_size: prompts per generate call (beam modes); results equal one-at-a-time.
+            trim_to_clip_window: cut `prompt` at a comma so it fits CLIP's 75 prompt tokens.
+            step_callback: called as (step, max_new_tokens) after every generated token; raise
+                from it to interrupt (ComfyUI's interrupt, a progress bar).
+        """
+        # 1. check inputs
+        sources = check_prompts(prompts)
+        self._check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
+                            temperature, top_k, top_p, batch_size)
+
+        # 2. tokenize: "x Rephrase:", cut to the policy's context if needed
+        encoded, truncated = zip(*(self._encode(s, max_new_tokens) for s in sources), strict=True)
+
+        # 3. generate, in batches of similar length (less padding), or per prompt when sampling
+        texts: list[list[str]] = [[] for _ in sources]
+        if mode == "sample":
+            groups = [[i] for i in range(len(sources))]
+        else:
+            order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+            groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        with self._lock, torch.inference_mode():
+            for group in groups:
+                outputs = self._generate(
+                    [encoded[i] for i in group], mode=mode, candidates=candidates, num_beams=num_beams,
+                    max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                    num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
+                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, step_callback=step_callback,
+                )
+                for i, out in zip(group, outputs, strict=True):
+                    texts[i] = out
+
+        # 4. strip the input prefix (decode only new tokens), never return an empty rewrite
+        results = []
+        for source, cands, cut in zip(sources, texts, truncated, strict=True):
+            notes = []
+            if not any(cands):
+                notes.append("the model produced no rewrite; the prompt is returned unchanged")
+            cands = [c if c else source for c in cands]
+            if cut:
+                notes.append(f"the prompt was longer than the model's context and was cut to "
+                             f"{self.context_length - max_new_tokens} tokens")
+            # 5. CLIP length guard
+            best = cands[0]
+            tokens = count_clip_tokens(best)
+            trimmed = False
+            if tokens > CLIP_PROMPT_TOKENS:
+                if trim_to_clip_window:
+                    best, trimmed = trim_to_clip(best), True
+                    notes.append(f"trimmed from {tokens} to {count_clip_tokens(best)} CLIP tokens")
+                    tokens = count_clip_tokens(best)
+                else:
+                    notes.append(f"{tokens} CLIP tokens: more than the {CLIP_PROMPT_TOKENS} that fit one "
+                                 "CLIP window; the host will split it into chunks")
+            results.append(OptimizedPrompt(source, best, cands, tokens, trimmed, cut, notes))
+        return results
+
+    def optimize(self, prompt: str, **kwargs) -> str:
+        """One prompt in, the best rewrite out."""
+        return self(prompt, **kwargs)[0].prompt
+
+    @staticmethod
+    def _check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
+                       temperature, top_k, top_p, batch_size) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if not 1 <= candidates <= 64:
+            raise ValueError(f"candidates must be between 1 and 64; got {candidates}")
+        if not 1 <= max_new_tokens <= 512:
+            raise ValueError(f"max_new_tokens must be between 1 and 512; got {max_new_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        if mode != "sample" and candidates > num_beams:
+            raise ValueError(f"candidates ({candidates}) cannot exceed num_beams ({num_beams}) in {mode} mode")
+        if mode == "diverse":
+            groups = num_beam_groups or num_beams
+            if groups < 2 or num_beams % groups:
+                raise ValueError(f"diverse mode needs num_beams ({num_beams}) divisible by num_beam_groups "
+                                 f"({groups}), with at least 2 groups")
+            if diversity_penalty < 0:
+                raise ValueError(f"diversity_penalty must be >= 0; got {diversity_penalty}")
+        if mode == "sample":
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0; got {temperature}")
+            if top_k < 0 or not 0 < top_p <= 1:
+                raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1; got top_k={top_k}, top_p={top_p}")
+
+    def _encode(self, source: str, max_new_tokens: int) -> tuple[list[int], bool]:
+        ids = self.tokenizer(source + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"]
+        room = self.context_length - max_new_tokens
+        if len(ids) <= room:
+            return ids, False
+        # Keep the beginning of the prompt and always end with " Rephrase:".
+        suffix = self.tokenizer(REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"]
+        body = self.tokenizer(source, add_special_tokens=False)["input_ids"]
+        logger.warning("prompt of %d tokens is longer than the optimizer's context (%d for the input); "
+                       "it is truncated", len(ids), room)
+        return body[: max(room - len(suffix), 1)] + suffix, True
+
+    def _generate(self, batch: list[list[int]], *, mode, candidates, num_beams, max_new_tokens, length_penalty,
+                  num_beam_groups, diversity_penalty, temperature, top_k, top_p, seed,
+                  step_callback) -> list[list[str]]:
+        # Left padding with eos as pad, exactly what the tokenizer does in the reference.
+        padded = self.tokenizer.pad({"input_ids": batch}, padding=True, return_tensors="pt")
+        input_ids = padded["input_ids"].to(self.device)
+        attention_mask = padded["attention_mask"].to(self.device)
+        common = dict(max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
+                      pad_token_id=self.eos_token_id)
+        hooks = []
+        if step_callback is not None:
+            from transformers import StoppingCriteriaList
+
+            hooks = StoppingCriteriaList([_StepHook(step_callback, max_new_tokens)])
+
+        if mode == "beam":
+            sequences = self.model.generate(
+                input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
+                num_return_sequences=candidates, length_penalty=length_penalty,
+                stopping_criteria=hooks or None, **common,
+            )
+        elif mode == "diverse":
+            from .diverse_beam import diverse_beam_search
+
+            sequences = diverse_beam_search(
+                self.model, input_ids, attention_mask, num_beams=num_beams,
+                num_beam_groups=num_beam_groups or num_beams, diversity_penalty=diversity_penalty,
+                num_return_sequences=candidates, length_penalty=length_penalty,
+                step_callback=step_callback, **common,
+            ).sequences
+        else:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed if seed is not None else torch.seed())
+                sequences = self.model.generate(
+                    input_ids, attention_mask=attention_mask, do_sample=True, num_beams=1,
+                    num_return_sequences=candidates, temperature=temperature, top_k=top_k, top_p=top_p,
+                    stopping_criteria=hooks or None, **common,
+                )
+        new_tokens = sequences[:, input_ids.shape[1]:]
+        decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        decoded = [d.strip() for d in decoded]
+        per_prompt = len(decoded) // len(batch)
+        return [decoded[i * per_prompt:(i + 1) * per_prompt] for i in range(len(batch))]
+
+
+_CACHE: dict[tuple, PromptOptimizer] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_optimizer(
+    name: str = DEFAULT_OPTIMIZER_MODEL,
+    *,
+    models_dir: Path | str | Sequence[Path | str] | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    allow_download: bool | None = None,
+) -> PromptOptimizer:
+    """Resolve `name` to files (weights.resolve), load the policy once, and reuse it across calls."""
+    folder = resolve(name, models_dir=models_dir, allow_download=allow_download)
+    tokenizer_folder = resolve_tokenizer(folder, name, models_dir=models_dir, allow_download=allow_download)
+    target = pick_device(device)
+    torch_dtype = pick_dtype(target, dtype)
+    key = (str(folder.resolve()), str(tokenizer_folder.resolve()), str(target), torch_dtype)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _load(folder, tokenizer_folder, target, torch_dtype, name)
+        return _CACHE[key]
+
+
+def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: torch.dtype,
+          name: str) -> PromptOptimizer:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("loading prompt optimizer %s from %s (%s, %s)", name, folder, device, dtype)
+    # transformers loads safetensors, or .bin with torch.load(weights_only=True): no arbitrary unpickling.
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
+    model.to(device=device, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    return PromptOptimizer(model, tokenizer, name=name)
+
+
+def clear_cache() -> None:
+    """Forget every loaded optimizer (hosts call this to free memory)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()

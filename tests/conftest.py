@@ -1,0 +1,109 @@
+"""Fixtures: tiny models of the real architectures, saved the way users' files look.
+
+No weights can be downloaded in tests. The tiny Promptist is a real GPT2LMHeadModel (2 layers,
+32 wide) with a byte-level BPE tokenizer trained here on prompt-like text, briefly trained on
+`x Rephrase: y<eos>` so that it writes modifier lists and stops, and saved as safetensors +
+config.json + tokenizer files. Tests load it through the real resolver and loader.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tiny models run fastest on one thread, and several threads stall badly on a busy shared CPU.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is installed by .ci/run
+    pass
+
+# Tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PROMPTIST_OFFLINE", "1")
+
+SUBJECTS = [
+    "a cat riding a bike", "a red horse on the grass", "portrait of an old man", "a castle on a hill",
+    "a bowl of fruit", "a dragon flying over mountains", "a city street at night", "a lighthouse in a storm",
+    "an astronaut in a jungle", "a fox in the snow", "a cozy cabin in the woods", "a robot reading a book",
+    "a girl with a red umbrella", "a ship at sea", "a waterfall in a forest", "a tiger drinking water",
+]
+MODIFIERS = [
+    "highly detailed", "digital painting", "artstation", "concept art", "sharp focus", "illustration",
+    "smooth", "intricate", "elegant", "8k", "trending on artstation", "by greg rutkowski", "octane render",
+    "cinematic lighting", "matte painting", "unreal engine", "volumetric lighting", "fantasy",
+]
+
+
+def prompt_pairs(n: int = 400, seed: int = 0) -> list[tuple[str, str]]:
+    """(plain, engineered) prompt pairs shaped like Promptist's SFT data."""
+    rng = random.Random(seed)
+    pairs = []
+    for subject in itertools.islice(itertools.cycle(SUBJECTS), n):
+        mods = rng.sample(MODIFIERS, rng.randint(3, 7))
+        pairs.append((subject, subject + ", " + ", ".join(mods)))
+    return pairs
+
+
+def build_tiny_promptist(folder: Path, *, train_steps: int = 150, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = prompt_pairs(seed=seed)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([f"{x} Rephrase: {y}" for x, y in pairs], vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=128)
+    tokenizer.save_pretrained(folder)
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos)
+    model = GPT2LMHeadModel(config)
+    # A few steps of teacher forcing so the tiny policy writes modifiers and stops.
+    texts = [f"{x} Rephrase: {y}<|endoftext|>" for x, y in pairs]
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokenizer.pad_token = tokenizer.eos_token
+    model.train()
+    gen = random.Random(seed)
+    for _ in range(train_steps):
+        batch = tokenizer(gen.sample(texts, 32), return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_promptist_dir(tmp_path_factory) -> Path:
+    """A models folder holding `tiny-promptist/` (safetensors + config + tokenizer)."""
+    models_dir = tmp_path_factory.mktemp("models")
+    build_tiny_promptist(models_dir / "tiny-promptist")
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_optimizer(tiny_promptist_dir):
+    from promptist_core.optimizer import load_optimizer
+
+    return load_optimizer("tiny-promptist", models_dir=tiny_promptist_dir, device="cpu")
