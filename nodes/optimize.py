@@ -1,0 +1,108 @@
+"""Promptist Model Loader -> Promptist Optimize Prompt: rewrite a prompt inside a ComfyUI graph."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from promptist_core.devices import DEVICE_CHOICES, pick_dtype
+from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer
+from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
+
+from .comfy_host import ManagedModel, list_model_folders, load_device, models_dirs, step_progress
+from .comfy_schema import comfy_node
+
+MODEL_TYPE = "PROMPTIST_MODEL"
+BATCH_SIZE = 16
+
+
+@dataclass
+class LoadedOptimizer:
+    """What travels on a PROMPTIST_MODEL wire: the policy and its memory-manager handle."""
+
+    optimizer: PromptOptimizer
+    managed: ManagedModel
+
+
+# Module level: ComfyUI clones node classes per run, so a cache on the class would be lost.
+_MANAGED: dict[int, ManagedModel] = {}
+
+
+class ModelLoader:
+    """Load a Promptist policy (GPT-2) from models/promptist or the Hugging Face cache."""
+
+    NODE_ID = "PromptistModelLoader"
+    DISPLAY_NAME = "Promptist Model Loader"
+    DESCRIPTION = ("Loads a prompt-optimizer policy. Put model folders (config.json, model.safetensors, "
+                   "tokenizer files) in ComfyUI/models/promptist/, or use microsoft/Promptist.")
+    OUTPUTS = [(MODEL_TYPE, "promptist_model", "The loaded policy, for Promptist Optimize Prompt.")]
+
+    @classmethod
+    def inputs(cls):
+        # A method, not a constant: the folder list is read again each time the UI asks.
+        return [
+            ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL),
+             {"default": DEFAULT_OPTIMIZER_MODEL,
+              "tooltip": "A folder in models/promptist, or microsoft/Promptist (from models/promptist/Promptist, "
+                         "the Hugging Face cache, or downloaded once unless offline)."}),
+            ("device", list(DEVICE_CHOICES),
+             {"default": "auto",
+              "tooltip": "auto/gpu: ComfyUI's device, offloaded when VRAM is needed; cpu: stay on CPU."}),
+        ]
+
+    @staticmethod
+    def run(model_name: str, device: str = "auto"):
+        compute = load_device() if device != "cpu" else torch.device("cpu")
+        # Load on the CPU in the compute dtype; ComfyUI's memory manager moves it when it is used.
+        optimizer = load_optimizer(model_name, models_dir=models_dirs(), device="cpu", dtype=pick_dtype(compute))
+        key = id(optimizer.model)
+        if key not in _MANAGED:
+            _MANAGED[key] = ManagedModel(optimizer.model, compute)
+        return (LoadedOptimizer(optimizer, _MANAGED[key]),)
+
+
+class OptimizePrompt:
+    """Rewrite a plain prompt into a Stable-Diffusion-friendly one."""
+
+    NODE_ID = "PromptistOptimizePrompt"
+    DISPLAY_NAME = "Promptist Optimize Prompt"
+    DESCRIPTION = ("Rewrites the prompt with the Promptist policy (beam: the paper's recipe; diverse: distinct "
+                   "candidates; sample: random, seeded). Outputs the best rewrite and all candidates.")
+    INPUTS = [
+        (MODEL_TYPE.lower(), MODEL_TYPE, {"tooltip": "From Promptist Model Loader."}),
+        ("text", "STRING", {"multiline": True, "default": "a cat riding a bike",
+                            "tooltip": "Your plain prompt. One rewrite per line if several lines."}),
+        ("mode", list(MODES), {"default": "beam",
+                               "tooltip": "beam: 8 beams, length penalty -1 (the paper). diverse: group beam "
+                                          "search, one beam per group. sample: top-k/top-p with the seed."}),
+        ("candidates", "INT", {"default": 1, "min": 1, "max": 16, "step": 1,
+                               "tooltip": "How many rewrites to return, best first."}),
+        ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True,
+                         "tooltip": "Used by sample mode only; the same seed gives the same rewrites."}),
+        ("max_new_tokens", "INT", {"default": 75, "min": 1, "max": 256, "step": 1,
+                                   "tooltip": "Longest rewrite, in GPT-2 tokens (the paper uses 75)."}),
+        ("trim_to_clip", "BOOLEAN", {"default": False,
+                                     "tooltip": "Cut the best rewrite at a comma to fit CLIP's 75-token window."}),
+    ]
+    OUTPUTS = [("STRING", "prompt", "The best rewrite (one per input line)."),
+               ("STRING", "candidates", "All candidates, one per line, best first.")]
+
+    @staticmethod
+    def run(promptist_model: LoadedOptimizer, text: str, mode: str = "beam", candidates: int = 1, seed: int = 0,
+            max_new_tokens: int = 75, trim_to_clip: bool = False):
+        prompts = [line for line in text.splitlines() if line.strip()] or [text]
+        generate_calls = len(prompts) if mode == "sample" else math.ceil(len(prompts) / BATCH_SIZE)
+        promptist_model.managed.load()
+        results = promptist_model.optimizer(
+            prompts, mode=mode, candidates=candidates, num_beams=max(8, candidates), seed=seed,
+            max_new_tokens=max_new_tokens, trim_to_clip_window=trim_to_clip, batch_size=BATCH_SIZE,
+            step_callback=step_progress(max_new_tokens * generate_calls),
+        )
+        best = "\n".join(r.prompt for r in results)
+        everything = "\n".join(c for r in results for c in r.candidates)
+        return (best, everything)
+
+
+NODES = [comfy_node(ModelLoader), comfy_node(OptimizePrompt)]
