@@ -68,7 +68,7 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
     for i, p in enumerate(prompts):
         where = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
         if not isinstance(p, str):
-            raise PromptError(f"{where} is a {type(p).__name__}, expected text")
+            raise PromptError(f"{where} must be text, got {type(p).__name__}")
         if not p.strip():
             raise PromptError(f"{where} is empty: type a few words to optimize, e.g. 'a cat riding a bike'")
         if len(p) > MAX_PROMPT_CHARS:
@@ -78,15 +78,17 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
 
 
 class _StepHook:
-    """A StoppingCriteria that never stops: it reports progress and lets the caller interrupt."""
+    """A logits processor that changes nothing: called once per generated token, it reports progress
+    and lets the caller interrupt by raising. (A LogitsProcessor has the same signature in
+    transformers 4.x and 5.x; stopping criteria do not.)"""
 
     def __init__(self, callback: StepCallback, total: int):
         self.callback, self.total, self.step = callback, total, 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.step += 1
         self.callback(self.step, self.total)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return scores
 
 
 class PromptOptimizer:
@@ -245,17 +247,17 @@ class PromptOptimizer:
         attention_mask = padded["attention_mask"].to(self.device)
         common = dict(max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
                       pad_token_id=self.eos_token_id)
-        hooks = []
+        hooks = None
         if step_callback is not None:
-            from transformers import StoppingCriteriaList
+            from transformers import LogitsProcessorList
 
-            hooks = StoppingCriteriaList([_StepHook(step_callback, max_new_tokens)])
+            hooks = LogitsProcessorList([_StepHook(step_callback, max_new_tokens)])
 
         if mode == "beam":
             sequences = self.model.generate(
                 input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
                 num_return_sequences=candidates, length_penalty=length_penalty,
-                stopping_criteria=hooks or None, **common,
+                logits_processor=hooks, **common,
             )
         elif mode == "diverse":
             from .diverse_beam import diverse_beam_search
@@ -273,7 +275,7 @@ class PromptOptimizer:
                 sequences = self.model.generate(
                     input_ids, attention_mask=attention_mask, do_sample=True, num_beams=1,
                     num_return_sequences=candidates, temperature=temperature, top_k=top_k, top_p=top_p,
-                    stopping_criteria=hooks or None, **common,
+                    logits_processor=hooks, **common,
                 )
         new_tokens = sequences[:, input_ids.shape[1]:]
         decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

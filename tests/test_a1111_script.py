@@ -1,0 +1,64 @@
+"""The A1111 AlwaysVisible script's prompt-rewrite hook, on a p-like processing object."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("promptist_a1111_script", ROOT / "scripts" / "promptist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # as the webui does: by path
+    return module
+
+
+def processing(prompts, seeds=None, **extra):
+    """The attributes of modules.processing.StableDiffusionProcessing that the hook touches."""
+    return SimpleNamespace(prompt=prompts[0], all_prompts=list(prompts), main_prompt=prompts[0],
+                           all_seeds=seeds or list(range(100, 100 + len(prompts))),
+                           extra_generation_params={}, **extra)
+
+
+def test_script_loads_without_the_webui_and_defines_no_webui_classes(script):
+    assert script.scripts is None
+    assert not hasattr(script, "PromptistScript")
+
+
+def test_hook_rewrites_every_prompt_and_records_the_originals_in_infotext(script, tiny_optimizer):
+    p = processing(["a cat riding a bike", "a cat riding a bike", "a ship"])
+    script.optimize_processing(p, tiny_optimizer, mode="beam")
+    expected = [r.prompt for r in tiny_optimizer(["a cat riding a bike", "a ship"])]
+    assert p.all_prompts == [expected[0], expected[0], expected[1]]
+    assert p.prompt == p.main_prompt == expected[0]
+    assert p.extra_generation_params["Promptist original"] == ["a cat riding a bike"] * 2 + ["a ship"]
+    assert p.extra_generation_params["Promptist mode"] == "beam"
+
+
+def test_hook_keeps_lora_tags_out_of_the_policy_and_in_the_prompt(script, tiny_optimizer):
+    p = processing(["a cat riding a bike <lora:catstyle:0.8>"])
+    script.optimize_processing(p, tiny_optimizer)
+    assert p.all_prompts == [tiny_optimizer("a cat riding a bike")[0].prompt + " <lora:catstyle:0.8>"]
+
+
+def test_hook_rewrites_hires_prompts_that_followed_the_prompt(script, tiny_optimizer):
+    p = processing(["a cat riding a bike", "a ship"], all_hr_prompts=["a cat riding a bike", "my own hires"])
+    script.optimize_processing(p, tiny_optimizer)
+    assert p.all_hr_prompts == [p.all_prompts[0], "my own hires"]
+
+
+def test_sample_mode_uses_each_images_seed(script, tiny_optimizer):
+    p = processing(["a fox in the snow"] * 2, seeds=[1, 2])
+    script.optimize_processing(p, tiny_optimizer, mode="sample")
+    assert p.all_prompts[0] == tiny_optimizer("a fox in the snow", mode="sample", seed=1)[0].prompt
+    assert p.all_prompts[1] == tiny_optimizer("a fox in the snow", mode="sample", seed=2)[0].prompt
+
+
+def test_extra_network_split_round_trips(script):
+    assert script.split_extra_networks("a cat, <lora:x:1> in a hat <hypernet:y:0.5>") == (
+        "a cat, in a hat", "<lora:x:1> <hypernet:y:0.5>")
+    assert script.split_extra_networks("<lora:x:1>") == ("", "<lora:x:1>")

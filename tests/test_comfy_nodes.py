@@ -1,0 +1,65 @@
+"""The ComfyUI nodes, executed directly with a tiny policy (no ComfyUI needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nodes.comfy_schema import v1_node
+from nodes.optimize import ModelLoader, OptimizePrompt
+
+
+@pytest.fixture
+def comfy_models_dir(tiny_promptist_dir, monkeypatch):
+    # Without ComfyUI, nodes look in $PROMPTIST_MODELS_DIR (ComfyUI: models/promptist).
+    monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tiny_promptist_dir))
+    return tiny_promptist_dir
+
+
+def test_loader_lists_model_folders_and_the_default(comfy_models_dir):
+    inputs = v1_node(ModelLoader).INPUT_TYPES()["required"]
+    names, options = inputs["model_name"]
+    assert names == ["microsoft/Promptist", "tiny-promptist"]
+    assert options["default"] == "microsoft/Promptist"
+    assert inputs["device"][0] == ["auto", "gpu", "cpu"]
+
+
+def test_v1_schema_declares_types_names_and_tooltips():
+    node = v1_node(OptimizePrompt)
+    assert node.RETURN_TYPES == ("STRING", "STRING")
+    assert node.RETURN_NAMES == ("prompt", "candidates")
+    assert node.FUNCTION == "run" and node.CATEGORY == "promptist"
+    required = node.INPUT_TYPES()["required"]
+    assert required["promptist_model"] == ("PROMPTIST_MODEL", {"tooltip": "From Promptist Model Loader."})
+    assert required["mode"][0] == ["beam", "diverse", "sample"]
+    assert required["candidates"][1]["min"] == 1 and required["candidates"][1]["max"] == 16
+    assert all("tooltip" in spec[1] for spec in required.values())
+
+
+def test_loader_then_optimize_node_rewrites_the_prompt(comfy_models_dir, tiny_optimizer):
+    (model,) = v1_node(ModelLoader)().run(model_name="tiny-promptist", device="cpu")
+    assert model.optimizer is tiny_optimizer  # the module-level cache is shared with the core
+    best, everything = v1_node(OptimizePrompt)().run(promptist_model=model, text="a cat riding a bike",
+                                                     mode="beam", candidates=3, seed=0, max_new_tokens=75)
+    expected = tiny_optimizer("a cat riding a bike", candidates=3)[0]
+    assert best == expected.prompt
+    assert everything.splitlines() == expected.candidates
+
+
+def test_optimize_node_rewrites_each_line(comfy_models_dir):
+    (model,) = ModelLoader.run(model_name="tiny-promptist", device="cpu")
+    best, everything = OptimizePrompt.run(promptist_model=model, text="a cat\n\na ship\n", candidates=2)
+    assert len(best.splitlines()) == 2 and len(everything.splitlines()) == 4
+
+
+def test_optimize_node_sample_mode_is_reproducible_with_the_seed(comfy_models_dir):
+    (model,) = ModelLoader.run(model_name="tiny-promptist", device="cpu")
+    a = OptimizePrompt.run(promptist_model=model, text="a fox", mode="sample", candidates=3, seed=11)
+    b = OptimizePrompt.run(promptist_model=model, text="a fox", mode="sample", candidates=3, seed=11)
+    assert a == b
+
+
+def test_loader_with_a_missing_model_says_where_to_put_it(comfy_models_dir):
+    from promptist_core.weights import WeightsNotFoundError
+
+    with pytest.raises(WeightsNotFoundError, match=str(comfy_models_dir / "nope")):
+        ModelLoader.run(model_name="nope", device="cpu")

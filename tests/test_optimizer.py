@@ -1,0 +1,166 @@
+"""The prompt optimizer on a tiny Promptist policy loaded through the real resolver and loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptist_core.optimizer import PromptError, load_optimizer
+
+PROMPTS = ["a cat riding a bike", "a fox in the snow", "portrait of an old man with a hat, oil", "a ship"]
+
+
+def reference_promptist(model, tokenizer, plain_text: str) -> str:
+    """The reference code of the Promptist demo (microsoft/Promptist Space), verbatim in substance."""
+    input_ids = tokenizer(plain_text.strip() + " Rephrase:", return_tensors="pt").input_ids
+    eos_id = tokenizer.eos_token_id
+    outputs = model.generate(input_ids, do_sample=False, max_new_tokens=75, num_beams=8, num_return_sequences=8,
+                             eos_token_id=eos_id, pad_token_id=eos_id, length_penalty=-1.0)
+    output_texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    return output_texts[0].replace(plain_text + " Rephrase:", "").strip()
+
+
+def test_default_call_returns_what_the_reference_code_returns(tiny_optimizer):
+    model, tokenizer = tiny_optimizer.model, tiny_optimizer.tokenizer
+    for prompt in PROMPTS:
+        assert tiny_optimizer(prompt)[0].prompt == reference_promptist(model, tokenizer, prompt)
+
+
+def test_batched_results_equal_one_at_a_time_results(tiny_optimizer):
+    batched = tiny_optimizer(PROMPTS, candidates=3, batch_size=4)
+    single = [tiny_optimizer(p, candidates=3)[0] for p in PROMPTS]
+    assert [r.candidates for r in batched] == [r.candidates for r in single]
+    assert [r.source for r in batched] == PROMPTS  # input order kept
+
+
+def test_small_batches_give_the_same_results_as_one_big_batch(tiny_optimizer):
+    big = tiny_optimizer(PROMPTS * 2, batch_size=8)
+    small = tiny_optimizer(PROMPTS * 2, batch_size=3)
+    assert [r.prompt for r in big] == [r.prompt for r in small]
+
+
+def test_candidates_are_best_first_and_count_as_asked(tiny_optimizer):
+    result = tiny_optimizer("a cat riding a bike", candidates=4)[0]
+    assert len(result.candidates) == 4
+    assert result.prompt == result.candidates[0]
+    assert result.candidates[0] == tiny_optimizer("a cat riding a bike")[0].prompt
+
+
+def test_same_seed_gives_the_same_samples_and_another_seed_differs(tiny_optimizer):
+    a = tiny_optimizer("a red horse on the grass", mode="sample", candidates=4, seed=7, temperature=1.5)[0]
+    b = tiny_optimizer("a red horse on the grass", mode="sample", candidates=4, seed=7, temperature=1.5)[0]
+    c = tiny_optimizer("a red horse on the grass", mode="sample", candidates=4, seed=8, temperature=1.5)[0]
+    assert a.candidates == b.candidates
+    assert a.candidates != c.candidates
+
+
+def test_sampling_with_a_seed_does_not_depend_on_the_other_prompts_of_the_call(tiny_optimizer):
+    alone = tiny_optimizer("a fox in the snow", mode="sample", candidates=2, seed=3)[0]
+    together = tiny_optimizer(["a cat", "a fox in the snow"], mode="sample", candidates=2, seed=3)[1]
+    assert alone.candidates == together.candidates
+
+
+def test_sampling_does_not_disturb_the_global_random_state(tiny_optimizer):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_optimizer("a cat", mode="sample", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\n\t"])
+def test_empty_prompt_is_a_clear_error(tiny_optimizer, bad):
+    with pytest.raises(PromptError, match="empty"):
+        tiny_optimizer(bad)
+
+
+def test_the_bad_prompt_of_a_batch_is_named(tiny_optimizer):
+    with pytest.raises(PromptError, match="prompt 2 is empty"):
+        tiny_optimizer(["a cat", " "])
+    with pytest.raises(PromptError, match="prompt 2 must be text, got int"):
+        tiny_optimizer(["a cat", 3])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "greedy"}, "mode must be one of"),
+    ({"candidates": 9}, r"candidates \(9\) cannot exceed num_beams \(8\)"),
+    ({"candidates": 0}, "candidates must be between"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be between"),
+    ({"mode": "sample", "temperature": 0}, "temperature must be > 0"),
+    ({"mode": "diverse", "num_beams": 8, "num_beam_groups": 3}, "divisible by num_beam_groups"),
+])
+def test_bad_options_are_clear_errors(tiny_optimizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_optimizer("a cat", **kwargs)
+
+
+def test_a_prompt_longer_than_the_context_is_truncated_with_a_note_not_a_crash(tiny_optimizer):
+    huge = "a cat riding a bike in a very long story " * 200  # far beyond the tiny model's 128 tokens
+    result = tiny_optimizer(huge, max_new_tokens=20)[0]
+    assert result.input_truncated
+    assert any("longer than the model's context" in n for n in result.notes)
+    assert result.prompt
+
+
+def test_an_empty_rewrite_falls_back_to_the_users_prompt(tiny_optimizer):
+    # One new token that is end-of-text: the model's rewrite is empty.
+    eos = tiny_optimizer.tokenizer.eos_token_id
+    bias = torch.zeros(tiny_optimizer.model.config.vocab_size)
+    bias[eos] = 1e4
+    head = tiny_optimizer.model.lm_head
+    original = head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[eos] = 1.0
+        result = tiny_optimizer("a lonely lighthouse")[0]
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(original)
+    assert result.prompt == "a lonely lighthouse"
+    assert any("no rewrite" in n for n in result.notes)
+
+
+def test_clip_token_count_is_reported_and_trim_cuts_at_a_comma(tiny_optimizer):
+    from promptist_core.clip_tokens import count_clip_tokens, trim_to_clip
+
+    long_prompt = "a cat, " + ", ".join(f"detail number {i}" for i in range(40))
+    assert count_clip_tokens(long_prompt) > 75
+    trimmed = trim_to_clip(long_prompt)
+    assert count_clip_tokens(trimmed) <= 75
+    assert trimmed.startswith("a cat, detail number 0")
+    assert long_prompt.startswith(trimmed) and long_prompt[len(trimmed)] == ","
+    result = tiny_optimizer("a cat riding a bike")[0]
+    assert result.clip_tokens == count_clip_tokens(result.prompt)
+
+
+def test_optimizer_is_loaded_once_and_reused(tiny_promptist_dir, tiny_optimizer):
+    again = load_optimizer("tiny-promptist", models_dir=tiny_promptist_dir, device="cpu")
+    assert again is tiny_optimizer
+
+
+def test_model_folder_given_as_a_path_loads(tiny_promptist_dir):
+    optimizer = load_optimizer(str(tiny_promptist_dir / "tiny-promptist"), device="cpu")
+    assert optimizer("a cat")[0].prompt
+
+
+def test_cpu_runs_in_float32(tiny_optimizer):
+    assert next(tiny_optimizer.model.parameters()).dtype == torch.float32
+
+
+def test_step_callback_reports_progress_and_can_interrupt(tiny_optimizer):
+    steps = []
+    tiny_optimizer("a cat riding a bike", max_new_tokens=10, step_callback=lambda s, n: steps.append((s, n)))
+    assert steps and steps[0] == (1, 10) and all(n == 10 for _, n in steps) and len(steps) <= 10
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(step, total):
+        if step == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        tiny_optimizer("a cat riding a bike", step_callback=interrupt)
+    # The optimizer stays usable after an interrupt.
+    assert tiny_optimizer("a cat riding a bike")[0].prompt

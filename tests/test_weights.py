@@ -1,0 +1,105 @@
+"""The weights resolver: search order, offline switch, and the missing-model message."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from promptist_core.weights import (
+    FileModel,
+    WeightsNotFoundError,
+    download_file,
+    downloads_allowed,
+    resolve,
+    resolve_file,
+    resolve_tokenizer,
+)
+
+
+def make_folder(path: Path, files=("config.json", "model.safetensors", "vocab.json")) -> Path:
+    path.mkdir(parents=True)
+    for f in files:
+        (path / f).write_text("{}")
+    return path
+
+
+def test_explicit_path_wins(tmp_path):
+    folder = make_folder(tmp_path / "anywhere" / "my-policy")
+    assert resolve(str(folder), models_dir=tmp_path / "models") == folder
+
+
+def test_host_models_folder_is_searched_by_the_last_part_of_a_hub_id(tmp_path):
+    folder = make_folder(tmp_path / "models" / "Promptist")
+    assert resolve("microsoft/Promptist", models_dir=tmp_path / "models", allow_download=False) == folder
+
+
+def test_several_models_folders_are_searched_in_order(tmp_path):
+    second = make_folder(tmp_path / "b" / "policy")
+    assert resolve("policy", models_dir=[tmp_path / "a", tmp_path / "b"]) == second
+
+
+def test_missing_model_error_names_the_model_every_place_and_the_folder_to_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve("microsoft/Promptist", models_dir=tmp_path / "models", allow_download=False)
+    message = str(e.value)
+    assert "'microsoft/Promptist'" in message
+    assert str(tmp_path / "models" / "Promptist") in message  # where to put the files
+    assert "models folder" in message and "Hugging Face cache" in message
+    assert "config.json" in message and "model.safetensors" in message
+    assert "downloads are disabled" in message
+
+
+def test_incomplete_folder_names_the_missing_file(tmp_path):
+    folder = make_folder(tmp_path / "half", files=("config.json",))
+    with pytest.raises(WeightsNotFoundError, match="missing model.safetensors or pytorch_model.bin"):
+        resolve(str(folder), required=(("config.json",), ("model.safetensors", "pytorch_model.bin")))
+
+
+def test_a_path_that_does_not_exist_is_reported_as_such(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        resolve(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("var", ["PROMPTIST_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_environment_forbids_downloads(monkeypatch, var):
+    for v in ("PROMPTIST_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    assert downloads_allowed() is True
+    monkeypatch.setenv(var, "1")
+    assert downloads_allowed() is False
+    assert downloads_allowed(True) is True  # an explicit argument wins
+
+
+def test_tokenizer_falls_back_to_gpt2_for_promptist_and_says_where_to_put_it(tmp_path):
+    policy = make_folder(tmp_path / "models" / "Promptist", files=("config.json", "model.safetensors"))
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve_tokenizer(policy, "microsoft/Promptist", models_dir=tmp_path / "models", allow_download=False)
+    assert "openai-community/gpt2" in str(e.value)
+    assert f"copy GPT-2's tokenizer files (vocab.json, merges.txt) into {policy}" in str(e.value)
+    gpt2 = make_folder(tmp_path / "models" / "gpt2", files=("config.json", "vocab.json"))
+    assert resolve_tokenizer(policy, "microsoft/Promptist", models_dir=tmp_path / "models") == gpt2
+
+
+def test_single_file_is_found_in_the_models_folder_or_named_when_missing(tmp_path):
+    known = FileModel("head.pth", "https://example.invalid/head.pth", "0" * 64)
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve_file("head", known=known, models_dir=tmp_path, allow_download=False)
+    assert str(tmp_path / "head.pth") in str(e.value) and "https://example.invalid/head.pth" in str(e.value)
+    (tmp_path / "head.pth").write_bytes(b"x")
+    assert resolve_file("head", known=known, models_dir=tmp_path) == tmp_path / "head.pth"
+
+
+def test_download_checks_sha256_and_leaves_no_partial_file(tmp_path):
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"weights" * 100)
+    good = hashlib.sha256(source.read_bytes()).hexdigest()
+    target = tmp_path / "out" / "w.bin"
+    assert download_file(source.as_uri(), target, good).read_bytes() == source.read_bytes()
+    bad_target = tmp_path / "out" / "bad.bin"
+    with pytest.raises(OSError, match="sha256 mismatch"):
+        download_file(source.as_uri(), bad_target, "f" * 64)
+    assert not bad_target.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w.bin"]
