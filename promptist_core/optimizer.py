@@ -105,6 +105,8 @@ class PromptOptimizer:
         self.eos_token_id = tokenizer.eos_token_id
         config = model.config
         self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+        # KV cache for beam search: None = transformers' default (dynamic); "static" preallocates.
+        self.cache_implementation: str | None = None
         # One generate at a time per model: HF generate is not re-entrant on a shared cache.
         self._lock = threading.Lock()
 
@@ -258,6 +260,7 @@ class PromptOptimizer:
                 input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
                 num_return_sequences=candidates, length_penalty=length_penalty,
                 logits_processor=hooks, **common,
+                **({"cache_implementation": self.cache_implementation} if self.cache_implementation else {}),
             )
         elif mode == "diverse":
             from .diverse_beam import diverse_beam_search
