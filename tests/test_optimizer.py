@@ -164,3 +164,18 @@ def test_step_callback_reports_progress_and_can_interrupt(tiny_optimizer):
         tiny_optimizer("a cat riding a bike", step_callback=interrupt)
     # The optimizer stays usable after an interrupt.
     assert tiny_optimizer("a cat riding a bike")[0].prompt
+
+
+def test_diverse_mode_returns_distinct_candidates_unlike_plain_beams(tiny_optimizer):
+    diverse = tiny_optimizer("a cat riding a bike", mode="diverse", candidates=4, num_beams=4,
+                             diversity_penalty=2.0)[0]
+    beams = tiny_optimizer("a cat riding a bike", mode="beam", candidates=4, num_beams=4)[0]
+    assert len(set(diverse.candidates)) == 4
+    assert diverse.candidates != beams.candidates
+
+
+def test_diverse_mode_batched_equals_one_at_a_time(tiny_optimizer):
+    kwargs = dict(mode="diverse", candidates=3, num_beams=8, num_beam_groups=4)
+    batched = tiny_optimizer(PROMPTS, **kwargs)
+    single = [tiny_optimizer(p, **kwargs)[0] for p in PROMPTS]
+    assert [r.candidates for r in batched] == [r.candidates for r in single]
