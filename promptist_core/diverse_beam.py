@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 StepCallback = Callable[[int, int], None]
 
@@ -98,6 +97,22 @@ def _check_inputs(model, input_ids, attention_mask, num_beams, num_beam_groups, 
     if isinstance(context, int) and input_ids.shape[1] + max_new_tokens > context:
         raise ValueError(f"prompt_len ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {context} positions")
+
+
+def _repeat_cache(cache, times: int):
+    """Copy each prompt's KV cache to its beams: a transformers Cache object (4.36+) or legacy tuples (4.30)."""
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(times)
+        return cache
+    return tuple(tuple(t.repeat_interleave(times, dim=0) for t in layer) for layer in cache)
+
+
+def _reorder_cache(cache, index: torch.LongTensor):
+    """Rows of the KV cache follow their parent beams (Cache object or legacy tuples)."""
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(index)
+        return cache
+    return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
 
 
 @torch.inference_mode()
@@ -179,11 +194,9 @@ def diverse_beam_search(
     forward_kwargs = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         forward_kwargs["logits_to_keep"] = 1
-    cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, **forward_kwargs)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(num_beams)
+                use_cache=True, **forward_kwargs)
+    cache = _repeat_cache(out.past_key_values, num_beams)
     next_logits = out.logits[:, -1, :].float().repeat_interleave(num_beams, dim=0)  # [B*NB, V]
     del out
     sequences = input_ids.repeat_interleave(num_beams, dim=0)  # [B*NB, T]
@@ -263,7 +276,7 @@ def diverse_beam_search(
             break
 
         # 4e. one forward for the chosen tokens of all beams, on the cache reordered to their parents
-        cache.reorder_cache(reorder)  # one index_select per layer, all groups at once
+        cache = _reorder_cache(cache, reorder)  # one index_select per layer, all groups at once
         beam_mask = torch.cat([beam_mask, beam_mask.new_ones((beam_mask.shape[0], 1))], dim=-1)
         out = model(input_ids=tokens.view(-1, 1), attention_mask=beam_mask, position_ids=next_position,
                     past_key_values=cache, use_cache=True, **forward_kwargs)

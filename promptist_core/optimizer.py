@@ -319,7 +319,11 @@ def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: tor
     # transformers loads safetensors, or .bin with torch.load(weights_only=True): no arbitrary unpickling.
     model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
     model.to(device=device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except Exception as e:  # a tokenizer.json written by a newer `tokenizers` than the host's
+        logger.warning("fast tokenizer in %s did not load (%s); using vocab.json + merges.txt", tokenizer_folder, e)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), use_fast=False)
     return PromptOptimizer(model, tokenizer, name=name)
 
 

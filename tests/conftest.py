@@ -70,6 +70,7 @@ def build_tiny_promptist(folder: Path, *, train_steps: int = 150, seed: int = 0)
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=128)
     tokenizer.save_pretrained(folder)
+    bpe.save_model(str(folder))  # vocab.json + merges.txt too, as GPT-2's own repo ships them
 
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
