@@ -185,12 +185,14 @@ def resolve(
 
     # 4. download
     allowed = downloads_allowed(allow_download)
-    if is_hub_id and allowed:
-        return _download_hub(name, dirs[0] / local_folder_name(name), known, required)
-
     target = dirs[0] / local_folder_name(name)
     why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if is_hub_id else (
         "it is not a Hugging Face id, so it cannot be downloaded")
+    if is_hub_id and allowed:
+        try:
+            return _download_hub(name, target, known, required)
+        except Exception as e:  # no network, unknown repo, disk full: say where to put the files instead
+            why = f"downloading it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     needed = ", ".join(" or ".join(g) for g in required)
     raise WeightsNotFoundError(
         f"model '{name}' was not found and {why}.\nLooked in:\n{log.lines()}\n"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from promptist_core.weights import (
     FileModel,
@@ -103,3 +107,19 @@ def test_download_checks_sha256_and_leaves_no_partial_file(tmp_path):
         download_file(source.as_uri(), bad_target, "f" * 64)
     assert not bad_target.exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w.bin"]
+
+
+def test_failed_download_still_says_where_to_put_the_files(tmp_path):
+    # A real download attempt against a closed port: fails fast, like a machine without network.
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMPTIST_OFFLINE", "HF_HUB_OFFLINE",
+                                                            "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2",
+               HF_HUB_DOWNLOAD_TIMEOUT="2")
+    code = ("import sys; from promptist_core.weights import resolve\n"
+            "try:\n    resolve('microsoft/Promptist', models_dir=sys.argv[1])\n"
+            "except Exception as e:\n    print(type(e).__name__); print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "models")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+    assert done.stdout.startswith("WeightsNotFoundError"), done.stdout + done.stderr
+    assert "downloading it failed" in done.stdout
+    assert str(tmp_path / "models" / "Promptist") in done.stdout
