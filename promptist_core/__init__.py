@@ -12,7 +12,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 
 
-def check_own_packages(root: Path) -> None:
+def check_own_packages(root: Path, names: tuple[str, ...] = ("promptist_core", "trainer")) -> None:
     """Fail clearly if `promptist_core` or `trainer` were imported from somewhere other than `root`.
 
     `trainer` is a common top-level name; a host environment may hold another package by that name.
@@ -20,7 +20,7 @@ def check_own_packages(root: Path) -> None:
     import sys
 
     root = Path(root).resolve()
-    for name in ("promptist_core", "trainer"):
+    for name in names:
         module = sys.modules.get(name)
         if module is None:
             continue
