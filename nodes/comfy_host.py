@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from promptist_core.weights import default_models_dir
 
 try:
@@ -45,10 +47,8 @@ def list_model_folders(default: str, required_file: str = "config.json") -> list
     return names
 
 
-def load_device():
+def load_device() -> torch.device:
     """The device ComfyUI computes on (honours --cpu, --gpu-only, ...)."""
-    import torch
-
     if model_management is None:
         from promptist_core.devices import pick_device
 
@@ -56,12 +56,19 @@ def load_device():
     return torch.device(model_management.get_torch_device())
 
 
-def offload_device():
-    import torch
-
+def offload_device() -> torch.device:
     if model_management is None:
         return torch.device("cpu")
     return torch.device(model_management.text_encoder_offload_device())
+
+
+class _Holder(torch.nn.Module):
+    """ModelPatcher assigns `model.device`, which transformers models expose read-only: hand it a holder."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.device = next(module.parameters()).device
 
 
 class ManagedModel:
@@ -70,10 +77,10 @@ class ManagedModel:
     def __init__(self, module, on_device):
         self.module = module
         self.patcher = None
-        if model_management is not None and on_device.type != "cpu":
+        if model_management is not None:
             import comfy.model_patcher
 
-            self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=on_device,
+            self.patcher = comfy.model_patcher.ModelPatcher(_Holder(module), load_device=on_device,
                                                             offload_device=offload_device())
 
     def load(self) -> None:
