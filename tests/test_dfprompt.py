@@ -102,13 +102,13 @@ def prompts(draw) -> df.DFPrompt:
     return df.DFPrompt(tuple(parts))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(prompts())
 def test_parse_of_format_gives_back_the_same_prompt(prompt):
     assert parse(prompt.format()) == prompt
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("ab [],:.-0123456789\\ ()")), max_size=30))
 def test_format_of_parse_is_the_normalized_text_or_a_positioned_error(text):
     try:
@@ -216,7 +216,7 @@ def expected_webui_prompts(text: str, n: int) -> list[str]:
     return [pae[max(i, 1)] if n > 1 else pae[i] for i in range(n)]
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 15, 20, 25, 30, 40, 50, 64, 100, 150])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 11, 20, 33, 50, 100])
 def test_webui_parser_schedules_the_rendering_exactly_as_pae(webui_schedules, n):
     for a, b in RANGES:
         text = rf"(best:1.1) cat \[x\], [detailed:{a}-{b}:1.25], [anime:0-0.5:1.5], [sharp:0.5-1:0.75]"
