@@ -272,6 +272,23 @@ def step_texts(prompt: DFPrompt | str, num_steps: int, *, style: str = "a1111") 
     return [s.weighted_text(style) for s in schedule(prompt, num_steps) for _ in range(s.num_steps)]
 
 
+def comfy_percent(step: int, num_steps: int) -> float:
+    """ComfyUI's start/end percent for a switch before 0-based `step` of `num_steps`: i/N, up to half a step earlier.
+
+    ComfyUI compares the sampler's sigma with the sigma at timestep (1-p)*999, so p = i/N itself can
+    land exactly on a step (sgm_uniform, often simple) and make both neighbours active there. Moving it
+    back by delta/N, with delta between (N-1-i)/999 and (N-i)/(N-1), puts it strictly between steps
+    i-1 and i for the normal, simple and sgm_uniform schedulers of SD-style models (checked for N <= 150).
+    """
+    n = _check_steps(num_steps)
+    if step <= 0:
+        return 0.0
+    if step >= n:
+        return 1.0
+    delta = ((n - 1 - step) / 999 + (n - step) / (n - 1)) / 2
+    return (step - delta) / n
+
+
 def _a1111_modifier(m: Modifier, num_steps: int | None, first_pass_steps: int | None) -> str:
     core = m.text if m.weight == 1.0 else f"({m.text}:{format_number(m.weight)})"
     if num_steps is None:  # fractions of the webui's step count: one step off PAE's rule, see to_a1111
