@@ -211,9 +211,10 @@ def generate_dfprompt(
                 cache[seg.chunks] = encode_segment(pipe, seg, weight_mode=weight_mode, device=device,
                                                    clip_skip=clip_skip, _empty=empty)
 
-    # 4. Negative embeddings: the pipeline's own encoding ("" when none is given), one per image
-    neg_texts = [n for n in (negatives or [""] * len(prompts)) for _ in range(num_images_per_prompt)]
-    neg_cache: dict[str, tuple] = {}
+    # 4. Negative embeddings: the pipeline's own encoding, one per image (None: the pipeline's default,
+    #    "" for SD, zeros for SDXL with force_zeros_for_empty_prompt)
+    neg_texts = [n for n in (negatives or [None] * len(prompts)) for _ in range(num_images_per_prompt)]
+    neg_cache: dict[str | None, tuple] = {}
     for text in neg_texts:
         if text not in neg_cache:
             if sdxl:

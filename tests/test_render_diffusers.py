@@ -147,3 +147,53 @@ def test_diffusers_generator_draws_one_seeded_image_per_prompt(pipe):
     assert torch.allclose(images[0], alone[0].permute(1, 2, 0), atol=1e-5)
     with pytest.raises(ValueError, match="one seed per prompt"):
         gen.generate(prompts, [1], steps=2, guidance=5.0, size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sd_dir):
+    from builders_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(tiny_sd_dir / "tokenizer")
+
+
+def test_sdxl_switches_hidden_states_and_pooled_embeddings_at_the_scheduled_steps(sdxl):
+    n = 4
+    pooled_seen = []
+    hook = sdxl.unet.register_forward_pre_hook(
+        lambda m, a, kw: pooled_seen.append(kw["added_cond_kwargs"]["text_embeds"]), with_kwargs=True)
+    try:
+        with UNetRecorder(sdxl.unet) as rec:
+            generate_dfprompt(sdxl, PROMPT, num_inference_steps=n, output_type="latent",
+                              generator=torch.Generator().manual_seed(0), **SIZE)
+    finally:
+        hook.remove()
+    assert len(rec.calls) == n
+    for seg in schedule(PROMPT, n):
+        expected = encode_segment(sdxl, seg)
+        for i in range(seg.first_step, seg.last_step + 1):
+            assert rec.calls[i].shape == (2, 77, 64)
+            assert torch.equal(rec.calls[i][1:], expected.embeds)
+            assert torch.equal(pooled_seen[i][1:], expected.pooled)
+    assert not torch.equal(rec.calls[1][1], rec.calls[2][1])
+
+
+def test_sdxl_plain_prompt_gives_bit_identical_images(sdxl):
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "np", **SIZE}
+    ours = generate_dfprompt(sdxl, "a cat", generator=torch.Generator().manual_seed(3), **kwargs)
+    theirs = sdxl("a cat", generator=torch.Generator().manual_seed(3), **kwargs)
+    assert np.array_equal(ours.images, theirs.images)
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_weighted_path_encodes_token_ids_exactly_as_the_pipeline_does(which, request):
+    """With all weights 1 the chunk-wise path must reproduce encode_prompt, so only the weights differ."""
+    from promptist_core.render_diffusers import _encode_ids, _encode_plain, _token_ids
+
+    p = request.getfixturevalue("pipe" if which == "sd" else "sdxl")
+    chunks = (("a red horse, ", 1.0), ("anime", 1.0))
+    tokenizers = [p.tokenizer] + ([p.tokenizer_2] if which == "sdxl" else [])
+    ours = _encode_ids(p, [_token_ids(t, chunks)[0] for t in tokenizers], "cpu", None)
+    theirs = _encode_plain(p, "a red horse, anime", "cpu", None)
+    assert torch.equal(ours.embeds, theirs.embeds)
+    if which == "sdxl":
+        assert torch.equal(ours.pooled, theirs.pooled)
