@@ -112,7 +112,7 @@ def _run_dfprompt(args) -> int:
         if args.format == "json":
             print(json.dumps({"prompt": prompt.format(), "steps": args.steps,
                               "modifiers": [{"text": m.text, "start": m.start, "end": m.end, "weight": m.weight,
-                                             "steps": [m.steps(args.steps).start, m.steps(args.steps).stop - 1]}
+                                             "steps": [r[0], r[-1]] if (r := m.steps(args.steps)) else None}
                                             for m in prompt.modifiers],
                               "segments": [s.to_dict() for s in segments]}, ensure_ascii=False))
         else:

@@ -198,8 +198,15 @@ def _parse_block(text: str, open_i: int, close_i: int) -> Modifier:
     return Modifier(body, a, b, w)
 
 
-def parse(text: str) -> DFPrompt:
-    """Parse a DF-Prompt. Raises `DFPromptError` (a ValueError) naming the column and what was expected."""
+def parse(text: str, *, host_brackets: bool = False) -> DFPrompt:
+    """Parse a DF-Prompt. Raises `DFPromptError` (a ValueError) naming the column and what was expected.
+
+    Args:
+        text: the prompt.
+        host_brackets: leave every bracket that does not open a DF-shaped block (`[x:a-b:w]`) to the
+            host, as plain text: the webui's own `[cat:dog:10]` or `[word]` then keep working beside DF
+            blocks. DF-shaped blocks are still checked strictly (range within 0-1, start <= end, w > 0).
+    """
     if not isinstance(text, str):
         raise ValueError(f"a DF-Prompt must be a string, got {type(text).__name__}")
     parts: list[Part] = []
@@ -209,10 +216,14 @@ def parse(text: str) -> DFPrompt:
         if ch == "\\":
             i += 2
             continue
-        if ch == "]":
+        if ch == "]" and not host_brackets:
             raise DFPromptError(text, i, "expected no ']' outside a block (write \\] for a literal bracket)")
         if ch == "[":
             inner = _unescaped(text, "[]", i + 1)
+            if host_brackets and not (inner and text[inner[0]] == "]"
+                                      and _LOOKS_LIKE_BLOCK.fullmatch(text, i, inner[0] + 1)):
+                i += 1  # the host's bracket
+                continue
             if not inner:
                 raise DFPromptError(text, i, "expected a ']' closing this block (write \\[ for a literal bracket)")
             if text[inner[0]] == "[":

@@ -34,7 +34,7 @@ def _import_core() -> None:
 
 _import_core()
 
-from promptist_core.dfprompt import has_dfprompt, to_a1111  # noqa: E402
+from promptist_core.dfprompt import has_dfprompt, parse, to_a1111  # noqa: E402
 from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer  # noqa: E402
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL  # noqa: E402
 
@@ -127,7 +127,9 @@ def render_dfprompt_processing(p, *, steps: int | None = None, hires_steps: int 
         texts = getattr(p, name, None)
         if not texts or not any(has_dfprompt(t) for t in texts):
             continue
-        setattr(p, name, [to_a1111(t, n, first_pass_steps=first_pass) if has_dfprompt(t) else t for t in texts])
+        # The webui's own prompt editing beside DF blocks stays the webui's (host_brackets).
+        setattr(p, name, [to_a1111(parse(t, host_brackets=True), n, first_pass_steps=first_pass)
+                          if has_dfprompt(t) else t for t in texts])
         changed = True
     if changed:
         if getattr(p, "main_prompt", None) == originals[0]:

@@ -42,6 +42,17 @@ def test_a1111_attention_and_escaped_brackets_pass_through_untouched():
     assert to_plain(p) == "(masterpiece:1.2), a [boxed] cat, (fluffy:1.1)"
 
 
+def test_host_brackets_leave_the_webuis_own_prompt_editing_beside_df_blocks():
+    text = "a [cat:dog:10] in [[snow]], x], [detailed:0.5-1:1.25]"
+    p = parse(text, host_brackets=True)
+    assert p.parts == ("a [cat:dog:10] in [[snow]], x], ", Modifier("detailed", 0.5, 1.0, 1.25))
+    assert to_a1111(p, 20) == "a [cat:dog:10] in [[snow]], x], [(detailed:1.25)::9]"
+    with pytest.raises(DFPromptError, match="column 22: expected a range within 0-1, got 1.5"):
+        parse("a [cat:dog:5] [x:0.5-1.5:1]", host_brackets=True)  # DF-shaped blocks are still checked
+    with pytest.raises(DFPromptError, match="column 3"):
+        parse(text)  # strict by default
+
+
 def test_format_normalizes_numbers_and_spaces_inside_blocks_only():
     assert format_prompt("a  cat , [ anime : .5 - 1.0 : 1.50 ]") == "a  cat , [anime:0.5-1:1.5]"
 

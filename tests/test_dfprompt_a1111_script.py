@@ -62,6 +62,12 @@ def test_hires_prompts_use_the_second_pass_steps_counted_after_the_first(script)
     assert p.all_hr_prompts == ["a red horse, [(anime:1.5):4], [(detailed:1.25)::4]"]
 
 
+def test_the_webuis_own_prompt_editing_keeps_working_beside_df_blocks(script):
+    p = processing(["a [cat:dog:10], [detailed:0.5-1:1.25]"], steps=20)
+    script.render_dfprompt_processing(p)
+    assert p.all_prompts == ["a [cat:dog:10], [(detailed:1.25)::9]"]
+
+
 def test_a_bad_block_stops_the_job_with_its_column(script):
     p = processing(["a cat, [fluffy:0.5-1.5:1]"])
     with pytest.raises(ValueError, match="column 20: expected a range within 0-1, got 1.5"):
