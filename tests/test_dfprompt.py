@@ -49,7 +49,7 @@ def test_host_brackets_leave_the_webuis_own_prompt_editing_beside_df_blocks():
     assert to_a1111(p, 20) == "a [cat:dog:10] in [[snow]], x], [(detailed:1.25)::9]"
     with pytest.raises(DFPromptError, match="column 22: expected a range within 0-1, got 1.5"):
         parse("a [cat:dog:5] [x:0.5-1.5:1]", host_brackets=True)  # DF-shaped blocks are still checked
-    with pytest.raises(DFPromptError, match="column 3"):
+    with pytest.raises(DFPromptError, match="column 8: expected a range like 0.5-1"):
         parse(text)  # strict by default
 
 
