@@ -16,12 +16,32 @@ from pathlib import Path
 TEXT_DIM = 32
 
 
+# Copied from open_clip/tokenizer.py (CLIP's byte-to-unicode table): importing open_clip costs seconds.
+def bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2 ** 8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def _bundled_bpe() -> Path:
+    """open_clip's `bpe_simple_vocab_16e6.txt.gz`, found without importing open_clip."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+
+
 def build_clip_tokenizer(folder: Path):
     """CLIP's tokenizer from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`, offline."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    lines = gzip.open(_bundled_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # 48894 merges, as open_clip's SimpleTokenizer uses
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
