@@ -39,7 +39,7 @@ class DFPromptEncode:
                    "Outputs one conditioning entry per segment with its timestep range; KSampler switches them.")
     INPUTS = [
         ("clip", "CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
-        ("text", "STRING", {"multiline": True, "dynamicPrompts": True,
+        ("text", "STRING", {"multiline": True,
                             "default": "a red horse on the grass, [anime:0-1:1.5], [detailed:0.85-1:1]",
                             "tooltip": "Prompt with DF blocks [text:a-b:w]; a-b in 0..1 (1 = first step), w > 0. "
                                        "(word:1.2) outside blocks works as usual; \\[ \\] are literal brackets."}),

@@ -107,6 +107,8 @@ def encode_segment(pipe, segment: Segment, *, weight_mode: str = "a1111", device
         device: where to encode (default: the pipeline's execution device).
         clip_skip: as the pipeline's `clip_skip`.
     """
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {', '.join(WEIGHT_MODES)}, got {weight_mode!r}")
     device = device or pipe._execution_device
     if not segment.weighted:
         return _encode_plain(pipe, segment.text, device, clip_skip)
@@ -137,7 +139,7 @@ def encode_segment(pipe, segment: Segment, *, weight_mode: str = "a1111", device
     return _Encoded(z, encoded.pooled)
 
 
-def _check_inputs(pipe, prompt, negative_prompt, num_inference_steps, weight_mode, num_images_per_prompt,
+def _check_inputs(prompt, negative_prompt, num_inference_steps, weight_mode, num_images_per_prompt,
                   pipe_kwargs) -> tuple[list[DFPrompt], list[str] | None]:
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight_mode must be one of {', '.join(WEIGHT_MODES)}, got {weight_mode!r}")
@@ -194,7 +196,7 @@ def generate_dfprompt(
         **pipe_kwargs: passed on (`generator`, `height`, `width`, `output_type`, ...).
     """
     # 1. Check inputs (every prompt parses before anything runs)
-    prompts, negatives = _check_inputs(pipe, prompt, negative_prompt, num_inference_steps, weight_mode,
+    prompts, negatives = _check_inputs(prompt, negative_prompt, num_inference_steps, weight_mode,
                                        num_images_per_prompt, pipe_kwargs)
     device = pipe._execution_device
     sdxl = _is_sdxl(pipe)
