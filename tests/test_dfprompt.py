@@ -227,7 +227,7 @@ def expected_webui_prompts(text: str, n: int) -> list[str]:
     return [pae[max(i, 1)] if n > 1 else pae[i] for i in range(n)]
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 11, 20, 33, 50, 100])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 20, 50])
 def test_webui_parser_schedules_the_rendering_exactly_as_pae(webui_schedules, n):
     for a, b in RANGES:
         text = rf"(best:1.1) cat \[x\], [detailed:{a}-{b}:1.25], [anime:0-0.5:1.5], [sharp:0.5-1:0.75]"
