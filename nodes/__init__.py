@@ -1,5 +1,6 @@
 """ComfyUI nodes: thin adapters from ComfyUI types to promptist_core. One file per concept."""
 
+from .dfprompt import NODES as DFPROMPT_NODES
 from .optimize import NODES as OPTIMIZE_NODES
 
-NODES = [*OPTIMIZE_NODES]
+NODES = [*OPTIMIZE_NODES, *DFPROMPT_NODES]

@@ -11,6 +11,7 @@ options use the V1/V3 shared keys (default, min, max, step, tooltip, multiline, 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 CATEGORY = "promptist"
@@ -92,8 +93,16 @@ def _v3_class(spec: type) -> type:
     attrs = {"__doc__": spec.__doc__, "define_schema": classmethod(define_schema),
              "execute": classmethod(execute), "SPEC": spec}
     if hasattr(spec, "validate"):
-        attrs["validate_inputs"] = classmethod(lambda cls, **inputs: spec.validate(**inputs))
+        attrs["validate_inputs"] = classmethod(lambda cls, **inputs: spec.validate(**_accepted(spec.validate, inputs)))
     return type(spec.NODE_ID, (comfy_io.ComfyNode,), attrs)
+
+
+def _accepted(function, inputs: dict) -> dict:
+    """The inputs `function` takes by name (the V3 executor offers every input to `validate_inputs`)."""
+    params = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return inputs
+    return {k: v for k, v in inputs.items() if k in params}
 
 
 def comfy_node(spec: type) -> type:

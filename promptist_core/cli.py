@@ -84,7 +84,44 @@ def _run_optimize(args) -> int:
     return 0
 
 
-COMMANDS = (_add_optimize,)
+def _add_dfprompt(sub) -> None:
+    p = sub.add_parser("dfprompt", help="show a DF-Prompt's schedule or render it for a host",
+                       description="Parse a DF-Prompt such as 'a horse, [anime:0-1:1.5], [detailed:0.5-1:1.25]' "
+                                   "and print its per-step schedule, its A1111 rendering, or JSON.")
+    p.add_argument("text", help="the DF-Prompt")
+    p.add_argument("--steps", type=int, help="sampling steps N (needed for schedule and json; a1111 writes "
+                                             "fractions without it, which the webui rounds one step off)")
+    p.add_argument("--format", choices=("schedule", "a1111", "plain", "json"), default="schedule",
+                   help="schedule: one line per segment; a1111: webui prompt editing syntax; plain: no DF "
+                        "syntax; json: parsed blocks and segments (default: %(default)s)")
+    p.set_defaults(run=_run_dfprompt)
+
+
+def _run_dfprompt(args) -> int:
+    from . import dfprompt
+
+    prompt = dfprompt.parse(args.text)
+    if args.format in ("schedule", "json") and args.steps is None:
+        raise ValueError(f"--steps is required for --format {args.format}")
+    if args.format == "a1111":
+        print(dfprompt.to_a1111(prompt, args.steps))
+    elif args.format == "plain":
+        print(dfprompt.to_plain(prompt))
+    else:
+        segments = dfprompt.schedule(prompt, args.steps)
+        if args.format == "json":
+            print(json.dumps({"prompt": prompt.format(), "steps": args.steps,
+                              "modifiers": [{"text": m.text, "start": m.start, "end": m.end, "weight": m.weight,
+                                             "steps": [r[0], r[-1]] if (r := m.steps(args.steps)) else None}
+                                            for m in prompt.modifiers],
+                              "segments": [s.to_dict() for s in segments]}, ensure_ascii=False))
+        else:
+            for s in segments:
+                print(f"steps {s.first_step}-{s.last_step}: {s.weighted_text('a1111')}")
+    return 0
+
+
+COMMANDS = (_add_optimize, _add_dfprompt)
 
 
 def build_parser() -> argparse.ArgumentParser:

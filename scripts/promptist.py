@@ -1,6 +1,11 @@
 """AUTOMATIC1111 / Forge extension: a "Promptist" tab and an always-visible "Optimize prompt" option.
 
-A1111 executes this file by path. The processing hooks (`optimize_processing`) are plain functions
+Prompts holding DF-Prompt blocks (`[anime:0-1:1.5]`) are always rendered to the webui's own prompt
+editing syntax (`render_dfprompt_processing`), with no option to turn it off: left alone, the webui
+would read such a block as a broken prompt edit and feed its text to the model verbatim.
+
+A1111 executes this file by path. The processing hooks (`optimize_processing`, `render_dfprompt_processing`)
+are plain functions
 over the processing object `p`, so they work without the webui (tests call them directly); the
 webui classes and callbacks are defined only when `modules` (the webui) is importable.
 """
@@ -29,6 +34,7 @@ def _import_core() -> None:
 
 _import_core()
 
+from promptist_core.dfprompt import has_dfprompt, parse, to_a1111  # noqa: E402
 from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer  # noqa: E402
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL  # noqa: E402
 
@@ -37,6 +43,7 @@ TITLE = "Promptist"
 EXTRA_NETWORK_TAG = re.compile(r"<[^<>]+>")
 INFOTEXT_ORIGINAL = "Promptist original"
 INFOTEXT_MODE = "Promptist mode"
+INFOTEXT_DFPROMPT = "DF-Prompt"
 
 
 def split_extra_networks(prompt: str) -> tuple[str, str]:
@@ -90,6 +97,48 @@ def optimize_processing(p, optimizer: PromptOptimizer, *, mode: str = "beam", tr
     p.extra_generation_params[INFOTEXT_MODE] = mode
 
 
+def render_dfprompt_processing(p, *, steps: int | None = None, hires_steps: int | None = None,
+                               old_scheduling: bool = False) -> bool:
+    """Render DF-Prompt blocks in the job's prompts to native prompt editing, so the webui schedules them.
+
+    Called from the script's `process` (after the optimizer, if it ran). Integer steps make the webui's
+    schedule equal PAE's (see `promptist_core.dfprompt.to_a1111`).
+
+    Args:
+        p: the webui's processing object (`all_prompts`, `all_negative_prompts`, hires `all_hr_*`).
+        steps: the first pass's sampling steps as the webui counts them (`p.steps`, doubled for
+            second-order samplers); default `p.steps`.
+        hires_steps: the hires pass's steps (default `p.hr_second_pass_steps or p.steps`).
+        old_scheduling: the webui's "use old prompt editing timelines" option: hires steps are then not
+            counted after the first pass.
+    Returns True when some prompt held DF blocks. A block that does not parse raises ValueError (the
+    job stops with the column and what was expected).
+    """
+    steps = steps or p.steps
+    hires_steps = hires_steps or getattr(p, "hr_second_pass_steps", 0) or p.steps
+    offset = None if old_scheduling else steps
+    lists = {
+        "all_prompts": (steps, None), "all_negative_prompts": (steps, None),
+        "all_hr_prompts": (hires_steps, offset), "all_hr_negative_prompts": (hires_steps, offset),
+    }
+    originals = list(p.all_prompts)
+    changed = False
+    for name, (n, first_pass) in lists.items():
+        texts = getattr(p, name, None)
+        if not texts or not any(has_dfprompt(t) for t in texts):
+            continue
+        # The webui's own prompt editing beside DF blocks stays the webui's (host_brackets).
+        setattr(p, name, [to_a1111(parse(t, host_brackets=True), n, first_pass_steps=first_pass)
+                          if has_dfprompt(t) else t for t in texts])
+        changed = True
+    if changed:
+        if getattr(p, "main_prompt", None) == originals[0]:
+            p.main_prompt = p.all_prompts[0]
+        if any(has_dfprompt(t) for t in originals):
+            p.extra_generation_params[INFOTEXT_DFPROMPT] = originals  # the webui writes the rendered prompt
+    return changed
+
+
 def models_dirs(webui_models_path: str | None = None) -> list[Path]:
     """`extensions/<this>/models`, then the webui's `models/promptist`."""
     dirs = [EXTENSION_ROOT / "models"]
@@ -113,6 +162,13 @@ if scripts is not None:
         name = shared.opts.data.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
         return load_optimizer(name, models_dir=models_dirs(shared.models_path), device=device)
 
+    def _sampler_steps(sampler_name: str | None, steps: int) -> int:
+        """Steps as the webui's prompt schedule counts them: model calls (twice the steps for 2nd-order samplers)."""
+        from modules import sd_samplers
+
+        config = sd_samplers.find_sampler_config(sampler_name)
+        return config.total_steps(steps) if config is not None else steps
+
     class PromptistScript(scripts.Script):
         def title(self):
             return TITLE
@@ -134,9 +190,13 @@ if scripts is not None:
             return [enabled, mode, trim]
 
         def process(self, p, enabled=False, mode="beam", trim=False, *args):
-            if not enabled:
-                return
-            optimize_processing(p, _optimizer(), mode=mode, trim=trim)
+            if enabled:
+                optimize_processing(p, _optimizer(), mode=mode, trim=trim)
+            render_dfprompt_processing(p, steps=_sampler_steps(p.sampler_name, p.steps),
+                                       hires_steps=_sampler_steps(getattr(p, "hr_sampler_name", None)
+                                                                  or p.sampler_name,
+                                                                  getattr(p, "hr_second_pass_steps", 0) or p.steps),
+                                       old_scheduling=bool(getattr(shared.opts, "use_old_scheduling", False)))
 
     def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
         text, tags = split_extra_networks(prompt or "")

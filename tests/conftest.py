@@ -108,3 +108,13 @@ def tiny_optimizer(tiny_promptist_dir):
     from promptist_core.optimizer import load_optimizer
 
     return load_optimizer("tiny-promptist", models_dir=tiny_promptist_dir, device="cpu")
+
+
+# --- Tiny Stable Diffusion (DF-Prompt renderer, image generators; builders in tests/builders_sd.py) ---
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A diffusers folder holding a tiny SD 1.x-architecture pipeline (random weights)."""
+    from builders_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))

@@ -1,0 +1,68 @@
+"""Image generators: what a trainer or a scorer asks for images, whichever host draws them.
+
+A trainer never owns the diffusion model; it receives an `ImageGenerator`. Headless that is
+`DiffusersGenerator` (a diffusers pipeline); inside ComfyUI or A1111 an adapter over the host's model
+implements the same method. Images come back in ComfyUI's IMAGE layout: float [B, H, W, C] in 0..1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class ImageGenerator(Protocol):
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                 size: tuple[int, int]) -> torch.Tensor:
+        """One image per (prompt, seed): float [B, H, W, C] in 0..1; `size` is (width, height)."""
+        ...
+
+
+def check_generate_args(prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+                        size: tuple[int, int]) -> None:
+    """The checks every generator makes before drawing anything."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seeds must give one seed per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not guidance >= 0:
+        raise ValueError(f"guidance must be >= 0, got {guidance!r}")
+    if len(size) != 2 or any(not isinstance(s, int) or s < 8 or s % 8 for s in size):
+        raise ValueError(f"size must be (width, height), multiples of 8, got {size!r}")
+
+
+class DiffusersGenerator:
+    """A diffusers SD/SDXL pipeline as an `ImageGenerator`; prompts may be DF-Prompts.
+
+    Each image gets its own `torch.Generator` seeded with its seed, so an image depends on its
+    (prompt, seed) only, not on the batch it was drawn in.
+    """
+
+    def __init__(self, pipe, *, weight_mode: str = "a1111", negative_prompt: str | None = None,
+                 batch_size: int = 8):
+        self.pipe = pipe
+        self.weight_mode = weight_mode
+        self.negative_prompt = negative_prompt
+        self.batch_size = batch_size
+
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int = 20, guidance: float = 7.5,
+                 size: tuple[int, int] = (512, 512)) -> torch.Tensor:
+        from .render_diffusers import generate_dfprompt
+
+        check_generate_args(prompts, seeds, steps, guidance, size)
+        device = self.pipe._execution_device
+        width, height = size
+        images = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch, batch_seeds = prompts[start:start + self.batch_size], seeds[start:start + self.batch_size]
+            generators = [torch.Generator(device=device).manual_seed(int(s)) for s in batch_seeds]
+            out = generate_dfprompt(self.pipe, list(batch), negative_prompt=self.negative_prompt,
+                                    num_inference_steps=steps, guidance_scale=guidance, weight_mode=self.weight_mode,
+                                    generator=generators, height=height, width=width, output_type="pt")
+            images.append(out.images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu())  # [B,C,H,W] -> [B,H,W,C]
+        return torch.cat(images)
