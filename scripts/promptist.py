@@ -39,27 +39,38 @@ from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer  # n
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL  # noqa: E402
 
 TITLE = "Promptist"
-# LoRA / hypernetwork / extra-network tags pass through untouched: the policy never saw them.
+# LoRA / hypernetwork / extra-network tags pass through untouched: the policy never saw them (nor DF blocks).
 EXTRA_NETWORK_TAG = re.compile(r"<[^<>]+>")
 INFOTEXT_ORIGINAL = "Promptist original"
 INFOTEXT_MODE = "Promptist mode"
 INFOTEXT_DFPROMPT = "DF-Prompt"
 
 
-def split_extra_networks(prompt: str) -> tuple[str, str]:
-    """('a cat <lora:x:1>') -> ('a cat', '<lora:x:1>'): text for the policy, tags to re-append."""
+def split_for_policy(prompt: str) -> tuple[str, str]:
+    """Separate what the policy should rewrite from what it never saw and must keep as written.
+
+    ('a cat, [anime:0-1:1.5] <lora:x:1>') -> ('a cat', ', [anime:0-1:1.5] <lora:x:1>'): the plain
+    text, and a suffix (DF-Prompt blocks, extra-network tags) to append to its rewrite.
+    """
     tags = " ".join(EXTRA_NETWORK_TAG.findall(prompt))
-    text = re.sub(r"\s{2,}", " ", EXTRA_NETWORK_TAG.sub(" ", prompt)).strip(" ,")
-    return text, tags
+    text = EXTRA_NETWORK_TAG.sub(" ", prompt)
+    blocks = ""
+    if has_dfprompt(text):
+        parsed = parse(text, host_brackets=True)
+        blocks = ", ".join(m.format() for m in parsed.modifiers)
+        text = "".join(part for part in parsed.parts if isinstance(part, str))
+    text = re.sub(r"\s*,(\s*,)+", ",", re.sub(r"\s{2,}", " ", text)).strip(" ,")
+    suffix = (", " + blocks if blocks else "") + (" " + tags if tags else "")
+    return text, suffix
 
 
 def optimize_prompts(optimizer: PromptOptimizer, prompts: list[str], *, mode: str = "beam",
                      seeds: list[int] | None = None, trim: bool = False) -> list[str]:
-    """Rewrite each prompt once per distinct (prompt, seed); extra-network tags are kept as they were."""
+    """Rewrite each prompt once per distinct (prompt, seed); DF blocks and extra-network tags are kept."""
     seeds = seeds if (seeds is not None and mode == "sample") else [None] * len(prompts)
     wanted = {}
     for prompt, seed in zip(prompts, seeds, strict=True):
-        text, _ = split_extra_networks(prompt)
+        text, _ = split_for_policy(prompt)
         if text and (text, seed) not in wanted:
             wanted[(text, seed)] = None
     if mode == "sample":  # each image's own seed
@@ -71,8 +82,8 @@ def optimize_prompts(optimizer: PromptOptimizer, prompts: list[str], *, mode: st
             wanted[key] = result.prompt
     rewritten = []
     for prompt, seed in zip(prompts, seeds, strict=True):
-        text, tags = split_extra_networks(prompt)
-        rewritten.append(" ".join(s for s in (wanted[(text, seed)], tags) if s) if text else prompt)
+        text, suffix = split_for_policy(prompt)
+        rewritten.append(wanted[(text, seed)] + suffix if text else prompt)
     return rewritten
 
 
@@ -199,10 +210,10 @@ if scripts is not None:
                                        old_scheduling=bool(getattr(shared.opts, "use_old_scheduling", False)))
 
     def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
-        text, tags = split_extra_networks(prompt or "")
+        text, suffix = split_for_policy(prompt or "")
         result = _optimizer()(text, mode=mode, candidates=int(candidates), num_beams=max(8, int(candidates)),
                               seed=int(seed))[0]
-        best = " ".join(s for s in (result.prompt, tags) if s)
+        best = result.prompt + suffix
         info = f"{result.clip_tokens} CLIP tokens" + "".join(f"; {n}" for n in result.notes)
         # The webui's call wrapper appends its timing HTML to the last output.
         return best, "\n".join(result.candidates), f"<p>{html.escape(info)}</p>"

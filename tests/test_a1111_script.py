@@ -58,7 +58,18 @@ def test_sample_mode_uses_each_images_seed(script, tiny_optimizer):
     assert p.all_prompts[1] == tiny_optimizer("a fox in the snow", mode="sample", seed=2)[0].prompt
 
 
-def test_extra_network_split_round_trips(script):
-    assert script.split_extra_networks("a cat, <lora:x:1> in a hat <hypernet:y:0.5>") == (
-        "a cat, in a hat", "<lora:x:1> <hypernet:y:0.5>")
-    assert script.split_extra_networks("<lora:x:1>") == ("", "<lora:x:1>")
+def test_split_keeps_tags_and_dfprompt_blocks_out_of_the_policy(script):
+    assert script.split_for_policy("a cat, <lora:x:1> in a hat <hypernet:y:0.5>") == (
+        "a cat, in a hat", " <lora:x:1> <hypernet:y:0.5>")
+    assert script.split_for_policy("<lora:x:1>") == ("", " <lora:x:1>")
+    assert script.split_for_policy("a red horse, [anime:0-1:1.5], [detailed:0.5-1:1.25] <lora:x:1>") == (
+        "a red horse", ", [anime:0-1:1.5], [detailed:0.5-1:1.25] <lora:x:1>")
+
+
+def test_optimizing_a_dfprompt_rewrites_its_text_and_keeps_its_blocks(script, tiny_optimizer):
+    p = processing(["a red horse on the grass, [anime:0-1:1.5], [detailed:0.5-1:1.25]"])
+    script.optimize_processing(p, tiny_optimizer)
+    best = tiny_optimizer("a red horse on the grass")[0].prompt
+    assert p.all_prompts == [best + ", [anime:0-1:1.5], [detailed:0.5-1:1.25]"]
+    script.render_dfprompt_processing(p, steps=20, hires_steps=20)
+    assert p.all_prompts == [best + ", (anime:1.5), [(detailed:1.25)::9]"]
