@@ -118,3 +118,33 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     from builders_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+# --- The A1111 extension, loaded the way the webui loads it ---
+
+WEBUI = ROOT.parent / "hosts" / "webui"  # an A1111 v1.10.1 checkout beside the project, when present
+
+
+@pytest.fixture(scope="session")
+def a1111_script():
+    """scripts/promptist.py executed by path, as the webui does (without the webui: no webui classes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("promptist_a1111_script", ROOT / "scripts" / "promptist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def webui_prompt_parser():
+    """The webui's own `modules.prompt_parser`; skipped without a webui checkout or `lark`."""
+    if not (WEBUI / "modules" / "prompt_parser.py").is_file():
+        pytest.skip(f"no A1111 webui checkout at {WEBUI}")
+    pytest.importorskip("lark")
+    sys.path.insert(0, str(WEBUI))
+    try:
+        from modules import prompt_parser
+    finally:
+        sys.path.remove(str(WEBUI))
+    return prompt_parser

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("promptist_a1111_script", ROOT / "scripts" / "promptist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # as the webui does: by path
-    return module
+def script(a1111_script):
+    return a1111_script
 
 
 def processing(prompts, seeds=None, **extra):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +20,6 @@ from promptist_core.dfprompt import (
     to_plain,
 )
 
-WEBUI = Path("/work/hosts/webui")
 EXAMPLE = "a red horse on the grass, [anime:0-1:1.5], [detailed:0.85-1:1]"
 
 
@@ -201,17 +198,9 @@ def test_a1111_hires_rendering_counts_after_the_first_pass():
 
 
 @pytest.fixture(scope="module")
-def webui_schedules():
+def webui_schedules(webui_prompt_parser):
     """The webui's own prompt scheduler (A1111 v1.10.1), when a checkout and lark are available."""
-    if not (WEBUI / "modules" / "prompt_parser.py").is_file():
-        pytest.skip("no A1111 webui checkout at /work/hosts/webui")
-    pytest.importorskip("lark")
-    sys.path.insert(0, str(WEBUI))
-    try:
-        from modules import prompt_parser
-    finally:
-        sys.path.remove(str(WEBUI))
-    return prompt_parser.get_learned_conditioning_prompt_schedules
+    return webui_prompt_parser.get_learned_conditioning_prompt_schedules
 
 
 def webui_step_prompts(get_schedules, text: str, n: int, hires_n: int | None = None) -> list[str]:

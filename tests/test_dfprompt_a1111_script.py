@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT
 
 from promptist_core import dfprompt as df
 
-WEBUI = ROOT.parent / "hosts" / "webui"
 PROMPT = "a red horse, [anime:0-0.5:1.5], [detailed:0.5-1:1.25]"
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("promptist_a1111_script_df", ROOT / "scripts" / "promptist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # as the webui does: by path
-    return module
+def script(a1111_script):
+    return a1111_script
 
 
 def processing(prompts, negatives=None, *, steps=20, hr_steps=None, **extra):
@@ -74,15 +67,8 @@ def test_a_bad_block_stops_the_job_with_its_column(script):
         script.render_dfprompt_processing(p)
 
 
-def test_the_webui_schedules_both_passes_as_pae_does(script):
-    if not (WEBUI / "modules" / "prompt_parser.py").is_file():
-        pytest.skip("no A1111 webui checkout next to the project")
-    pytest.importorskip("lark")
-    sys.path.insert(0, str(WEBUI))
-    try:
-        from modules import prompt_parser
-    finally:
-        sys.path.remove(str(WEBUI))
+def test_the_webui_schedules_both_passes_as_pae_does(script, webui_prompt_parser):
+    prompt_parser = webui_prompt_parser
     for steps, hr_steps in ((20, 10), (30, 15), (25, 25)):
         p = processing([PROMPT], steps=steps, hr_steps=hr_steps)
         script.render_dfprompt_processing(p)
