@@ -2,5 +2,6 @@
 
 from .dfprompt import NODES as DFPROMPT_NODES
 from .optimize import NODES as OPTIMIZE_NODES
+from .rewards import NODES as REWARD_NODES
 
-NODES = [*OPTIMIZE_NODES, *DFPROMPT_NODES]
+NODES = [*OPTIMIZE_NODES, *DFPROMPT_NODES, *REWARD_NODES]

@@ -121,7 +121,128 @@ def _run_dfprompt(args) -> int:
     return 0
 
 
-COMMANDS = (_add_optimize, _add_dfprompt)
+
+def read_images(paths: Sequence[str]) -> list:
+    """PIL images (RGB) from files; ValueError naming the file that cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except FileNotFoundError:
+            raise ValueError(f"image file not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+    return images
+
+
+def _add_score(sub) -> None:
+    from .aesthetic import DEFAULT_AESTHETIC_HEAD
+    from .clip_models import DEFAULT_CLIP_MODEL
+    from .rewards import PRESET_NAMES
+
+    p = sub.add_parser(
+        "score", help="score images (CLIP relevance, LAION aesthetics, PickScore)",
+        description="Score images against the user's prompt with a reward preset, or score precomputed CLIP "
+                    "embeddings with an aesthetic head (--embeddings).")
+    p.add_argument("images", nargs="*", help="image files to score")
+    p.add_argument("--prompt", help="the prompt the images were made from")
+    p.add_argument("--reference-prompt", help="the user's plain prompt that relevance is measured against "
+                                              "(default: --prompt)")
+    p.add_argument("--baseline", nargs="+", metavar="IMAGE",
+                   help="images of the plain prompt, for the promptist preset's aesthetic delta (one per image "
+                        "with the same seeds, or any number: their mean)")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="promptist",
+                   help="promptist: delta aesthetics + relevance; pae: aesthetics + relevance + PickScore "
+                        "(default: %(default)s)")
+    p.add_argument("--aesthetic-weight", type=float, help="override the preset's aesthetic weight")
+    p.add_argument("--relevance-weight", type=float, help="override the preset's relevance weight")
+    p.add_argument("--pick-weight", type=float, help="override the preset's PickScore weight")
+    p.add_argument("--embeddings", metavar="FILE.npy",
+                   help="score CLIP image embeddings (N, D) from a .npy file with --aesthetic only")
+    p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+                   help="CLIP for relevance and aesthetics: ViT-L-14/openai, a folder, a Hub id, or an "
+                        "open_clip weights file with --clip-architecture (default: %(default)s)")
+    p.add_argument("--clip-architecture", help="open_clip architecture of a --clip-model weights file")
+    p.add_argument("--aesthetic", default=DEFAULT_AESTHETIC_HEAD,
+                   help="aesthetic head: improved, laion-v1, or a .pth/.safetensors file (default: %(default)s)")
+    p.add_argument("--pick-model", help="PickScore CLIP folder or Hub id (the pae preset defaults to "
+                                        "yuvalkirstain/PickScore_v1)")
+    p.add_argument("--models-dir", help="folder holding model files (default: $PROMPTIST_MODELS_DIR "
+                                        "or ./models/promptist)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per CLIP pass (default: 8)")
+    p.add_argument("--device", default="auto", help="auto, gpu, cpu or a torch device (default: auto)")
+    p.add_argument("--offline", action="store_true", help="never download weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.set_defaults(run=_run_score)
+
+
+def _run_score(args) -> int:
+    allow_download = False if args.offline else None
+    if args.embeddings:
+        return _score_embeddings(args, allow_download)
+    from .rewards import get_preset, load_scorer
+
+    # 1. check inputs before loading any model
+    if not args.images:
+        raise ValueError("no images given: pass image files, or --embeddings FILE.npy")
+    text = args.reference_prompt or args.prompt
+    if not text or not text.strip():
+        raise ValueError("no prompt given: pass --prompt (and --reference-prompt for the user's plain prompt)")
+    images = read_images(args.images)
+    baseline = read_images(args.baseline) if args.baseline else None
+    preset = get_preset(args.preset).with_weights(aesthetic=args.aesthetic_weight,
+                                                  relevance=args.relevance_weight, pick=args.pick_weight)
+    # 2. load and score
+    scorer = load_scorer(args.clip_model, args.aesthetic, pick_model=args.pick_model, preset=preset,
+                         clip_architecture=args.clip_architecture, models_dir=args.models_dir,
+                         device=args.device, allow_download=allow_download, batch_size=args.batch_size)
+    scores = scorer(images, text, baseline_images=baseline)
+    if preset.aesthetic_delta and baseline is None:
+        print("note: no --baseline images: the aesthetic term is the absolute score, not the delta",
+              file=sys.stderr)
+    # 3. report
+    if args.json:
+        for path, s in zip(args.images, scores, strict=True):
+            print(json.dumps({"image": path, "image_prompt": args.prompt, "preset": preset.name, **s.to_dict()},
+                             ensure_ascii=False))
+    else:
+        from .rewards import format_table
+
+        print(format_table(scores))
+        for s, path in zip(scores, args.images, strict=True):
+            print(f"{s.index:>3} {path}")
+    return 0
+
+
+def _score_embeddings(args, allow_download) -> int:
+    import numpy as np
+    import torch
+
+    from .aesthetic import load_aesthetic_head
+    from .rewards import aesthetic_from_embeddings
+
+    if args.images:
+        raise ValueError("--embeddings scores embeddings only: do not pass image files with it")
+    try:
+        array = np.load(args.embeddings, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"embeddings file not found: {args.embeddings}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read embeddings {args.embeddings}: {str(e).splitlines()[0]}") from None
+    if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"embeddings in {args.embeddings} must be floats shaped (N, D) or (D,); got "
+                         f"{array.dtype} {array.shape}")
+    head = load_aesthetic_head(args.aesthetic, models_dir=args.models_dir, allow_download=allow_download)
+    scores = aesthetic_from_embeddings(head, torch.from_numpy(np.atleast_2d(array).astype(np.float32)))
+    for i, value in enumerate(scores.tolist()):
+        print(json.dumps({"index": i, "aesthetic": value}) if args.json else f"{i}\t{value:.4f}")
+    return 0
+
+
+COMMANDS = (_add_optimize, _add_dfprompt, _add_score)
 
 
 def build_parser() -> argparse.ArgumentParser:
