@@ -61,7 +61,7 @@ class AestheticHead(nn.Module):
                 nn.Linear(embed_dim, h1), nn.Dropout(0.2), nn.Linear(h1, h2), nn.Dropout(0.2),
                 nn.Linear(h2, h3), nn.Dropout(0.1), nn.Linear(h3, h4), nn.Linear(h4, 1),
             )
-        self.eval()
+        self.eval().requires_grad_(False)  # a frozen reward model
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         if embeddings.ndim != 2 or embeddings.shape[-1] != self.embed_dim:

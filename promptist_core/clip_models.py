@@ -145,8 +145,8 @@ def preprocess(images: torch.Tensor, *, size: int, mean: Sequence[float], std: S
     x = images.permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
     # 1. resize the shortest side to `size` (bicubic, antialiased, like PIL), keep the aspect ratio
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    # (torchvision's arithmetic: the long side is truncated, not rounded)
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
         x = x.clamp(0.0, 1.0)  # bicubic overshoots; PIL clamps to 0..255
@@ -199,7 +199,7 @@ class ClipEncoder:
         x = preprocess(images.to(self.device), size=self.image_size, mean=self.mean, std=self.std)
         return x.to(self.dtype)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: trainers may use the results in autograd code
     def encode_images(self, images, *, batch_size: int = 8) -> torch.Tensor:
         """L2-normalized image embeddings (N, D), float32, on the model's device."""
         if batch_size < 1:
@@ -211,7 +211,7 @@ class ClipEncoder:
                 out.append(F.normalize(features.float(), dim=-1))
         return torch.cat(out)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: trainers may use the results in autograd code
     def encode_texts(self, texts: str | Sequence[str]) -> torch.Tensor:
         """L2-normalized text embeddings (N, D), float32; texts longer than 77 tokens are truncated."""
         texts = [texts] if isinstance(texts, str) else list(texts)

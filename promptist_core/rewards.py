@@ -98,7 +98,7 @@ def aesthetic_from_embeddings(head: AestheticHead, embeddings: torch.Tensor) -> 
     if head.embed_dim != embeddings.shape[-1]:
         raise ValueError(f"the aesthetic head expects {head.embed_dim}-dim CLIP embeddings; got "
                          f"{embeddings.shape[-1]}-dim ones (shape {tuple(embeddings.shape)})")
-    with torch.inference_mode():
+    with torch.no_grad():
         return head(F.normalize(embeddings.float(), dim=-1)).float()
 
 

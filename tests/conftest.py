@@ -148,3 +148,22 @@ def webui_prompt_parser():
     finally:
         sys.path.remove(str(WEBUI))
     return prompt_parser
+
+
+# --- Rewards: tiny CLIPs and aesthetic heads (builders in tests/builders_clip.py) ---------------
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_models_dir(tmp_path_factory) -> Path:
+    """A models folder like ComfyUI's models/promptist: `tiny_open_clip.safetensors` (architecture
+    `promptist-tiny-clip`), `tiny-open-clip-hub/` (open_clip Hub layout), `tiny-hf-clip/` (transformers
+    CLIPModel + tokenizer + preprocessor), `tiny-pick/` (the same, logit scale 100) and a random
+    32-dim aesthetic head `tiny-head.safetensors` in the improved predictor's key layout."""
+    from builders_clip import build_tiny_open_clip, build_tiny_transformers_clip, save_random_head
+
+    models_dir = tmp_path_factory.mktemp("clip_models")
+    build_tiny_open_clip(models_dir)
+    build_tiny_transformers_clip(models_dir / "tiny-hf-clip", seed=1)
+    build_tiny_transformers_clip(models_dir / "tiny-pick", seed=2, logit_scale=100.0)
+    save_random_head(models_dir / "tiny-head.safetensors", kind="mlp", seed=3)
+    return models_dir
