@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from promptist_core.aesthetic import KNOWN_AESTHETIC_HEADS
+from promptist_core.aesthetic import KNOWN_AESTHETIC_HEADS, looks_like_head_file
 from promptist_core.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL, load_clip
 from promptist_core.devices import DEVICE_CHOICES, pick_dtype
 from promptist_core.rewards import PRESETS, RewardPreset, RewardScorer, format_table, load_scorer
@@ -19,7 +19,6 @@ from .comfy_schema import comfy_node
 REWARD_TYPE = "PROMPTIST_REWARD_MODEL"
 NO_PICK = "none"
 CUSTOM = "custom"
-HEAD_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 @dataclass
@@ -61,7 +60,7 @@ def _head_files() -> list[str]:
     names = []
     for d in models_dirs():
         if d.is_dir():
-            names += sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix in HEAD_SUFFIXES)
+            names += sorted(p.name for p in d.iterdir() if p.is_file() and looks_like_head_file(p))
     return [n for n in dict.fromkeys(names) if n not in KNOWN_AESTHETIC_HEADS]
 
 

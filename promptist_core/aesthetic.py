@@ -102,6 +102,23 @@ def head_from_state_dict(state_dict: dict[str, torch.Tensor], *, source: str = "
     )
 
 
+def looks_like_head_file(path: Path) -> bool:
+    """Cheap check for file pickers: safetensors by their keys (no tensors read); .pth/.pt by suffix."""
+    path = Path(path)
+    if path.suffix in (".pth", ".pt"):
+        return True
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception:
+        return False
+    return keys == {"weight", "bias"} or keys == set(_MLP_KEYS)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or a .pth/.pt/.bin via torch.load(weights_only=True) on the CPU."""
     path = Path(path)
@@ -144,5 +161,6 @@ def load_aesthetic_head(
 
 __all__ = [
     "AestheticHead", "DEFAULT_AESTHETIC_HEAD", "IMPROVED_AESTHETIC", "KNOWN_AESTHETIC_HEADS", "LAION_V1_AESTHETIC",
-    "WeightsNotFoundError", "head_from_state_dict", "load_aesthetic_head", "read_state_dict",
+    "WeightsNotFoundError", "head_from_state_dict", "load_aesthetic_head", "looks_like_head_file",
+    "read_state_dict",
 ]
