@@ -7,7 +7,8 @@ still my picture?". Formulas (relevance is always measured against the user's pl
   text and image embeddings (no logit scale).
 - aesthetics: a LAION head on the normalized ViT-L/14 image embedding. Promptist uses the delta
   `f_aes = aes(img(y)) - aes(img(x))`; PAE uses the absolute score.
-- PickScore (optional): `logit_scale.exp() * cos` with PickScore's CLIP-H; PAE adds `min(pick - 18, 0)`.
+- PickScore (optional): `logit_scale.exp() * cos` with PickScore's CLIP-H; PAE adds `min(pick - 18, 0)`
+  (and, as PAE's code does, clamps the CLIP cosine at 0 first, so its relevance term is >= -5.6).
 
 Presets: `promptist` = delta-aes + rel; `pae` = aes + rel + pick term. One image encoding serves
 relevance and aesthetics, and text embeddings are cached per prompt, so scoring a PPO batch costs
@@ -48,6 +49,8 @@ class RewardPreset:
     relevance_weight: float = 1.0
     relevance_scale: float = 20.0
     relevance_offset: float = 5.6
+    # PAE's code clamps the cosine at 0 first (`max(cos, 0)`), so its relevance term bottoms out at -5.6.
+    cosine_floor: float | None = None
     pick_weight: float = 0.0
     pick_offset: float = 18.0
 
@@ -61,7 +64,7 @@ class RewardPreset:
 
 PRESETS: dict[str, RewardPreset] = {
     "promptist": RewardPreset("promptist"),
-    "pae": RewardPreset("pae", aesthetic_delta=False, pick_weight=1.0),
+    "pae": RewardPreset("pae", aesthetic_delta=False, cosine_floor=0.0, pick_weight=1.0),
 }
 PRESET_NAMES = tuple(PRESETS)
 
@@ -74,8 +77,14 @@ def get_preset(preset: str | RewardPreset) -> RewardPreset:
     return PRESETS[preset]
 
 
-def relevance_term(cosine: torch.Tensor, *, scale: float = 20.0, offset: float = 5.6) -> torch.Tensor:
-    """`min(scale * cos - offset, 0)`: no bonus above cos 0.28, a growing penalty below."""
+def relevance_term(cosine: torch.Tensor, *, scale: float = 20.0, offset: float = 5.6,
+                   floor: float | None = None) -> torch.Tensor:
+    """`min(scale * cos - offset, 0)`: no bonus above cos 0.28, a growing penalty below.
+
+    `floor` clamps the cosine from below first (PAE: 0, so the penalty never exceeds 5.6).
+    """
+    if floor is not None:
+        cosine = torch.clamp(cosine, min=floor)
     return torch.clamp(scale * cosine - offset, max=0.0)
 
 
@@ -276,7 +285,8 @@ class RewardScorer:
             pick_t = pick_term(pick, offset=preset.pick_offset)
 
         # 5. combine
-        rel = relevance_term(cosine, scale=preset.relevance_scale, offset=preset.relevance_offset)
+        rel = relevance_term(cosine, scale=preset.relevance_scale, offset=preset.relevance_offset,
+                             floor=preset.cosine_floor)
         total = preset.aesthetic_weight * aes_term + preset.relevance_weight * rel
         if pick_t is not None and preset.pick_weight:
             total = total + preset.pick_weight * pick_t

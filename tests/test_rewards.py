@@ -191,6 +191,8 @@ def test_missing_known_head_offline_says_which_file_goes_where(tmp_path):
 def test_relevance_and_pick_terms_match_hand_computed_values():
     cos = torch.tensor([0.30, 0.28, 0.25, 0.20, -0.1])
     assert torch.allclose(relevance_term(cos), torch.tensor([0.0, 0.0, -0.6, -1.6, -7.6]), atol=1e-5)
+    # PAE clamps the cosine at 0 first: the penalty stops at -5.6.
+    assert torch.allclose(relevance_term(cos, floor=0.0), torch.tensor([0.0, 0.0, -0.6, -1.6, -5.6]), atol=1e-5)
     assert torch.allclose(pick_term(torch.tensor([21.0, 18.0, 17.5, 10.0])),
                           torch.tensor([0.0, 0.0, -0.5, -8.0]))
 
@@ -215,7 +217,8 @@ def test_pae_total_adds_absolute_aesthetic_relevance_and_pick_term(scorer, pick_
     pick = 100.0 * (pick_encoder.encode_images(batch) @ pick_encoder.encode_texts("a fox").T).squeeze(1)
     assert pick_encoder.logit_scale == pytest.approx(100.0, rel=1e-4)
     assert torch.allclose(terms.pick, pick, atol=1e-3)
-    expected = terms.aesthetic + torch.clamp(20 * terms.clip_cosine - 5.6, max=0) + torch.clamp(pick - 18, max=0)
+    rel = torch.clamp(20 * terms.clip_cosine.clamp(min=0) - 5.6, max=0)
+    expected = terms.aesthetic + rel + torch.clamp(pick - 18, max=0)
     assert terms.aesthetic_baseline is None
     assert torch.allclose(terms.total, expected, atol=1e-3)
 
@@ -321,5 +324,5 @@ def test_bad_prompts_and_presets_raise_value_errors(scorer, open_clip_encoder, t
 def test_presets_are_the_documented_formulas():
     assert PRESETS["promptist"] == RewardPreset("promptist", aesthetic_delta=True, pick_weight=0.0)
     pae = PRESETS["pae"]
-    assert (pae.aesthetic_delta, pae.pick_weight, pae.relevance_scale, pae.relevance_offset, pae.pick_offset) == (
-        False, 1.0, 20.0, 5.6, 18.0)
+    assert (pae.aesthetic_delta, pae.pick_weight, pae.relevance_scale, pae.relevance_offset, pae.pick_offset,
+            pae.cosine_floor) == (False, 1.0, 20.0, 5.6, 18.0, 0.0)
