@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from promptist_core.aesthetic import KNOWN_AESTHETIC_HEADS, looks_like_head_file
-from promptist_core.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL, load_clip
+from promptist_core.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL
 from promptist_core.devices import DEVICE_CHOICES, pick_dtype
 from promptist_core.rewards import PRESETS, RewardPreset, RewardScorer, format_table, load_scorer
 
@@ -108,9 +108,8 @@ class RewardModelLoader:
         dirs = models_dirs()
         # Load on the CPU in the compute dtype; ComfyUI's memory manager moves the models when used.
         dtype = pick_dtype(compute)
-        scorer = load_scorer(clip_model, aesthetic_head, pick_model=None, models_dir=dirs, device="cpu", dtype=dtype)
-        if pick_model and pick_model != NO_PICK:
-            scorer.pick = load_clip(pick_model, models_dir=dirs, device="cpu", dtype=dtype)
+        scorer = load_scorer(clip_model, aesthetic_head, pick_model=None if pick_model == NO_PICK else pick_model,
+                             models_dir=dirs, device="cpu", dtype=dtype)
         managed = [_managed(scorer.clip.module, compute)]
         if scorer.pick is not None:
             managed.append(_managed(scorer.pick.module, compute))

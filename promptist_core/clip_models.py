@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import pick_device, pick_dtype
-from .weights import HubModel, WeightsNotFoundError, _folder_has, _is_meant_as_path, resolve
+from .weights import KNOWN_HUB_MODELS, WeightsNotFoundError, _folder_has, _is_meant_as_path, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT = 77
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 OPEN_CLIP_FILES = (("open_clip_config.json",), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-HF_CLIP_FILES = (("config.json",), ("model.safetensors", "pytorch_model.bin"))
 TOKENIZER_FILES = (("tokenizer.json", "vocab.json"),)
 
 
@@ -53,38 +52,6 @@ KNOWN_OPEN_CLIP: dict[str, OpenClipWeights] = {
     "ViT-L-14/openai": OpenClipWeights("timm/vit_large_patch14_clip_224.openai", "ViT-L-14-quickgelu", True),
 }
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
-# Hub repos whose files we know: only what we load is downloaded (not the other formats they hold).
-CLIP_HUB_MODELS: dict[str, HubModel] = {
-    "timm/vit_large_patch14_clip_224.openai": HubModel(
-        "timm/vit_large_patch14_clip_224.openai", required=OPEN_CLIP_FILES,
-        allow_patterns=("open_clip_config.json", "open_clip_model.safetensors"),
-    ),
-    "openai/clip-vit-large-patch14": HubModel(
-        "openai/clip-vit-large-patch14", required=HF_CLIP_FILES + TOKENIZER_FILES,
-        allow_patterns=("*.json", "model.safetensors", "merges.txt"),
-    ),
-    "yuvalkirstain/PickScore_v1": HubModel(
-        "yuvalkirstain/PickScore_v1", required=HF_CLIP_FILES,
-        allow_patterns=("*.json", "model.safetensors", "merges.txt"),
-        tokenizer_repo_id="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    ),
-    # PickScore's processor (tokenizer + image settings) only, not the 4 GB of weights beside it.
-    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": HubModel(
-        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", required=TOKENIZER_FILES + (("preprocessor_config.json",),),
-        allow_patterns=("tokenizer*.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                        "preprocessor_config.json"),
-    ),
-}
-
-
-def _register_hub_models() -> None:
-    from .weights import KNOWN_HUB_MODELS
-
-    for repo_id, model in CLIP_HUB_MODELS.items():
-        KNOWN_HUB_MODELS.setdefault(repo_id, model)
-
-
-_register_hub_models()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +278,7 @@ def load_clip(
                              "'ViT-L-14-quickgelu' for OpenAI's ViT-L/14)")
     else:
         path = resolve(name, models_dir=models_dir, allow_download=allow_download,
-                       required=CLIP_HUB_MODELS[name].required if name in CLIP_HUB_MODELS
+                       required=KNOWN_HUB_MODELS[name].required if name in KNOWN_HUB_MODELS
                        else (("config.json", "open_clip_config.json"),))
         kind = "open_clip_dir" if (path / "open_clip_config.json").is_file() else "transformers"
         arch = None
@@ -354,13 +321,13 @@ def _resolve_weights_file(name: str, models_dir) -> Path:
 def _tokenizer_folder(folder: Path, name: str, tokenizer_name, models_dir, allow_download) -> Path:
     if tokenizer_name is None and _folder_has(folder, TOKENIZER_FILES):
         return folder
-    fallback = tokenizer_name or (CLIP_HUB_MODELS[name].tokenizer_repo_id if name in CLIP_HUB_MODELS else None)
+    fallback = tokenizer_name or (KNOWN_HUB_MODELS[name].tokenizer_repo_id if name in KNOWN_HUB_MODELS else None)
     if fallback is None:
         raise WeightsNotFoundError(
             f"CLIP folder {folder} has no tokenizer (tokenizer.json or vocab.json + merges.txt). Copy the "
             "tokenizer files of the model into it, or pass tokenizer_name."
         )
-    required = CLIP_HUB_MODELS[fallback].required if fallback in CLIP_HUB_MODELS else TOKENIZER_FILES
+    required = KNOWN_HUB_MODELS[fallback].required if fallback in KNOWN_HUB_MODELS else TOKENIZER_FILES
     return resolve(fallback, models_dir=models_dir, allow_download=allow_download, required=required)
 
 

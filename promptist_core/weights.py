@@ -81,6 +81,31 @@ KNOWN_HUB_MODELS: dict[str, HubModel] = {
         required=(("config.json",),) + TOKENIZER_FILES,
         allow_patterns=("*.json", "*.safetensors", "*.txt"),
     ),
+    # Reward models (promptist_core.clip_models). Only the files we load are downloaded, not the
+    # other formats these repos also hold (timm weights, .bin duplicates, 4 GB of CLIP-H).
+    "timm/vit_large_patch14_clip_224.openai": HubModel(
+        "timm/vit_large_patch14_clip_224.openai",
+        required=(("open_clip_config.json",), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+        allow_patterns=("open_clip_config.json", "open_clip_model.safetensors"),
+    ),
+    "openai/clip-vit-large-patch14": HubModel(
+        "openai/clip-vit-large-patch14",
+        required=(("config.json",), ("model.safetensors", "pytorch_model.bin")) + TOKENIZER_FILES,
+        allow_patterns=("*.json", "model.safetensors", "merges.txt"),
+    ),
+    "yuvalkirstain/PickScore_v1": HubModel(
+        "yuvalkirstain/PickScore_v1",
+        required=(("config.json",), ("model.safetensors", "pytorch_model.bin")),
+        allow_patterns=("*.json", "model.safetensors", "merges.txt"),
+        tokenizer_repo_id="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    ),
+    # PickScore's processor: tokenizer and image settings only.
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": HubModel(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        required=TOKENIZER_FILES + (("preprocessor_config.json",),),
+        allow_patterns=("tokenizer*.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                        "preprocessor_config.json"),
+    ),
 }
 
 

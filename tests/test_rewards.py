@@ -326,3 +326,15 @@ def test_presets_are_the_documented_formulas():
     pae = PRESETS["pae"]
     assert (pae.aesthetic_delta, pae.pick_weight, pae.relevance_scale, pae.relevance_offset, pae.pick_offset,
             pae.cosine_floor) == (False, 1.0, 20.0, 5.6, 18.0, 0.0)
+
+
+def test_pae_preset_loads_pickscore_and_says_where_it_goes_when_missing(tiny_clip_models_dir):
+    from promptist_core.rewards import load_scorer
+
+    with pytest.raises(WeightsNotFoundError) as e:
+        load_scorer("tiny-open-clip-hub", "tiny-head.safetensors", preset="pae", models_dir=tiny_clip_models_dir,
+                     device="cpu", allow_download=False)
+    assert str(tiny_clip_models_dir / "PickScore_v1") in str(e.value)
+    scorer = load_scorer("tiny-open-clip-hub", "tiny-head.safetensors", pick_model="tiny-pick", preset="pae",
+                         models_dir=tiny_clip_models_dir, device="cpu", allow_download=False)
+    assert scorer.pick is not None and scorer.preset.name == "pae"
