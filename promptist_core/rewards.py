@@ -263,7 +263,8 @@ class RewardScorer:
         if preset.pick_weight and self.pick is None:
             raise ValueError(f"preset '{preset.name}' has a PickScore weight ({preset.pick_weight}) but no "
                              "PickScore model is loaded; load one or set the pick weight to 0")
-        n = sum(b.shape[0] for b in image_batches(images))
+        images = image_batches(images)  # validated and converted once (PIL -> tensors), shared below
+        n = sum(b.shape[0] for b in images)
         texts = check_score_prompts(prompts, n)
 
         # 2. one image encoding shared by relevance and aesthetics; text embeddings cached
