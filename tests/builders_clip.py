@@ -3,14 +3,13 @@
 - open_clip: the DESIGN.md tiny config registered with `open_clip.add_model_config`, its state
   dict saved as safetensors (loaded by architecture + file), and the same model in open_clip's
   Hub layout (open_clip_config.json + open_clip_model.safetensors, as timm/...openai ships it).
-- transformers: a tiny `CLIPModel` saved with save_pretrained, a CLIP tokenizer built offline from
-  open_clip's bundled BPE vocabulary, and a preprocessor_config.json.
+- transformers: a tiny `CLIPModel` saved with save_pretrained, the CLIP tokenizer built offline from
+  open_clip's bundled BPE vocabulary (builders_sd.build_clip_tokenizer), and a preprocessor_config.json.
 - aesthetic heads of any width, saved in the published key layouts.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -58,28 +57,11 @@ def build_tiny_open_clip(folder: Path, *, seed: int = 0) -> tuple[Path, Path]:
     return weights, hub
 
 
-def build_clip_tokenizer(folder: Path):
-    """CLIP's tokenizer from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`, offline."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # 48894 merges
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
-    return tokenizer
-
-
 def build_tiny_transformers_clip(folder: Path, *, seed: int = 0, with_tokenizer: bool = True,
                                  logit_scale: float | None = None) -> Path:
     """A tiny CLIPModel folder: config.json, model.safetensors, tokenizer, preprocessor_config.json."""
     import torch
+    from builders_sd import build_clip_tokenizer  # the same offline CLIP tokenizer the tiny SD uses
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
