@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import urllib.request
 from collections.abc import Sequence
@@ -265,8 +266,15 @@ def _download_hub(repo_id: str, target: Path, known: HubModel | None, required) 
                 patterns.remove("pytorch_model.bin")
         except Exception:
             pass
-    target.mkdir(parents=True, exist_ok=True)
-    snapshot_download(repo_id, local_dir=str(target), allow_patterns=patterns)
+    existed = target.exists()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        snapshot_download(repo_id, local_dir=str(target), allow_patterns=patterns)
+    except BaseException:
+        # Leave no empty folder behind to look like a model (a finished file or two is kept to resume).
+        if not existed and not any(p.is_file() for p in target.glob("*")):
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     if not _folder_has(target, required):
         raise WeightsNotFoundError(f"downloaded {repo_id} into {target} but it lacks {required}")
     return target

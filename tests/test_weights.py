@@ -123,3 +123,4 @@ def test_failed_download_still_says_where_to_put_the_files(tmp_path):
     assert done.stdout.startswith("WeightsNotFoundError"), done.stdout + done.stderr
     assert "downloading it failed" in done.stdout
     assert str(tmp_path / "models" / "Promptist") in done.stdout
+    assert not (tmp_path / "models" / "Promptist").exists()  # no empty folder left to look like a model
