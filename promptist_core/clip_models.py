@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from .devices import pick_device, pick_dtype
-from .weights import KNOWN_HUB_MODELS, WeightsNotFoundError, _folder_has, _is_meant_as_path, resolve
+from .weights import (
+    KNOWN_HUB_MODELS,
+    WeightsNotFoundError,
+    _folder_has,
+    _is_meant_as_path,
+    load_tokenizer,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -354,11 +361,11 @@ def _load_open_clip(path: Path, architecture: str | None, quick_gelu: bool, name
 
 
 def _load_transformers(path: Path, tokenizer_folder: Path, name: str) -> HFClipEncoder:
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import CLIPModel
 
     # safetensors, or .bin via torch.load(weights_only=True): never arbitrary unpickling.
     model = CLIPModel.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    tokenizer = load_tokenizer(tokenizer_folder)
     size, mean, std = model.config.vision_config.image_size, OPENAI_MEAN, OPENAI_STD
     for folder in (path, tokenizer_folder):
         cfg_file = folder / "preprocessor_config.json"

@@ -24,7 +24,7 @@ import torch
 
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .devices import pick_device, pick_dtype
-from .weights import DEFAULT_OPTIMIZER_MODEL, resolve, resolve_tokenizer
+from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, resolve, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -313,17 +313,13 @@ def load_optimizer(
 
 def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: torch.dtype,
           name: str) -> PromptOptimizer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     logger.info("loading prompt optimizer %s from %s (%s, %s)", name, folder, device, dtype)
     # transformers loads safetensors, or .bin with torch.load(weights_only=True): no arbitrary unpickling.
     model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
     model.to(device=device, dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    except Exception as e:  # a tokenizer.json written by a newer `tokenizers` than the host's
-        logger.warning("fast tokenizer in %s did not load (%s); using vocab.json + merges.txt", tokenizer_folder, e)
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), use_fast=False)
+    tokenizer = load_tokenizer(tokenizer_folder)
     return PromptOptimizer(model, tokenizer, name=name)
 
 

@@ -9,6 +9,7 @@ the Hugging Face cache -> download (only when allowed; pinned sha256 where known
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,8 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER_MODEL = "microsoft/Promptist"
 
@@ -338,3 +341,17 @@ def download_file(url: str, target: Path, sha256: str | None = None) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def load_tokenizer(folder: Path | str, **kwargs):
+    """AutoTokenizer for a resolved folder, also where the host's `tokenizers` is older than the one
+    that wrote tokenizer.json (A1111 1.10 ships 0.13): then vocab.json + merges.txt are used."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except Exception as e:
+        if not (Path(folder) / "vocab.json").is_file():
+            raise
+        logger.warning("fast tokenizer in %s did not load (%s); using vocab.json + merges.txt", folder, e)
+        return AutoTokenizer.from_pretrained(str(folder), use_fast=False, **kwargs)

@@ -80,13 +80,8 @@ def build_tiny_transformers_clip(folder: Path, *, seed: int = 0, with_tokenizer:
             model.logit_scale.fill_(float(torch.tensor(logit_scale).log()))
     model.save_pretrained(folder, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    if with_tokenizer:
-        tok_dir = folder / "_tok"
-        tokenizer = build_clip_tokenizer(tok_dir)
-        tokenizer.save_pretrained(folder)
-        for f in tok_dir.iterdir():
-            f.unlink()
-        tok_dir.rmdir()
+    if with_tokenizer:  # vocab.json + merges.txt and tokenizer.json, as openai/clip-vit-large-patch14 ships
+        build_clip_tokenizer(folder).save_pretrained(folder)
     return folder
 
 
