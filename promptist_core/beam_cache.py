@@ -138,11 +138,12 @@ if DynamicLayer is not None:
             Cache.__init__(self, layers=[BeamSearchLayer(extra_tokens) for _ in range(num_layers)])
 
 
-def make_beam_cache(model, max_new_tokens: int):
+def make_beam_cache(model, max_new_tokens: int) -> BeamSearchCache | None:
     """A fresh `BeamSearchCache` for one `generate` call on `model`, or None to use transformers' default.
 
     None when the cache layer API is missing, or the model is not a plain full-attention decoder
-    (encoder-decoder, sliding/chunked/linear attention layers, its own `_reorder_cache`).
+    (encoder-decoder, sliding/chunked/linear attention layers, its own `_reorder_cache`), or its
+    generation config names a cache of its own (generate refuses a cache object next to that).
     """
     if not layer_api_available():
         return None
@@ -161,6 +162,7 @@ def make_beam_cache(model, max_new_tokens: int):
         and isinstance(num_layers, int) and num_layers > 0
         and not hasattr(model, "_reorder_cache")
         and (supports_dynamic is None or supports_dynamic())
+        and getattr(getattr(model, "generation_config", None), "cache_implementation", None) is None
     )
     if not plain:
         logger.debug("beam cache: %s is not a plain full-attention decoder; using the default cache",

@@ -109,6 +109,9 @@ def test_models_that_are_not_plain_full_attention_get_the_default_cache():
 
     config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16)
     assert (make_beam_cache(GPT2LMHeadModel(config), 4) is not None) == layer_api_available()
+    own_cache = GPT2LMHeadModel(config)
+    own_cache.generation_config.cache_implementation = "static"  # generate refuses a cache object next to it
+    assert make_beam_cache(own_cache, 4) is None
     config.sliding_window = 4  # what a sliding-window decoder's config says
     assert make_beam_cache(GPT2LMHeadModel(config), 4) is None
 
