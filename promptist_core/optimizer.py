@@ -105,8 +105,10 @@ class PromptOptimizer:
         self.eos_token_id = tokenizer.eos_token_id
         config = model.config
         self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
-        # KV cache for beam search: None = transformers' default (dynamic); "static" preallocates.
-        self.cache_implementation: str | None = None
+        # KV cache for beam search: "beam" = beam_cache.BeamSearchCache (one copy per step, same numbers;
+        # falls back to the default where unsupported), None or "dynamic" = transformers' default,
+        # "static" = transformers' preallocated cache (slower on CPU).
+        self.cache_implementation: str | None = "beam"
         # One generate at a time per model: HF generate is not re-entrant on a shared cache.
         self._lock = threading.Lock()
 
@@ -240,6 +242,17 @@ class PromptOptimizer:
                        "it is truncated", len(ids), room)
         return body[: max(room - len(suffix), 1)] + suffix, True
 
+    def _cache_kwargs(self, max_new_tokens: int) -> dict:
+        """The `generate` arguments that pick the KV cache for beam search (see `cache_implementation`)."""
+        if self.cache_implementation in (None, "dynamic"):
+            return {}
+        if self.cache_implementation == "beam":
+            from .beam_cache import make_beam_cache
+
+            cache = make_beam_cache(self.model, max_new_tokens)
+            return {} if cache is None else {"past_key_values": cache}
+        return {"cache_implementation": self.cache_implementation}
+
     def _generate(self, batch: list[list[int]], *, mode, candidates, num_beams, max_new_tokens, length_penalty,
                   num_beam_groups, diversity_penalty, temperature, top_k, top_p, seed,
                   step_callback) -> list[list[str]]:
@@ -259,8 +272,7 @@ class PromptOptimizer:
             sequences = self.model.generate(
                 input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
                 num_return_sequences=candidates, length_penalty=length_penalty,
-                logits_processor=hooks, **common,
-                **({"cache_implementation": self.cache_implementation} if self.cache_implementation else {}),
+                logits_processor=hooks, **common, **self._cache_kwargs(max_new_tokens),
             )
         elif mode == "diverse":
             from .diverse_beam import diverse_beam_search
