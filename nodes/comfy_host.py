@@ -89,6 +89,17 @@ class ManagedModel:
             model_management.load_models_gpu([self.patcher])
 
 
+# Module level: ComfyUI clones node classes per run, so a cache on a class would be lost.
+_MANAGED: dict[int, ManagedModel] = {}
+
+
+def managed(module: torch.nn.Module, on_device: torch.device) -> ManagedModel:
+    """The one ManagedModel of `module` (models are cached by the core, so their handles are too)."""
+    if id(module) not in _MANAGED:
+        _MANAGED[id(module)] = ManagedModel(module, on_device)
+    return _MANAGED[id(module)]
+
+
 def step_progress(total: int):
     """A callback(step, steps) for core loops: advances ComfyUI's progress bar by one per call (out of
     `total` over the whole node run) and raises ComfyUI's interrupt when the user cancels."""

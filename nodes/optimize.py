@@ -11,7 +11,7 @@ from promptist_core.devices import DEVICE_CHOICES, pick_dtype
 from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
-from .comfy_host import ManagedModel, list_model_folders, load_device, models_dirs, step_progress
+from .comfy_host import ManagedModel, list_model_folders, load_device, managed, models_dirs, step_progress
 from .comfy_schema import comfy_node
 
 MODEL_TYPE = "PROMPTIST_MODEL"
@@ -24,10 +24,6 @@ class LoadedOptimizer:
 
     optimizer: PromptOptimizer
     managed: ManagedModel
-
-
-# Module level: ComfyUI clones node classes per run, so a cache on the class would be lost.
-_MANAGED: dict[int, ManagedModel] = {}
 
 
 class ModelLoader:
@@ -57,10 +53,7 @@ class ModelLoader:
         compute = load_device() if device != "cpu" else torch.device("cpu")
         # Load on the CPU in the compute dtype; ComfyUI's memory manager moves it when it is used.
         optimizer = load_optimizer(model_name, models_dir=models_dirs(), device="cpu", dtype=pick_dtype(compute))
-        key = id(optimizer.model)
-        if key not in _MANAGED:
-            _MANAGED[key] = ManagedModel(optimizer.model, compute)
-        return (LoadedOptimizer(optimizer, _MANAGED[key]),)
+        return (LoadedOptimizer(optimizer, managed(optimizer.model, compute)),)
 
 
 class OptimizePrompt:

@@ -13,7 +13,7 @@ from promptist_core.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MOD
 from promptist_core.devices import DEVICE_CHOICES, pick_dtype
 from promptist_core.rewards import PRESETS, RewardPreset, RewardScorer, format_table, load_scorer
 
-from .comfy_host import ManagedModel, load_device, models_dirs
+from .comfy_host import ManagedModel, load_device, managed, models_dirs
 from .comfy_schema import comfy_node
 
 REWARD_TYPE = "PROMPTIST_REWARD_MODEL"
@@ -31,10 +31,6 @@ class LoadedRewardModel:
     def load(self) -> None:
         for m in self.managed:
             m.load()
-
-
-# Module level: ComfyUI clones node classes per run, so a cache on the class would be lost.
-_MANAGED: dict[int, ManagedModel] = {}
 
 
 def _clip_folders() -> list[str]:
@@ -62,13 +58,6 @@ def _head_files() -> list[str]:
         if d.is_dir():
             names += sorted(p.name for p in d.iterdir() if p.is_file() and looks_like_head_file(p))
     return [n for n in dict.fromkeys(names) if n not in KNOWN_AESTHETIC_HEADS]
-
-
-def _managed(module: torch.nn.Module, compute: torch.device) -> ManagedModel:
-    key = id(module)
-    if key not in _MANAGED:
-        _MANAGED[key] = ManagedModel(module, compute)
-    return _MANAGED[key]
 
 
 class RewardModelLoader:
@@ -110,10 +99,10 @@ class RewardModelLoader:
         dtype = pick_dtype(compute)
         scorer = load_scorer(clip_model, aesthetic_head, pick_model=None if pick_model == NO_PICK else pick_model,
                              models_dir=dirs, device="cpu", dtype=dtype)
-        managed = [_managed(scorer.clip.module, compute)]
+        handles = [managed(scorer.clip.module, compute)]
         if scorer.pick is not None:
-            managed.append(_managed(scorer.pick.module, compute))
-        return (LoadedRewardModel(scorer, managed),)
+            handles.append(managed(scorer.pick.module, compute))
+        return (LoadedRewardModel(scorer, handles),)
 
 
 class ScoreImages:
