@@ -147,9 +147,10 @@ class ClipEncoder:
 
     backend = "base"
 
-    def __init__(self, module: torch.nn.Module, *, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 embed_dim: int, name: str = ""):
+    def __init__(self, module: torch.nn.Module, tokenizer, *, image_size: int, mean: Sequence[float],
+                 std: Sequence[float], embed_dim: int, name: str = ""):
         self.module = module.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
         self.image_size = int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.embed_dim = int(embed_dim)
@@ -203,10 +204,6 @@ class ClipEncoder:
 class OpenClipEncoder(ClipEncoder):
     backend = "open_clip"
 
-    def __init__(self, module, tokenizer, **kwargs):
-        super().__init__(module, **kwargs)
-        self.tokenizer = tokenizer
-
     def _image_features(self, pixels):
         return self.module.encode_image(pixels)
 
@@ -221,10 +218,6 @@ def _features(output) -> torch.Tensor:
 
 class HFClipEncoder(ClipEncoder):
     backend = "transformers"
-
-    def __init__(self, module, tokenizer, **kwargs):
-        super().__init__(module, **kwargs)
-        self.tokenizer = tokenizer
 
     def _image_features(self, pixels):
         return _features(self.module.get_image_features(pixel_values=pixels))
