@@ -1,13 +1,15 @@
-"""AUTOMATIC1111 / Forge extension: a "Promptist" tab and an always-visible "Optimize prompt" option.
+"""AUTOMATIC1111 / Forge extension: a "Promptist" tab and two always-visible options.
 
-Prompts holding DF-Prompt blocks (`[anime:0-1:1.5]`) are always rendered to the webui's own prompt
-editing syntax (`render_dfprompt_processing`), with no option to turn it off: left alone, the webui
-would read such a block as a broken prompt edit and feed its text to the model verbatim.
+- "Promptist": optimize every prompt of the job. Prompts holding DF-Prompt blocks (`[anime:0-1:1.5]`)
+  are always rendered to the webui's own prompt editing syntax (`render_dfprompt_processing`), with no
+  option to turn it off: left alone, the webui would read such a block as a broken prompt edit.
+- "Promptist score": score every generated image (CLIP relevance to the user's prompt, LAION
+  aesthetics, optionally PickScore) into its infotext; "best of N" keeps the best image of a batch.
 
-A1111 executes this file by path. The processing hooks (`optimize_processing`, `render_dfprompt_processing`)
-are plain functions
-over the processing object `p`, so they work without the webui (tests call them directly); the
-webui classes and callbacks are defined only when `modules` (the webui) is importable.
+A1111 executes this file by path and registers every Script class in it. The processing hooks
+(`optimize_processing`, `render_dfprompt_processing`, `score_processing`) are plain functions over the
+processing object `p`, so they work without the webui (tests call them directly); the webui classes
+and callbacks are defined only when `modules` (the webui) is importable.
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ def _import_core() -> None:
 
 _import_core()
 
+import torch  # noqa: E402
+
+from promptist_core.aesthetic import DEFAULT_AESTHETIC_HEAD  # noqa: E402
+from promptist_core.clip_models import DEFAULT_CLIP_MODEL  # noqa: E402
 from promptist_core.dfprompt import has_dfprompt, parse, to_a1111  # noqa: E402
 from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer  # noqa: E402
+from promptist_core.rewards import PRESET_NAMES, ImageScore, RewardScorer, load_scorer  # noqa: E402
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL  # noqa: E402
 
 TITLE = "Promptist"
+SCORE_TITLE = "Promptist score"
 # LoRA / hypernetwork / extra-network tags pass through untouched: the policy never saw them (nor DF blocks).
 EXTRA_NETWORK_TAG = re.compile(r"<[^<>]+>")
 INFOTEXT_ORIGINAL = "Promptist original"
@@ -150,6 +158,79 @@ def render_dfprompt_processing(p, *, steps: int | None = None, hires_steps: int 
     return changed
 
 
+INFOTEXT_SCORE = "Promptist score"
+INFOTEXT_TERMS = "Promptist score terms"
+INFOTEXT_PRESET = "Promptist score preset"
+INFOTEXT_BEST_OF = "Promptist best of"
+# A1111 emphasis syntax means nothing to CLIP's text encoder (nor do extra-network tags).
+EMPHASIS_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=[)\]])")
+
+
+def plain_text(prompt: str) -> str:
+    """'(a cat:1.2) <lora:x:1>' -> 'a cat': the words CLIP should compare the image with (approximate)."""
+    text = EXTRA_NETWORK_TAG.sub(" ", prompt)
+    text = EMPHASIS_WEIGHT.sub("", text)
+    text = re.sub(r"[()\[\]]", "", text)
+    return re.sub(r"\s{2,}", " ", text).strip(" ,") or prompt.strip()
+
+
+def reference_prompts(p, count: int, batch_number: int = 0) -> list[str]:
+    """The user's prompts for this batch: the originals if Promptist rewrote them, else p.prompts."""
+    originals = (getattr(p, "extra_generation_params", None) or {}).get(INFOTEXT_ORIGINAL)
+    start = batch_number * int(getattr(p, "batch_size", count) or count)
+    if isinstance(originals, list) and len(originals) >= start + count:
+        prompts = originals[start:start + count]
+    else:
+        prompts = list(p.prompts)[:count]
+    return [plain_text(t) for t in prompts]
+
+
+def batch_to_images(images) -> torch.Tensor:
+    """The webui's list of [C, H, W] tensors in 0..1 -> one [B, H, W, C] batch."""
+    return torch.stack([img.detach().float() for img in images]).permute(0, 2, 3, 1)
+
+
+def score_processing(p, pp, scorer: RewardScorer, *, preset: str = "promptist", best_of_n: bool = False,
+                     batch_number: int = 0) -> list[ImageScore]:
+    """Score the batch in `pp.images`, write the scores into the infotext, and keep the best if asked.
+
+    Called from the script's `postprocess_batch_list`, where `p.prompts` etc. hold this batch's values.
+    With `best_of_n`, `pp.images`, `p.prompts`, `p.negative_prompts`, `p.seeds` and `p.subseeds` are cut to
+    the best image, as the webui requires of a script that changes the batch size.
+    """
+    # 1. score against the user's prompts (no plain-prompt images here: absolute aesthetics)
+    count = len(pp.images)
+    if count == 0:
+        return []
+    scores = scorer(batch_to_images(pp.images), reference_prompts(p, count, batch_number), preset=preset)
+
+    # 2. infotext: lists hold one value per image of this batch (the webui indexes them by position)
+    params = p.extra_generation_params
+    params[INFOTEXT_SCORE] = [f"{s.total:.3f}" for s in scores]
+    params[INFOTEXT_TERMS] = [_terms(s) for s in scores]
+    params[INFOTEXT_PRESET] = preset
+
+    # 3. best of N: keep the best image and everything the webui pairs with it
+    if best_of_n and count > 1:
+        best = max(range(count), key=lambda i: scores[i].total)
+        pp.images = [pp.images[best]]
+        for name in ("prompts", "negative_prompts", "seeds", "subseeds"):
+            values = getattr(p, name, None)
+            if isinstance(values, list) and len(values) == count:
+                setattr(p, name, [values[best]])
+        params[INFOTEXT_SCORE] = [params[INFOTEXT_SCORE][best]]
+        params[INFOTEXT_TERMS] = [params[INFOTEXT_TERMS][best]]
+        params[INFOTEXT_BEST_OF] = f"{best + 1}/{count}"
+    return scores
+
+
+def _terms(s: ImageScore) -> str:
+    parts = [f"aes {s.aesthetic:.3f}", f"cos {s.clip_cosine:.4f}", f"rel {s.relevance_term:.3f}"]
+    if s.pick is not None:
+        parts.append(f"pick {s.pick:.2f}")
+    return "; ".join(parts)
+
+
 def models_dirs(webui_models_path: str | None = None) -> list[Path]:
     """`extensions/<this>/models`, then the webui's `models/promptist`."""
     dirs = [EXTENSION_ROOT / "models"]
@@ -209,6 +290,41 @@ if scripts is not None:
                                                                   getattr(p, "hr_second_pass_steps", 0) or p.steps),
                                        old_scheduling=bool(getattr(shared.opts, "use_old_scheduling", False)))
 
+    def _scorer(preset: str) -> RewardScorer:
+        opts = shared.opts.data
+        device = "cpu" if opts.get("promptist_score_device", "gpu") == "cpu" else devices.device
+        pick = opts.get("promptist_score_pick", "") or None
+        return load_scorer(opts.get("promptist_score_clip", DEFAULT_CLIP_MODEL) or DEFAULT_CLIP_MODEL,
+                           opts.get("promptist_score_aesthetic", DEFAULT_AESTHETIC_HEAD) or DEFAULT_AESTHETIC_HEAD,
+                           pick_model=pick, preset=preset, models_dir=models_dirs(shared.models_path), device=device)
+
+    class PromptistScoreScript(scripts.Script):
+        def title(self):
+            return SCORE_TITLE
+
+        def show(self, is_img2img):
+            return scripts.AlwaysVisible
+
+        def ui(self, is_img2img):
+            with gr.Accordion(SCORE_TITLE, open=False):
+                enabled = gr.Checkbox(label="Score images (scores go into the infotext)", value=False,
+                                      elem_id=self.elem_id("promptist_score_enabled"))
+                best_of_n = gr.Checkbox(label="Best of N: keep the best image of each batch", value=False,
+                                        elem_id=self.elem_id("promptist_score_best_of_n"))
+                preset = gr.Dropdown(label="Reward", choices=list(PRESET_NAMES), value="promptist",
+                                     elem_id=self.elem_id("promptist_score_preset"))
+            self.infotext_fields = [(preset, INFOTEXT_PRESET),
+                                    (enabled, lambda params: INFOTEXT_PRESET in params),
+                                    (best_of_n, lambda params: INFOTEXT_BEST_OF in params)]
+            return [enabled, best_of_n, preset]
+
+        def postprocess_batch_list(self, p, pp, enabled=False, best_of_n=False, preset="promptist", *args,
+                                   **kwargs):
+            if not (enabled or best_of_n):
+                return
+            score_processing(p, pp, _scorer(preset), preset=preset, best_of_n=best_of_n,
+                             batch_number=kwargs.get("batch_number", 0))
+
     def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
         text, suffix = split_for_policy(prompt or "")
         result = _optimizer()(text, mode=mode, candidates=int(candidates), num_beams=max(8, int(candidates)),
@@ -251,6 +367,17 @@ if scripts is not None:
             "gpu", "Device for the optimizer", gr.Radio, {"choices": ["gpu", "cpu"]}, section=section))
         shared.opts.add_option("promptist_mode", shared.OptionInfo(
             "beam", "Default mode", gr.Radio, {"choices": list(MODES)}, section=section))
+        shared.opts.add_option("promptist_score_clip", shared.OptionInfo(
+            DEFAULT_CLIP_MODEL, "Score: CLIP model (ViT-L-14/openai, or a folder in extensions/promptist/models)",
+            section=section))
+        shared.opts.add_option("promptist_score_aesthetic", shared.OptionInfo(
+            DEFAULT_AESTHETIC_HEAD, "Score: aesthetic head (improved, laion-v1, or a file in the models folder)",
+            section=section))
+        shared.opts.add_option("promptist_score_pick", shared.OptionInfo(
+            "", "Score: PickScore model (empty: none; the pae reward uses yuvalkirstain/PickScore_v1)",
+            section=section))
+        shared.opts.add_option("promptist_score_device", shared.OptionInfo(
+            "gpu", "Score: device", gr.Radio, {"choices": ["gpu", "cpu"]}, section=section))
 
     script_callbacks.on_ui_tabs(on_ui_tabs)
     script_callbacks.on_ui_settings(on_ui_settings)

@@ -1,13 +1,11 @@
-"""The A1111 "Promptist score" script's hook, on p-like processing and batch objects."""
+"""The A1111 "Promptist score" option's hook, on p-like processing and batch objects."""
 
 from __future__ import annotations
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
 
 from promptist_core.aesthetic import load_aesthetic_head
 from promptist_core.clip_models import load_clip
@@ -15,12 +13,8 @@ from promptist_core.rewards import RewardScorer
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("promptist_score_a1111_script",
-                                                  ROOT / "scripts" / "promptist_score.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # as the webui does: by path
-    return module
+def script(a1111_script):
+    return a1111_script
 
 
 @pytest.fixture(scope="module")
