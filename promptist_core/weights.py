@@ -355,3 +355,29 @@ def load_tokenizer(folder: Path | str, **kwargs):
             raise
         logger.warning("fast tokenizer in %s did not load (%s); using vocab.json + merges.txt", folder, e)
         return AutoTokenizer.from_pretrained(str(folder), use_fast=False, **kwargs)
+
+
+def resolve_dataset_file(spec: str, *, allow_download: bool | None = None) -> Path:
+    """A file of a Hugging Face dataset repo, `OWNER/NAME/path/to/file`: from the HF cache, else
+    downloaded when allowed (the same offline switches as models)."""
+    parts = spec.strip().strip("/").split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"dataset file '{spec}' must look like OWNER/NAME/path/to/file "
+                         "(e.g. hf-dataset:poloclub/diffusiondb/metadata.parquet)")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True))
+    except Exception:
+        pass
+    why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)"
+    if downloads_allowed(allow_download):
+        try:
+            return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+        except Exception as e:
+            why = f"downloading it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    raise WeightsNotFoundError(
+        f"dataset file '{filename}' of {repo_id} is not in the Hugging Face cache ({_hf_cache_root()}) and {why}.\n"
+        f"Download it from https://huggingface.co/datasets/{repo_id}/blob/main/{filename} and pass its local path."
+    )

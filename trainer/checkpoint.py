@@ -1,0 +1,216 @@
+"""The one checkpoint format of every trainer: safetensors for tensors, JSON for the rest, no pickle.
+
+A checkpoint is a folder `step-000123/` that is also a plain model folder (config.json,
+model.safetensors, tokenizer files: `PromptOptimizer` loads it), plus:
+- `optimizer.safetensors` (every state tensor under `state.<param index>.<name>`) and `optimizer.json`
+  (param groups and non-tensor state),
+- `rng.safetensors` (torch CPU/CUDA generator states, numpy's key array) and the Python `random` state
+  inside `trainer_state.json`,
+- `trainer_state.json`: step, data cursor, best validation loss, the config, the loss scaler.
+It is written to a temporary folder beside its final place, fsynced, then renamed, so a run killed at
+any moment leaves the previous checkpoint intact. accelerate's `save_state` pickles the optimizer and RNG
+(and A1111's accelerate 0.21 loads them with a bare `torch.load`), so we do not use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from promptist_core.policy_folder import save_policy_folder
+
+FORMAT_VERSION = 1
+STATE_FILE = "trainer_state.json"
+TRAINING_FILES = (STATE_FILE, "optimizer.safetensors", "optimizer.json", "rng.safetensors")
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (incomplete, another trainer's, another format)."""
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten `optimizer.state_dict()` into safetensors-able tensors and JSON-able metadata."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, py_state, py_gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(py_state), py_gauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = meta["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep: int = 2,
+    protect: tuple[int, ...] = (),
+) -> Path:
+    """Write `run_dir/checkpoints/step-<step>/` atomically and keep the newest `keep` (plus `protect`ed steps).
+
+    `state` must hold `step`; it is saved as trainer_state.json with the RNG's Python state.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{int(state['step']):07d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_policy_folder(model, tokenizer, tmp)
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        full_state = {"format": FORMAT_VERSION, **state, "rng": rng_meta}
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep or None]:
+        if old.step not in protect and old.folder != final:
+            shutil.rmtree(old.folder, ignore_errors=True)
+    return final
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    folder = Path(folder)
+    missing = [name for name in TRAINING_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)})")
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {folder}: unreadable {STATE_FILE} ({e})") from None
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {folder} has format {state.get('format')}, this trainer reads {FORMAT_VERSION}")
+    return Checkpoint(folder, state)
+
+
+def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(root.glob(f"{STEP_PREFIX}*")):
+        try:
+            found.append(read_checkpoint(folder))
+        except CheckpointError:
+            continue
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def restore_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer and every RNG from `checkpoint` (the model is loaded from its folder)."""
+    folder = checkpoint.folder
+    optimizer_from_files(optimizer, load_file(str(folder / "optimizer.safetensors")),
+                         json.loads((folder / "optimizer.json").read_text(encoding="utf-8")))
+    set_rng_state(load_file(str(folder / "rng.safetensors")), checkpoint.state["rng"])
+
+
+def publish_model_files(source: Path, target: Path) -> Path:
+    """Copy the model files of `source` (a model folder or checkpoint) into `target`, file by file,
+    each through a temporary name and a rename; the training files stay behind."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(source).iterdir()):
+        if not path.is_file() or path.name in TRAINING_FILES:
+            continue
+        tmp = target / f".{path.name}.tmp-{os.getpid()}"
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target / path.name)
+    _fsync_dir(target)
+    return target

@@ -1,0 +1,136 @@
+"""`python -m trainer pairs|sft`: the headless trainers.
+
+Exit codes: 0 done, 2 bad input (flags, config, corpus: one line on stderr), 3 missing or broken
+weights, 130 stopped by Ctrl-C after saving a checkpoint (`--resume` continues it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import add_config_arguments, build_config, format_config, overrides_from_args, read_config_file
+
+EXIT_BAD_INPUT = 2
+EXIT_MISSING_WEIGHTS = 3
+EXIT_STOPPED = 130
+
+
+def _add_pairs(sub) -> None:
+    p = sub.add_parser("pairs", help="build (plain, engineered) prompt pairs from a prompt corpus",
+                       description="Split each engineered prompt into main content and modifiers and write "
+                                   "SFT pairs (mc, mcm, and rmc/rtp with --rewrite) as JSONL.")
+    p.add_argument("--corpus", required=True, help=".txt, .csv, .tsv, .jsonl, .parquet, or hf-dataset:OWNER/NAME/FILE")
+    p.add_argument("--out", required=True, help="pairs file to write (JSONL)")
+    p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
+    p.add_argument("--min-words", type=int, default=1, help="drop prompts with fewer words (default: 1)")
+    p.add_argument("--max-words", type=int, help="drop prompts with more words")
+    p.add_argument("--blocklist", help="text file of terms (one per line); prompts containing one are dropped")
+    p.add_argument("--limit", type=int, help="use at most this many prompts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the modifier subsets and the split (default: 0)")
+    p.add_argument("--mcm-per-target", type=int, default=1, help="main content + modifiers sources per target")
+    p.add_argument("--valid-fraction", type=float, default=0.02, help="targets held out for validation (default: 0.02)")
+    p.add_argument("--rewrite", help="paraphrase hook: llm:<local causal LM folder> or command:<program> "
+                                     "(stdin: one text per line; stdout: one rewrite per line)")
+    p.add_argument("--rewrite-instruction", help="instruction for --rewrite llm:...")
+    p.add_argument("--offline", action="store_true", help="never download (hf-dataset files must be cached)")
+    p.set_defaults(run=_run_pairs)
+
+
+def _run_pairs(args) -> int:
+    from .corpus import read_corpus
+    from .pairs import make_pairs, rewriter_from_spec, write_pairs
+
+    corpus = read_corpus(args.corpus, column=args.column, min_words=args.min_words, max_words=args.max_words,
+                         blocklist=args.blocklist, limit=args.limit, allow_download=False if args.offline else None)
+    rewrite = rewriter_from_spec(args.rewrite, instruction=args.rewrite_instruction) if args.rewrite else None
+    pairs, stats = make_pairs(corpus.prompts, seed=args.seed, mcm_per_target=args.mcm_per_target,
+                              valid_fraction=args.valid_fraction, rewrite=rewrite)
+    if not pairs:
+        raise ValueError(f"{args.corpus}: no prompt has modifiers to make pairs from ({stats['skipped']})")
+    write_pairs(args.out, pairs)
+    print(json.dumps({"out": args.out, **corpus.stats(), **stats}))
+    return 0
+
+
+def _add_sft(sub) -> None:
+    from .sft import SFTConfig
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of a prompt policy on pairs (Promptist stage 1)",
+                       description="Fine-tune a causal LM on 'source Rephrase: target' pairs. Every setting below "
+                                   "can also come from --config FILE (TOML, YAML or JSON); flags win.")
+    p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
+    p.add_argument("--print-config", action="store_true", help="print every setting with its doc and exit")
+    p.add_argument("--models-dir", help="folder of model folders for --base names (default: $PROMPTIST_MODELS_DIR "
+                                        "or ./models/promptist)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_config_arguments(p, SFTConfig)
+    p.set_defaults(run=_run_sft)
+
+
+def _run_sft(args) -> int:
+    from .checkpoint import latest_checkpoint
+    from .progress import ConsoleProgress, StopTraining
+    from .runtime import runtime_from_env
+    from .sft import SFTConfig, train_sft
+
+    layers = []
+    out = overrides_from_args(args).get("out")
+    if args.resume and out:
+        checkpoint = latest_checkpoint(Path(out))
+        if checkpoint is not None:  # the resumed run's settings, then any file and flags on top
+            layers.append((f"{checkpoint.folder}/trainer_state.json", checkpoint.state["config"]))
+    if args.config:
+        layers.append((args.config, read_config_file(args.config)))
+    layers.append(("command line", overrides_from_args(args)))
+    config = build_config(SFTConfig, *layers)
+    if args.print_config:
+        print(format_config(config), end="")
+        return 0
+    runtime = runtime_from_env(config.device, config.precision)
+    start = latest_checkpoint(Path(config.out)).step if (args.resume and config.out and
+                                                         latest_checkpoint(Path(config.out))) else 0
+    progress = ConsoleProgress(config.max_steps, initial=start, desc="sft",
+                               enabled=runtime.is_main and not args.no_progress)
+    try:
+        with progress:
+            result = train_sft(config, resume=args.resume, callback=progress, runtime=runtime,
+                               models_dir=args.models_dir)
+    except StopTraining as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
+    if runtime.is_main:
+        print(json.dumps({"out": str(result.out), "steps": result.steps, "train_loss": result.train_loss,
+                          "valid_loss": result.valid_loss, "best_step": result.best_step, "selected": result.selected}))
+    return 0
+
+
+COMMANDS = (_add_pairs, _add_sft)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train prompt policies (promptist).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from promptist_core.weights import WeightsNotFoundError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except WeightsNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_MISSING_WEIGHTS
+    except (ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT

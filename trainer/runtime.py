@@ -1,0 +1,114 @@
+"""Where a trainer runs: one process (default, and always inside ComfyUI or A1111), or data parallel.
+
+Started by `accelerate launch --multi_gpu --num_processes N -m trainer ...` (or torchrun), each
+process sees RANK / WORLD_SIZE / LOCAL_RANK and joins a torch.distributed group: the trainable model
+goes through DDP, frozen parts are replicated. We never build an `accelerate.Accelerator`: it sets
+process-wide state that does not belong in a long-lived host, and its mixed precision and checkpoint
+formats change between the accelerate 0.21 that A1111 pins and current releases. Mixed precision and
+checkpoints are ours (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from promptist_core.devices import pick_device
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """None for fp32. `auto`: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+@dataclass
+class Runtime:
+    """Device, precision and process group of a training run."""
+
+    device: torch.device
+    precision: torch.dtype | None = None  # autocast dtype; None = fp32
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 needs loss scaling; bf16 and fp32 do not."""
+        if self.precision is torch.float16:
+            return torch.amp.GradScaler(self.device.type)
+        return None
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP over the trainable module when data parallel; the module itself otherwise."""
+        if not self.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def no_sync(self, module: torch.nn.Module):
+        """Skip the gradient all-reduce (every micro-batch but the last of an accumulation)."""
+        return module.no_sync() if self.distributed else contextlib.nullcontext()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (a stop request from rank 0's Ctrl-C)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.all_reduce_sum(t).item() > 0)
+
+
+def local_runtime(device: str | torch.device = "auto", precision: str = "auto") -> Runtime:
+    """One process on one device: the hosts' runtime, and headless without a launcher."""
+    target = pick_device(device)
+    return Runtime(target, autocast_dtype(target, precision))
+
+
+def runtime_from_env(device: str | torch.device = "auto", precision: str = "auto") -> Runtime:
+    """Data parallel when a launcher set WORLD_SIZE > 1, else `local_runtime`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return local_runtime(device, precision)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and str(device) not in ("cpu",)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(target, autocast_dtype(target, precision), world, rank)

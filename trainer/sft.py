@@ -1,0 +1,448 @@
+"""Supervised fine-tuning of a prompt policy on (plain, engineered) pairs: Promptist stage 1.
+
+Each pair is one sequence `source + " Rephrase:"` then `" " + target + eos`, exactly what
+`PromptOptimizer` feeds and expects at inference; the loss is on the target tokens and the eos only.
+The loop reads top to bottom: data -> model -> optimizer (resumed if asked) -> steps (gradient
+accumulation, clipping, validation, checkpoints, the step callback) -> the output folder.
+
+    python -m trainer sft --pairs pairs.jsonl --base gpt2 --out models/promptist/my-policy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptist_core.optimizer import REPHRASE_SUFFIX
+from promptist_core.policy_folder import save_policy_folder
+
+from .checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    publish_model_files,
+    restore_training_state,
+    save_checkpoint,
+)
+from .config import ConfigError, config_to_dict, option
+from .pairs import Pair, make_pairs, read_pairs
+from .progress import StepCallback, StopTraining
+from .runtime import PRECISIONS, Runtime, local_runtime
+from .training_log import CURVES_FILE, TrainingLog
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SELECTIONS = ("best", "last", "step")
+# Settings a resumed run must share with the run it continues, or it would not continue it exactly.
+RESUME_FIXED = ("pairs", "corpus", "column", "base", "seed", "batch_size", "effective_batch_size", "max_length",
+                "length_buckets", "valid_fraction", "mcm_per_target")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (Promptist stage 1). Defaults follow the paper where it says."""
+
+    pairs: str | None = option(None, "JSONL pairs from `python -m trainer pairs` (or give `corpus`).")
+    corpus: str | None = option(None, "A prompt corpus to build mc + mcm pairs from on the fly, instead of `pairs`.")
+    column: str = option("prompt", "The csv/tsv column, jsonl field or parquet column holding prompts in `corpus`.")
+    base: str = option("openai-community/gpt2", "Model to start from: a folder, a name in models/promptist, or a "
+                       "Hugging Face id (openai-community/gpt2, microsoft/Promptist).")
+    out: str | None = option(None, "Output folder: ends as a model folder PromptOptimizer loads; also holds "
+                             "checkpoints/, best/, last/, train_log.csv and curves.png.")
+    max_steps: int = option(15000, "Optimizer steps (paper: 15k).")
+    batch_size: int = option(16, "Pairs per forward pass on each device.")
+    effective_batch_size: int = option(256, "Pairs per optimizer step, by accumulation over micro-batches and "
+                                       "devices (paper: 256); a multiple of batch_size x devices.")
+    lr: float = option(5e-5, "Peak learning rate of AdamW (paper: 5e-5).")
+    lr_schedule: str = option("linear", "After warmup: constant, linear decay to 0, or cosine decay to 0.",
+                              choices=LR_SCHEDULES)
+    warmup_steps: int = option(100, "Linear warmup steps from 0 to `lr`.")
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices (never on biases and norms).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this after fp16 unscaling; 0 turns clipping off.")
+    max_length: int | None = option(None, "Longest pair in tokens (source, ' Rephrase:', target, eos); longer "
+                                    "pairs are skipped and counted. Empty: the model's context.")
+    length_buckets: int = option(32, "Batches drawn from one pool sorted by length, so pairs of similar length "
+                                 "share a batch (less padding); 1 = plain random batches.")
+    valid_fraction: float = option(0.02, "Share of targets held out for validation when the pairs carry no split.")
+    mcm_per_target: int = option(1, "With `corpus`: main-content-plus-modifiers sources per target.")
+    eval_every: int = option(500, "Validation loss every this many steps (and at the end); 0 = only at the end.")
+    save_every: int = option(500, "Checkpoint every this many steps (and at the end and on stop).")
+    keep_checkpoints: int = option(2, "Newest checkpoints kept in checkpoints/ (best/ and last/ are separate).")
+    select: str = option("best", "Weights the output folder holds at the end: best (lowest validation loss; the "
+                         "paper keeps a slightly under-fitted one), last, or step (`select_step`).", choices=SELECTIONS)
+    select_step: int = option(0, "With select = step: the checkpoint step to publish (kept from deletion).")
+    seed: int = option(0, "Seed of data order and dropout; the same seed gives the same run.")
+    device: str = option("auto", "auto, gpu, cpu or a torch device (data parallel runs use their rank's GPU).")
+    precision: str = option("auto", "auto (bf16 or fp16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16.",
+                            choices=PRECISIONS)
+    log_every: int = option(10, "Write the training loss to the log every this many steps.")
+    tensorboard: bool = option(True, "Also write TensorBoard events (when tensorboard is installed).")
+
+
+@dataclass
+class SFTResult:
+    out: Path
+    steps: int
+    train_loss: float | None
+    valid_loss: float | None
+    best_step: int | None
+    selected: str
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    ids: tuple[int, ...]
+    prompt_len: int  # tokens of `source Rephrase:`; the rest (target, eos) carries the loss
+
+    @property
+    def target_tokens(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+def load_pairs(config: SFTConfig) -> tuple[list[Pair], list[Pair]]:
+    """(train, valid) from `pairs`, or built from `corpus`."""
+    if bool(config.pairs) == bool(config.corpus):
+        raise ConfigError("give exactly one of `pairs` (a JSONL file) or `corpus` (a prompt file)")
+    if config.pairs:
+        pairs = read_pairs(config.pairs, seed=config.seed, valid_fraction=config.valid_fraction)
+    else:
+        from .corpus import read_corpus
+
+        corpus = read_corpus(config.corpus, column=config.column)
+        pairs, stats = make_pairs(corpus.prompts, seed=config.seed, mcm_per_target=config.mcm_per_target,
+                                  valid_fraction=config.valid_fraction)
+        logger.info("pairs from %s: %s", config.corpus, stats)
+        if not pairs:
+            raise ConfigError(f"{config.corpus}: no prompt has modifiers to learn from ({stats['skipped']})")
+    return [p for p in pairs if p.split == "train"], [p for p in pairs if p.split == "valid"]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int) -> tuple[list[Example], int]:
+    """Token ids of each pair as the optimizer sees it; pairs longer than `max_length` are skipped."""
+    eos = tokenizer.eos_token_id
+    examples, skipped = [], 0
+    for pair in pairs:
+        prompt = tokenizer(pair.source + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"]
+        target = tokenizer(" " + pair.target, add_special_tokens=False)["input_ids"] + [eos]
+        if len(prompt) + len(target) > max_length:
+            skipped += 1
+            continue
+        examples.append(Example(tuple(prompt + target), len(prompt)))
+    return examples, skipped
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, buckets: int) -> list[list[int]]:
+    """Batches of example indices for one epoch, a pure function of (seed, epoch): shuffle, sort each
+    pool of `buckets` batches by length, cut into batches, shuffle the batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    pool = batch_size * max(buckets, 1)
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        if buckets > 1:
+            chunk.sort(key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def micro_batches(lengths: Sequence[int], batch_size: int, seed: int, buckets: int,
+                  cursor: dict) -> Iterator[list[int]]:
+    """Endless micro-batches from `cursor` ({epoch, index}); the cursor is updated as they are taken."""
+    while True:
+        batches = epoch_batches(lengths, batch_size, seed, cursor["epoch"], buckets)
+        while cursor["index"] < len(batches):
+            batch = batches[cursor["index"]]
+            cursor["index"] += 1
+            yield batch
+        cursor["epoch"], cursor["index"] = cursor["epoch"] + 1, 0
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-padded ids, mask, explicit position ids (GPT-2 in transformers 4.30 does not derive them
+    from the mask) and labels that are IGNORE outside the target."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        start = width - len(e.ids)
+        ids[row, start:] = torch.tensor(e.ids)
+        mask[row, start:] = 1
+        labels[row, start + e.prompt_len:] = torch.tensor(e.ids[e.prompt_len:])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return {k: v.to(device) for k, v in
+            {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}.items()}
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+class TargetLoss(nn.Module):
+    """Summed cross-entropy of the target tokens. The LM head runs only where a label is, not on every
+    position (the prompt and the padding need no logits): less memory and time than the full logits."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids, labels) -> torch.Tensor:
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)[0]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def load_trainable_policy(name: str, *, models_dir=None):
+    """A fresh, trainable fp32 copy of a causal LM and its tokenizer (never the optimizer's shared cache)."""
+    from transformers import AutoModelForCausalLM
+
+    from promptist_core.weights import load_tokenizer, resolve, resolve_tokenizer
+
+    folder = resolve(name, models_dir=models_dir)
+    tokenizer = load_tokenizer(resolve_tokenizer(folder, name, models_dir=models_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).float()
+    return model, tokenizer
+
+
+def context_length(model) -> int:
+    config = model.config
+    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+
+
+def optimizer_for(model: nn.Module, config: SFTConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+    )
+
+
+def lr_at(step: int, config: SFTConfig) -> float:
+    """Learning rate of the update made at `step` (0-based)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    if config.lr_schedule == "linear":
+        return config.lr * max(0.0, 1.0 - progress)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def check_config(config: SFTConfig, runtime: Runtime) -> int:
+    """Validate sizes; returns micro-batches per device per step."""
+    if not config.out:
+        raise ConfigError("`out` is required: the folder the trained model goes to")
+    for name in ("max_steps", "batch_size", "effective_batch_size", "length_buckets",
+                 "keep_checkpoints", "log_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"'{name}' must be at least 1; got {getattr(config, name)}")
+    for name in ("warmup_steps", "eval_every", "save_every", "select_step"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"'{name}' must be 0 or more; got {getattr(config, name)}")
+    if config.max_length is not None and config.max_length < 2:
+        raise ConfigError(f"'max_length' must be at least 2; got {config.max_length}")
+    if config.lr <= 0 or config.grad_clip < 0 or not 0 <= config.valid_fraction < 1:
+        raise ConfigError("need lr > 0, grad_clip >= 0 and 0 <= valid_fraction < 1")
+    if config.batch_size > 4096 or config.effective_batch_size > 1 << 20 or config.max_steps > 10_000_000:
+        raise ConfigError("batch_size <= 4096, effective_batch_size <= 1048576 and max_steps <= 10000000, please")
+    per_step = config.batch_size * runtime.world_size
+    if config.effective_batch_size % per_step:
+        raise ConfigError(f"effective_batch_size ({config.effective_batch_size}) must be a multiple of batch_size x "
+                          f"devices ({config.batch_size} x {runtime.world_size} = {per_step})")
+    if config.select == "step" and config.select_step < 1:
+        raise ConfigError("select = step needs select_step, the checkpoint step to publish")
+    return config.effective_batch_size // per_step
+
+
+def _check_resume(config: SFTConfig, checkpoint: Checkpoint) -> None:
+    saved = checkpoint.state.get("config", {})
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {', '.join(changed)} differ from the run "
+                          f"being resumed ({', '.join(f'{k}={saved[k]!r}' for k in changed)})")
+
+
+def train_sft(
+    config: SFTConfig,
+    *,
+    resume: bool = False,
+    callback: StepCallback | None = None,
+    runtime: Runtime | None = None,
+    models_dir=None,
+) -> SFTResult:
+    """Train, checkpoint, and leave a model folder in `config.out`. A callback raising StopTraining
+    stops after a checkpoint (the exception is re-raised); `resume` continues the newest checkpoint."""
+    runtime = runtime or local_runtime(config.device, config.precision)
+    accumulation = check_config(config, runtime)
+    out = Path(config.out).expanduser()
+    checkpoints = list_checkpoints(out)
+    if checkpoints and not resume:
+        raise ConfigError(f"{out} already holds a run (checkpoint step {checkpoints[-1].step}); pass --resume to "
+                          "continue it, or choose another output folder")
+    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    if checkpoint is not None:
+        _check_resume(config, checkpoint)
+        logger.info("resuming %s from step %d", out, checkpoint.step)
+
+    # 1. data
+    train_pairs, valid_pairs = load_pairs(config)
+    if not train_pairs:
+        raise ConfigError("every pair went to validation: lower valid_fraction or add pairs")
+
+    # 2. model (from the checkpoint when resuming) and tokens
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_trainable_policy(str(checkpoint.folder) if checkpoint else config.base,
+                                             models_dir=models_dir)
+    max_length = config.max_length or context_length(model)
+    if max_length > context_length(model):
+        raise ConfigError(f"max_length ({max_length}) exceeds the model's context ({context_length(model)})")
+    model.to(runtime.device).train()
+    train, skipped = encode_pairs(tokenizer, train_pairs, max_length)
+    valid, _ = encode_pairs(tokenizer, valid_pairs, max_length)
+    if not train:
+        raise ConfigError(f"all {skipped} training pairs are longer than max_length ({max_length}) tokens")
+    lengths = [len(e.ids) for e in train]
+
+    # 3. optimizer and training state (restored when resuming)
+    optimizer = optimizer_for(model, config)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = runtime.grad_scaler()
+    state = {"trainer": "sft", "step": 0, "cursor": {"epoch": 0, "index": 0}, "best_valid_loss": None,
+             "best_step": None, "train_pairs": len(train), "valid_pairs": len(valid), "skipped_long": skipped}
+    if checkpoint is not None:
+        restore_training_state(checkpoint, optimizer)
+        state.update({k: v for k, v in checkpoint.state.items() if k in state})
+        if scaler is not None and checkpoint.state.get("scaler"):
+            scaler.load_state_dict(checkpoint.state["scaler"])
+    loss_module = runtime.wrap(TargetLoss(model))
+    log = TrainingLog(out, ["loss", "valid_loss", "lr", "grad_norm", "tokens"], tensorboard=config.tensorboard,
+                      resume_step=state["step"] if checkpoint else None, enabled=runtime.is_main)
+    stream = micro_batches(lengths, config.batch_size, config.seed, config.length_buckets, state["cursor"])
+    pad_id = tokenizer.pad_token_id
+
+    def save(step: int) -> None:
+        if runtime.is_main:
+            full = {**state, "config": config_to_dict(config), "scaler": scaler.state_dict() if scaler else None}
+            save_checkpoint(out, model=model, tokenizer=tokenizer, optimizer=optimizer, state=full,
+                            keep=config.keep_checkpoints, protect=(config.select_step,))
+            log.draw({"loss": ("loss", "valid_loss")}, "SFT").save(out / CURVES_FILE)
+        runtime.barrier()
+
+    def validate() -> float | None:
+        if not valid:
+            return None
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+        with torch.no_grad():
+            for start in range(runtime.rank * config.batch_size, len(valid), config.batch_size * runtime.world_size):
+                chunk = valid[start:start + config.batch_size]
+                with runtime.autocast():
+                    total[0] += loss_module(**collate(chunk, pad_id, runtime.device)).double()
+                total[1] += sum(e.target_tokens for e in chunk)
+        model.train()
+        runtime.all_reduce_sum(total)
+        return (total[0] / total[1]).item()
+
+    # 4. steps
+    saved_at = state["step"]
+    train_loss = None
+    while state["step"] < config.max_steps:
+        step = state["step"]
+        group = [next(stream) for _ in range(accumulation * runtime.world_size)]
+        n_tokens = sum(train[i].target_tokens for batch in group for i in batch)
+        mine = group[runtime.rank::runtime.world_size]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        for k, batch in enumerate(mine):
+            last = k == len(mine) - 1
+            with (contextlib.nullcontext() if last else runtime.no_sync(loss_module)), runtime.autocast():
+                summed = loss_module(**collate([train[i] for i in batch], pad_id, runtime.device))
+            loss = summed * (runtime.world_size / n_tokens)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += summed.detach().double()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf")).item()
+        for group_ in optimizer.param_groups:
+            group_["lr"] = lr_at(step, config)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        train_loss = (runtime.all_reduce_sum(loss_sum) / n_tokens).item()
+
+        metrics = {"loss": train_loss, "lr": lr_at(step - 1, config), "grad_norm": grad_norm, "tokens": n_tokens}
+        if (config.eval_every and step % config.eval_every == 0) or step == config.max_steps:
+            metrics["valid_loss"] = validate()
+            best = state["best_valid_loss"]
+            if metrics["valid_loss"] is not None and (best is None or metrics["valid_loss"] < best):
+                state["best_valid_loss"], state["best_step"] = metrics["valid_loss"], step
+                if runtime.is_main:
+                    save_policy_folder(model, tokenizer, out / "best")
+        if step % config.log_every == 0 or "valid_loss" in metrics or step == config.max_steps:
+            log.log(step, metrics)
+        if (config.save_every and step % config.save_every == 0) or step == config.select_step:
+            save(step)
+            saved_at = step
+
+        stop = False
+        if runtime.is_main and callback is not None:
+            try:
+                callback(step, config.max_steps, metrics)
+            except StopTraining:
+                stop = True
+        if runtime.broadcast_flag(stop):
+            if saved_at != step:
+                save(step)
+            log.close()
+            raise StopTraining(f"stopped at step {step}; resume with --resume (checkpoint in {out / 'checkpoints'})")
+
+    # 5. the output folder: last/, then the selected weights at the top level
+    if saved_at != state["step"]:
+        save(state["step"])
+    selected = config.select
+    if runtime.is_main:
+        save_policy_folder(model, tokenizer, out / "last")
+        source = out / "last"
+        if config.select == "best":
+            if (out / "best").is_dir():
+                source = out / "best"
+            else:
+                selected = "last"
+                logger.warning("no validation pairs, so no best checkpoint: the output holds the last weights")
+        elif config.select == "step":
+            match = [c for c in list_checkpoints(out) if c.step == config.select_step]
+            if not match:
+                raise ConfigError(f"select_step {config.select_step} was never checkpointed (save_every "
+                                  f"{config.save_every}, max_steps {config.max_steps})")
+            source = match[0].folder
+        publish_model_files(source, out)
+    runtime.barrier()
+    log.close()
+    return SFTResult(out, state["step"], train_loss, state["best_valid_loss"], state["best_step"], selected)
