@@ -10,7 +10,7 @@ FIXTURE_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / 
 
 
 def build_tiny_gpt2_base(folder: Path, extra_texts: Sequence[str] = (), *, n_embd: int = 64, n_layer: int = 2,
-                         n_positions: int = 64, vocab_size: int = 600, seed: int = 0) -> Path:
+                         n_positions: int = 64, vocab_size: int = 600, dropout: float = 0.1, seed: int = 0) -> Path:
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -30,6 +30,7 @@ def build_tiny_gpt2_base(folder: Path, extra_texts: Sequence[str] = (), *, n_emb
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=4, bos_token_id=eos, eos_token_id=eos)
+                        n_head=4, bos_token_id=eos, eos_token_id=eos, resid_pdrop=dropout,
+                        embd_pdrop=dropout, attn_pdrop=dropout)
     GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -99,6 +99,8 @@ class SFTResult:
     valid_loss: float | None
     best_step: int | None
     selected: str
+    model: object = None  # the trained model (last weights), for hosts that hand it on
+    tokenizer: object = None
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -445,4 +447,5 @@ def train_sft(
         publish_model_files(source, out)
     runtime.barrier()
     log.close()
-    return SFTResult(out, state["step"], train_loss, state["best_valid_loss"], state["best_step"], selected)
+    return SFTResult(out, state["step"], train_loss, state["best_valid_loss"], state["best_step"], selected,
+                     model.eval(), tokenizer)
