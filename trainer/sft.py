@@ -137,9 +137,10 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int) -> tuple[lis
     """Token ids of each pair as the optimizer sees it; pairs longer than `max_length` are skipped."""
     eos = tokenizer.eos_token_id
     examples, skipped = [], 0
-    for pair in pairs:
-        prompt = tokenizer(pair.source + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"]
-        target = tokenizer(" " + pair.target, add_special_tokens=False)["input_ids"] + [eos]
+    prompts = tokenizer([p.source + REPHRASE_SUFFIX for p in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    targets = tokenizer([" " + p.target for p in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    for prompt, target in zip(prompts, targets, strict=True):
+        target = target + [eos]
         if len(prompt) + len(target) > max_length:
             skipped += 1
             continue
