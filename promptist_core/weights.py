@@ -113,6 +113,11 @@ KNOWN_HUB_MODELS: dict[str, HubModel] = {
 }
 
 
+# Short names the Hub still redirects: `gpt2` is `openai-community/gpt2` (a folder named `gpt2` in a
+# models folder is found first, as `local_folder_name` of the full id).
+HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
 def downloads_allowed(allow_download: bool | None = None) -> bool:
     """Explicit argument wins; otherwise any of OFFLINE_ENV_VARS set to a true value forbids downloads."""
     if allow_download is not None:
@@ -178,6 +183,8 @@ def resolve(
     if not name or not name.strip():
         raise ValueError("model name is empty: give a folder path or a Hugging Face id like microsoft/Promptist")
     name = name.strip()
+    if name in HUB_ALIASES and not Path(name).expanduser().exists():
+        name = HUB_ALIASES[name]
     known = KNOWN_HUB_MODELS.get(name)
     required = required or (known.required if known else (("config.json",),))
     dirs = _as_dirs(models_dir)

@@ -124,3 +124,10 @@ def test_failed_download_still_says_where_to_put_the_files(tmp_path):
     assert "downloading it failed" in done.stdout
     assert str(tmp_path / "models" / "Promptist") in done.stdout
     assert not (tmp_path / "models" / "Promptist").exists()  # no empty folder left to look like a model
+
+
+def test_short_gpt2_name_is_the_hub_id_the_hub_redirects_to(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="openai-community/gpt2"):
+        resolve("gpt2", models_dir=tmp_path / "models", allow_download=False)
+    folder = make_folder(tmp_path / "models" / "gpt2")
+    assert resolve("gpt2", models_dir=tmp_path / "models", allow_download=False) == folder
