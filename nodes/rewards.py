@@ -139,11 +139,10 @@ class ScoreImages:
                ("INT", "best_index", "Index of the best image in the input batch.")]
 
     @staticmethod
-    def validate(prompt: str = "", preset: str = "promptist", **_) -> bool | str:
+    def validate(prompt: str | None = None) -> bool | str:
+        # Only `prompt`: ComfyUI checks the other inputs (ranges, the preset combo) itself.
         if isinstance(prompt, str) and not prompt.strip():
             return "prompt is empty: relevance needs the prompt the images should show"
-        if preset not in (*PRESETS, CUSTOM):
-            return f"preset must be one of {', '.join((*PRESETS, CUSTOM))}; got {preset!r}"
         return True
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodes.comfy_schema import v1_node
+from nodes.comfy_schema import v1_node, v3_validate_inputs
 from nodes.optimize import ModelLoader, OptimizePrompt
 
 
@@ -63,3 +63,23 @@ def test_loader_with_a_missing_model_says_where_to_put_it(comfy_models_dir):
 
     with pytest.raises(WeightsNotFoundError, match=str(comfy_models_dir / "nope")):
         ModelLoader.run(model_name="nope", device="cpu")
+
+
+def test_a_validator_that_names_several_inputs_is_refused():
+    # ComfyUI would skip its own checks on each of them and repeat the validator's error per input.
+    class Node:
+        NODE_ID, DISPLAY_NAME, DESCRIPTION, OUTPUTS = "N", "N", "", []
+        INPUTS = [("a", "INT", {"min": 0}), ("b", "INT", {"min": 0})]
+
+        @staticmethod
+        def run(a, b):
+            return ()
+
+        @staticmethod
+        def validate(**inputs):
+            return True
+
+    with pytest.raises(TypeError, match="exactly one input"):
+        v1_node(Node)
+    with pytest.raises(TypeError, match="exactly one input"):
+        v3_validate_inputs(Node)

@@ -6,8 +6,9 @@ import re
 
 import pytest
 import torch
+from comfy_validation import LINK, validate_node
 
-from nodes.comfy_schema import v1_node
+from nodes.comfy_schema import v1_node, v3_validate_inputs
 from nodes.dfprompt import DFPromptEncode, DFPromptToText
 from promptist_core.dfprompt import comfy_percent, schedule
 
@@ -111,6 +112,19 @@ def test_validate_returns_the_parse_error_so_the_graph_fails_before_sampling():
     assert node.VALIDATE_INPUTS(text=None) is True  # linked input: known only when the graph runs
     assert node.VALIDATE_INPUTS(text="cat, [x:0.5-2:1]").startswith("column 13: expected a range within 0-1")
     assert v1_node(DFPromptToText).VALIDATE_INPUTS(text="cat, [x") .startswith("column 6: expected a ']'")
+
+
+@pytest.mark.parametrize("api", ["v1", "v3"])
+def test_comfy_checks_every_range_and_shows_each_error_once_on_its_input(api):
+    node = v1_node(DFPromptEncode)
+    v3 = v3_validate_inputs(DFPromptEncode) if api == "v3" else None
+    errors = validate_node(node, {"clip": LINK, "text": "cat, [x:0.5-2:1]", "steps": 0}, v3_validate=v3)
+    assert [name for name, _ in errors] == ["steps", "text"]
+    assert "smaller than min of 1" in errors[0][1] and "column 13" in errors[1][1]
+    assert validate_node(node, {"clip": LINK, "text": LINK, "steps": 20}, v3_validate=v3) == []
+    errors = validate_node(v1_node(DFPromptToText), {"text": "cat, [x", "target": "a1111", "steps": -1},
+                           v3_validate=v3_validate_inputs(DFPromptToText) if api == "v3" else None)
+    assert [name for name, _ in errors] == ["steps", "text"]
 
 
 def test_schema_declares_inputs_and_says_how_boundaries_map_to_steps():
