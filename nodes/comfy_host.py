@@ -8,6 +8,7 @@ be called directly.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,12 +39,12 @@ def models_dirs() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(MODELS_KEY)]
 
 
-def list_model_folders(default: str, required_file: str = "config.json") -> list[str]:
-    """`default` first, then every sub-folder of the models folders that holds `required_file`."""
+def list_model_folders(default: str, accept: Callable[[Path], bool]) -> list[str]:
+    """`default` first, then every sub-folder of the models folders that `accept` takes."""
     names = [default]
     for d in models_dirs():
         if d.is_dir():
-            names += sorted(p.name for p in d.iterdir() if (p / required_file).is_file() and p.name not in names)
+            names += sorted(p.name for p in d.iterdir() if p.is_dir() and p.name not in names and accept(p))
     return names
 
 

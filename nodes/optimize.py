@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from promptist_core.devices import DEVICE_CHOICES, pick_dtype
-from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer
+from promptist_core.optimizer import MODES, PromptOptimizer, causal_lm_problem, load_optimizer
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
 from .comfy_host import ManagedModel, list_model_folders, load_device, managed, models_dirs, step_progress
@@ -39,9 +39,9 @@ class ModelLoader:
     def inputs(cls):
         # A method, not a constant: the folder list is read again each time the UI asks.
         return [
-            ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL),
+            ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL, lambda p: causal_lm_problem(p) is None),
              {"default": DEFAULT_OPTIMIZER_MODEL,
-              "tooltip": "A folder in models/promptist, or microsoft/Promptist (from models/promptist/Promptist, "
+              "tooltip": "A causal-LM folder in models/promptist, or microsoft/Promptist (from models/promptist/Promptist, "
                          "the Hugging Face cache, or downloaded once unless offline)."}),
             ("device", list(DEVICE_CHOICES),
              {"default": "auto",

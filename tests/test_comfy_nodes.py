@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nodes.comfy_schema import v1_node, v3_validate_inputs
@@ -21,6 +23,20 @@ def test_loader_lists_model_folders_and_the_default(comfy_models_dir):
     assert names == ["microsoft/Promptist", "tiny-promptist"]
     assert options["default"] == "microsoft/Promptist"
     assert inputs["device"][0] == ["auto", "gpu", "cpu"]
+
+
+def test_loader_lists_causal_lm_folders_only(tiny_promptist_dir, tmp_path, monkeypatch):
+    (tmp_path / "tiny-promptist").symlink_to(tiny_promptist_dir / "tiny-promptist")
+    for name, config in {"clip-vit-large-patch14": {"model_type": "clip", "architectures": ["CLIPModel"]},
+                         "PickScore_v1": {"model_type": "clip"},
+                         "reward-gpt2": {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"]},
+                         "my-policy": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "no-config").mkdir()
+    monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tmp_path))
+    names = v1_node(ModelLoader).INPUT_TYPES()["required"]["model_name"][0]
+    assert names == ["microsoft/Promptist", "my-policy", "tiny-promptist"]
 
 
 def test_v1_schema_declares_types_names_and_tooltips():

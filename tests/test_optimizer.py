@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -142,6 +144,20 @@ def test_optimizer_is_loaded_once_and_reused(tiny_promptist_dir, tiny_optimizer)
 def test_model_folder_given_as_a_path_loads(tiny_promptist_dir):
     optimizer = load_optimizer(str(tiny_promptist_dir / "tiny-promptist"), device="cpu")
     assert optimizer("a cat")[0].prompt
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "clip", "architectures": ["CLIPModel"]},  # a CLIP or PickScore folder in models/promptist
+    {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"]},
+])
+def test_a_folder_that_is_no_causal_lm_is_a_one_line_error(tmp_path, config):
+    (tmp_path / "not-a-policy").mkdir()
+    (tmp_path / "not-a-policy" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as error:
+        load_optimizer("not-a-policy", models_dir=tmp_path, device="cpu")
+    message = str(error.value)
+    assert "\n" not in message and "not a causal language model" in message
+    assert str(tmp_path / "not-a-policy") in message and repr(config["model_type"]) in message
 
 
 def test_cpu_runs_in_float32(tiny_optimizer):
