@@ -72,8 +72,11 @@ class OptimizePrompt:
                                           "search, one beam per group. sample: top-k/top-p with the seed."}),
         ("candidates", "INT", {"default": 1, "min": 1, "max": 16, "step": 1,
                                "tooltip": "How many rewrites to return, best first."}),
-        ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True,
-                         "tooltip": "Used by sample mode only; the same seed gives the same rewrites."}),
+        # No "randomize after each run" control (the frontend adds one to any input named seed unless told
+        # False): beam and diverse ignore the seed, and a changed seed would re-run this node and the graph.
+        ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                         "tooltip": "sample mode only: the same seed gives the same rewrites; change it for "
+                                    "new ones. beam and diverse ignore it."}),
         ("max_new_tokens", "INT", {"default": 75, "min": 1, "max": 256, "step": 1,
                                    "tooltip": "Longest rewrite, in GPT-2 tokens (the paper uses 75)."}),
         ("trim_to_clip", "BOOLEAN", {"default": False,

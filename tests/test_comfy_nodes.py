@@ -51,6 +51,14 @@ def test_v1_schema_declares_types_names_and_tooltips():
     assert all("tooltip" in spec[1] for spec in required.values())
 
 
+def test_the_seed_stays_fixed_between_runs():
+    # The frontend adds a control that re-randomises an input named seed after every run unless the input
+    # says control_after_generate False; that would re-run the node even in beam mode, which ignores it.
+    seed = v1_node(OptimizePrompt).INPUT_TYPES()["required"]["seed"][1]
+    assert seed["control_after_generate"] is False
+    assert "sample mode only" in seed["tooltip"]
+
+
 def test_loader_then_optimize_node_rewrites_the_prompt(comfy_models_dir, tiny_optimizer):
     (model,) = v1_node(ModelLoader)().run(model_name="tiny-promptist", device="cpu")
     assert model.optimizer is tiny_optimizer  # the module-level cache is shared with the core
