@@ -53,7 +53,7 @@ class ModelLoader:
         compute = load_device() if device != "cpu" else torch.device("cpu")
         # Load on the CPU in the compute dtype; ComfyUI's memory manager moves it when it is used.
         optimizer = load_optimizer(model_name, models_dir=models_dirs(), device="cpu", dtype=pick_dtype(compute))
-        return (LoadedOptimizer(optimizer, managed(optimizer.model, compute)),)
+        return (LoadedOptimizer(optimizer, managed(optimizer.model, compute, "PromptistPolicy")),)
 
 
 class OptimizePrompt:

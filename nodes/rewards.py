@@ -99,9 +99,9 @@ class RewardModelLoader:
         dtype = pick_dtype(compute)
         scorer = load_scorer(clip_model, aesthetic_head, pick_model=None if pick_model == NO_PICK else pick_model,
                              models_dir=dirs, device="cpu", dtype=dtype)
-        handles = [managed(scorer.clip.module, compute)]
+        handles = [managed(scorer.clip.module, compute, "PromptistRewardCLIP")]
         if scorer.pick is not None:
-            handles.append(managed(scorer.pick.module, compute))
+            handles.append(managed(scorer.pick.module, compute, "PromptistPickScore"))
         return (LoadedRewardModel(scorer, handles),)
 
 

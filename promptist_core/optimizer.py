@@ -25,6 +25,7 @@ import torch
 
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .devices import pick_device, pick_dtype
+from .quiet import no_progress_bars
 from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, resolve, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -248,10 +249,10 @@ class PromptOptimizer:
         if self.cache_implementation in (None, "dynamic"):
             return {}
         if self.cache_implementation == "beam":
-            from .beam_cache import make_beam_cache
+            from .beam_cache import cache_keyword, make_beam_cache
 
             cache = make_beam_cache(self.model, max_new_tokens)
-            return {} if cache is None else {"past_key_values": cache}
+            return {} if cache is None else {cache_keyword(self.model): cache}
         return {"cache_implementation": self.cache_implementation}
 
     def _generate(self, batch: list[list[int]], *, mode, candidates, num_beams, max_new_tokens, length_penalty,
@@ -357,7 +358,8 @@ def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: tor
 
     logger.info("loading prompt optimizer %s from %s (%s, %s)", name, folder, device, dtype)
     # transformers loads safetensors, or .bin with torch.load(weights_only=True): no arbitrary unpickling.
-    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
+    with no_progress_bars():  # one "Loading weights" bar per load is noise in a host's log
+        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
     model.to(device=device, dtype=dtype)
     tokenizer = load_tokenizer(tokenizer_folder)
     return PromptOptimizer(model, tokenizer, name=name)

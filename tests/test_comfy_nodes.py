@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -107,3 +109,21 @@ def test_a_validator_that_names_several_inputs_is_refused():
         v1_node(Node)
     with pytest.raises(TypeError, match="exactly one input"):
         v3_validate_inputs(Node)
+
+
+def test_comfys_log_names_the_policy_it_loads(comfy_models_dir, monkeypatch):
+    # ComfyUI logs "Requested to load <class of the model handed to ModelPatcher>" on every run.
+    from nodes import comfy_host
+
+    handed = []
+    patcher = types.ModuleType("comfy.model_patcher")
+    patcher.ModelPatcher = lambda model, load_device, offload_device: handed.append(model)
+    comfy = types.ModuleType("comfy")
+    comfy.model_patcher = patcher
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher)
+    monkeypatch.setattr(comfy_host, "model_management", types.SimpleNamespace(text_encoder_offload_device=lambda: "cpu"))
+    monkeypatch.setattr(comfy_host, "_MANAGED", {})
+    (model,) = ModelLoader.run(model_name="tiny-promptist", device="cpu")
+    assert [type(h).__name__ for h in handed] == ["PromptistPolicy"]
+    assert handed[0].module is model.optimizer.model
