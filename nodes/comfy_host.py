@@ -8,6 +8,7 @@ be called directly.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,12 +39,12 @@ def models_dirs() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(MODELS_KEY)]
 
 
-def list_model_folders(default: str, required_file: str = "config.json") -> list[str]:
-    """`default` first, then every sub-folder of the models folders that holds `required_file`."""
+def list_model_folders(default: str, accept: Callable[[Path], bool]) -> list[str]:
+    """`default` first, then every sub-folder of the models folders that `accept` takes."""
     names = [default]
     for d in models_dirs():
         if d.is_dir():
-            names += sorted(p.name for p in d.iterdir() if (p / required_file).is_file() and p.name not in names)
+            names += sorted(p.name for p in d.iterdir() if p.is_dir() and p.name not in names and accept(p))
     return names
 
 
@@ -71,16 +72,27 @@ class _Holder(torch.nn.Module):
         self.device = next(module.parameters()).device
 
 
+# ComfyUI logs "Requested to load <class name>" for every load: one named holder class per kind of model.
+_HOLDER_CLASSES: dict[str, type] = {}
+
+
+def holder_class(name: str) -> type:
+    """The `_Holder` subclass called `name` (what ComfyUI's log shows), e.g. PromptistPolicy."""
+    if name not in _HOLDER_CLASSES:
+        _HOLDER_CLASSES[name] = type(name, (_Holder,), {"__doc__": _Holder.__doc__})
+    return _HOLDER_CLASSES[name]
+
+
 class ManagedModel:
     """A torch module handed to ComfyUI's memory manager, so it can be offloaded when VRAM is short."""
 
-    def __init__(self, module, on_device):
+    def __init__(self, module, on_device, name: str):
         self.module = module
         self.patcher = None
         if model_management is not None:
             import comfy.model_patcher
 
-            self.patcher = comfy.model_patcher.ModelPatcher(_Holder(module), load_device=on_device,
+            self.patcher = comfy.model_patcher.ModelPatcher(holder_class(name)(module), load_device=on_device,
                                                             offload_device=offload_device())
 
     def load(self) -> None:
@@ -93,10 +105,11 @@ class ManagedModel:
 _MANAGED: dict[int, ManagedModel] = {}
 
 
-def managed(module: torch.nn.Module, on_device: torch.device) -> ManagedModel:
-    """The one ManagedModel of `module` (models are cached by the core, so their handles are too)."""
+def managed(module: torch.nn.Module, on_device: torch.device, name: str) -> ManagedModel:
+    """The one ManagedModel of `module` (models are cached by the core, so their handles are too).
+    `name` is what ComfyUI's log calls it ("Requested to load PromptistPolicy")."""
     if id(module) not in _MANAGED:
-        _MANAGED[id(module)] = ManagedModel(module, on_device)
+        _MANAGED[id(module)] = ManagedModel(module, on_device, name)
     return _MANAGED[id(module)]
 
 

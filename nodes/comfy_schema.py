@@ -54,6 +54,7 @@ def _v1_class(spec: type) -> type:
         "SPEC": spec,
     }
     if hasattr(spec, "validate"):
+        _validated_input(spec)
         attrs["VALIDATE_INPUTS"] = staticmethod(spec.validate)
     return type(spec.NODE_ID, (), attrs)
 
@@ -93,16 +94,36 @@ def _v3_class(spec: type) -> type:
     attrs = {"__doc__": spec.__doc__, "define_schema": classmethod(define_schema),
              "execute": classmethod(execute), "SPEC": spec}
     if hasattr(spec, "validate"):
-        attrs["validate_inputs"] = classmethod(lambda cls, **inputs: spec.validate(**_accepted(spec.validate, inputs)))
+        attrs["validate_inputs"] = v3_validate_inputs(spec)
     return type(spec.NODE_ID, (comfy_io.ComfyNode,), attrs)
 
 
-def _accepted(function, inputs: dict) -> dict:
-    """The inputs `function` takes by name (the V3 executor offers every input to `validate_inputs`)."""
-    params = inspect.signature(function).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return inputs
-    return {k: v for k, v in inputs.items() if k in params}
+def _validated_input(spec: type) -> str:
+    """The one input `spec.validate` checks. ComfyUI's executor (execution.py `validate_inputs`) reads the
+    validator's parameter names: every input named there, or all of them with **kwargs, skips ComfyUI's
+    own min/max/combo checks, and a failure is reported once per named input. So a validator takes
+    exactly one input, by name."""
+    params = list(inspect.signature(spec.validate).parameters.values())
+    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_OR_KEYWORD, params[0].KEYWORD_ONLY):
+        raise TypeError(f"{spec.__name__}.validate must take exactly one input by name, got "
+                        f"{inspect.signature(spec.validate)}: ComfyUI skips its own checks on every input a "
+                        "validator names and repeats the error once per input")
+    return params[0].name
+
+
+def v3_validate_inputs(spec: type) -> classmethod:
+    """V3's `validate_inputs` for `spec`: a classmethod whose signature is `(cls, <the validated input>)`,
+    not `(cls, **inputs)` (see `_validated_input`). ComfyUI inspects it with `getfullargspec`, which reads
+    `__signature__`."""
+    name = _validated_input(spec)
+
+    def validate_inputs(cls, **inputs):
+        return spec.validate(**inputs)
+
+    validate_inputs.__signature__ = inspect.Signature(
+        [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)])
+    return classmethod(validate_inputs)
 
 
 def comfy_node(spec: type) -> type:

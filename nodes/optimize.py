@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from promptist_core.devices import DEVICE_CHOICES, pick_dtype
-from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer
+from promptist_core.optimizer import MODES, PromptOptimizer, causal_lm_problem, load_optimizer
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
 from .comfy_host import ManagedModel, list_model_folders, load_device, managed, models_dirs, step_progress
@@ -39,9 +39,9 @@ class ModelLoader:
     def inputs(cls):
         # A method, not a constant: the folder list is read again each time the UI asks.
         return [
-            ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL),
+            ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL, lambda p: causal_lm_problem(p) is None),
              {"default": DEFAULT_OPTIMIZER_MODEL,
-              "tooltip": "A folder in models/promptist, or microsoft/Promptist (from models/promptist/Promptist, "
+              "tooltip": "A causal-LM folder in models/promptist, or microsoft/Promptist (from models/promptist/Promptist, "
                          "the Hugging Face cache, or downloaded once unless offline)."}),
             ("device", list(DEVICE_CHOICES),
              {"default": "auto",
@@ -53,7 +53,7 @@ class ModelLoader:
         compute = load_device() if device != "cpu" else torch.device("cpu")
         # Load on the CPU in the compute dtype; ComfyUI's memory manager moves it when it is used.
         optimizer = load_optimizer(model_name, models_dir=models_dirs(), device="cpu", dtype=pick_dtype(compute))
-        return (LoadedOptimizer(optimizer, managed(optimizer.model, compute)),)
+        return (LoadedOptimizer(optimizer, managed(optimizer.model, compute, "PromptistPolicy")),)
 
 
 class OptimizePrompt:
@@ -72,8 +72,11 @@ class OptimizePrompt:
                                           "search, one beam per group. sample: top-k/top-p with the seed."}),
         ("candidates", "INT", {"default": 1, "min": 1, "max": 16, "step": 1,
                                "tooltip": "How many rewrites to return, best first."}),
-        ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True,
-                         "tooltip": "Used by sample mode only; the same seed gives the same rewrites."}),
+        # No "randomize after each run" control (the frontend adds one to any input named seed unless told
+        # False): beam and diverse ignore the seed, and a changed seed would re-run this node and the graph.
+        ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                         "tooltip": "sample mode only: the same seed gives the same rewrites; change it for "
+                                    "new ones. beam and diverse ignore it."}),
         ("max_new_tokens", "INT", {"default": 75, "min": 1, "max": 256, "step": 1,
                                    "tooltip": "Longest rewrite, in GPT-2 tokens (the paper uses 75)."}),
         ("trim_to_clip", "BOOLEAN", {"default": False,

@@ -99,9 +99,9 @@ class RewardModelLoader:
         dtype = pick_dtype(compute)
         scorer = load_scorer(clip_model, aesthetic_head, pick_model=None if pick_model == NO_PICK else pick_model,
                              models_dir=dirs, device="cpu", dtype=dtype)
-        handles = [managed(scorer.clip.module, compute)]
+        handles = [managed(scorer.clip.module, compute, "PromptistRewardCLIP")]
         if scorer.pick is not None:
-            handles.append(managed(scorer.pick.module, compute))
+            handles.append(managed(scorer.pick.module, compute, "PromptistPickScore"))
         return (LoadedRewardModel(scorer, handles),)
 
 
@@ -139,11 +139,10 @@ class ScoreImages:
                ("INT", "best_index", "Index of the best image in the input batch.")]
 
     @staticmethod
-    def validate(prompt: str = "", preset: str = "promptist", **_) -> bool | str:
+    def validate(prompt: str | None = None) -> bool | str:
+        # Only `prompt`: ComfyUI checks the other inputs (ranges, the preset combo) itself.
         if isinstance(prompt, str) and not prompt.strip():
             return "prompt is empty: relevance needs the prompt the images should show"
-        if preset not in (*PRESETS, CUSTOM):
-            return f"preset must be one of {', '.join((*PRESETS, CUSTOM))}; got {preset!r}"
         return True
 
     @staticmethod

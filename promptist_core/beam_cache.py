@@ -31,6 +31,19 @@ except ImportError:  # transformers 4.x without cache layers: nothing to subclas
     Cache = DynamicCache = DynamicLayer = None
 
 
+def cache_keyword(model) -> str:
+    """The keyword `model.forward` and `generate` take a KV cache by: `cache` in recent transformers 5
+    releases, where `past_key_values` still works but warns (a FutureWarning on every call); before that,
+    `past_key_values`. Feature test on the signature, no versions."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned (`output.cache`, or `output.past_key_values` before the rename)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def layer_api_available() -> bool:
     """True when transformers has the per-layer cache API this module builds on (feature test, no versions)."""
     if DynamicLayer is None or DynamicCache is None:

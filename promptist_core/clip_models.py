@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import pick_device, pick_dtype
+from .quiet import no_progress_bars
 from .weights import (
     KNOWN_HUB_MODELS,
     WeightsNotFoundError,
@@ -357,7 +358,8 @@ def _load_transformers(path: Path, tokenizer_folder: Path, name: str) -> HFClipE
     from transformers import CLIPModel
 
     # safetensors, or .bin via torch.load(weights_only=True): never arbitrary unpickling.
-    model = CLIPModel.from_pretrained(str(path))
+    with no_progress_bars():
+        model = CLIPModel.from_pretrained(str(path))
     tokenizer = load_tokenizer(tokenizer_folder)
     size, mean, std = model.config.vision_config.image_size, OPENAI_MEAN, OPENAI_STD
     for folder in (path, tokenizer_folder):

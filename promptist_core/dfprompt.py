@@ -9,7 +9,8 @@ untouched, A1111-style `(word:1.2)` included. `\\[` and `\\]` are literal bracke
 the character after it (the webui's rule), so every unescaped `[` opens a DF block.
 
 This module is pure Python (no torch): the grammar (`parse`, `format_prompt`), the schedule (`schedule`:
-PAE's step rule, merged into segments) and the text renderers for hosts (`to_a1111`, `to_plain`). The
+PAE's step rule, merged into segments; `percent_schedule`: the ranges as fractions of sampling, for hosts
+that switch by percent without knowing the step count) and the text renderers for hosts (`to_a1111`, `to_plain`). The
 diffusers renderer is `render_diffusers`; the ComfyUI node is `nodes/dfprompt.py`.
 
     >>> segments = schedule("a horse, [anime:0-1:1.5], [detailed:0.5-1:1.25]", 20)
@@ -81,22 +82,14 @@ class DFPrompt:
         return "".join(p if isinstance(p, str) else p.format() for p in self.parts)
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Consecutive steps with the same active modifiers: what the model sees from first_step to last_step.
+class _SegmentText:
+    """The text of a segment, shared by step and percent segments.
 
-    `chunks` is the step's text split by weight: (text, weight) pairs with the escapes kept; plain text
+    `chunks` is the text split by weight: (text, weight) pairs with the escapes kept; plain text
     has weight 1.0, and adjacent chunks of equal weight are merged. Inactive modifiers are absent.
     """
 
-    first_step: int  # 0-based, inclusive
-    last_step: int  # inclusive
     chunks: tuple[tuple[str, float], ...]
-    active: tuple[Modifier, ...]
-
-    @property
-    def num_steps(self) -> int:
-        return self.last_step - self.first_step + 1
 
     @property
     def text(self) -> str:
@@ -117,11 +110,36 @@ class Segment:
             out.append(t if w == 1.0 else f"({t}:{format_number(w)})")
         return "".join(out)
 
+
+@dataclass(frozen=True)
+class Segment(_SegmentText):
+    """Consecutive steps with the same active modifiers: what the model sees from first_step to last_step."""
+
+    first_step: int  # 0-based, inclusive
+    last_step: int  # inclusive
+    chunks: tuple[tuple[str, float], ...]
+    active: tuple[Modifier, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return self.last_step - self.first_step + 1
+
     def to_dict(self) -> dict:
         return {"first_step": self.first_step, "last_step": self.last_step, "text": self.text,
                 "weighted_text": self.weighted_text("comfy"),
                 "chunks": [[unescape(t), w] for t, w in self.chunks],
                 "active": [m.format() for m in self.active]}
+
+
+@dataclass(frozen=True)
+class PercentSegment(_SegmentText):
+    """A part of sampling with the same active modifiers, as fractions of sampling: 0 = its start (noise
+    level 1), 1 = its end. A modifier with PAE range a-b is active from 1-b to 1-a."""
+
+    start_percent: float
+    end_percent: float
+    chunks: tuple[tuple[str, float], ...]
+    active: tuple[Modifier, ...]
 
 
 def format_number(x: float) -> str:
@@ -265,17 +283,40 @@ def schedule(prompt: DFPrompt | str, num_steps: int) -> list[Segment]:
         if segments and segments[-1].active == active:
             segments[-1] = Segment(segments[-1].first_step, i, segments[-1].chunks, active)
             continue
-        chunks: list[tuple[str, float]] = []
-        for part in prompt.parts:
-            if isinstance(part, Modifier) and part not in active:
-                continue  # removed from the text of this step, not merely weighted to 0
-            t, w = (part, 1.0) if isinstance(part, str) else (part.text, part.weight)
-            if chunks and chunks[-1][1] == w:
-                chunks[-1] = (chunks[-1][0] + t, w)
-            else:
-                chunks.append((t, w))
-        segments.append(Segment(i, i, tuple(chunks), active))
+        segments.append(Segment(i, i, _chunks(prompt, active), active))
     return segments
+
+
+def percent_schedule(prompt: DFPrompt | str) -> list[PercentSegment]:
+    """The segments of a DF-Prompt as fractions of sampling, for hosts that switch prompts by percent and
+    do not know the step count (ComfyUI's start_percent/end_percent). No step rounding: `schedule` is
+    PAE's exact step rule, this is the ranges themselves (a-b -> from 1-b to 1-a)."""
+    prompt = _as_prompt(prompt)
+    # round(): 1 - 0.85 is 0.15000000000000002, and equal boundaries must meet.
+    spans = {m: (round(1 - m.end, 12), round(1 - m.start, 12)) for m in prompt.modifiers}
+    points = sorted({0.0, 1.0, *(p for span in spans.values() for p in span)})
+    segments: list[PercentSegment] = []
+    for lo, hi in zip(points, points[1:], strict=False):
+        active = tuple(m for m in prompt.modifiers if spans[m][0] <= lo and hi <= spans[m][1])
+        if segments and segments[-1].active == active:
+            last = segments[-1]
+            segments[-1] = PercentSegment(last.start_percent, hi, last.chunks, active)
+            continue
+        segments.append(PercentSegment(lo, hi, _chunks(prompt, active), active))
+    return segments
+
+
+def _chunks(prompt: DFPrompt, active: tuple[Modifier, ...]) -> tuple[tuple[str, float], ...]:
+    chunks: list[tuple[str, float]] = []
+    for part in prompt.parts:
+        if isinstance(part, Modifier) and part not in active:
+            continue  # removed from the text of this segment, not merely weighted to 0
+        t, w = (part, 1.0) if isinstance(part, str) else (part.text, part.weight)
+        if chunks and chunks[-1][1] == w:
+            chunks[-1] = (chunks[-1][0] + t, w)
+        else:
+            chunks.append((t, w))
+    return tuple(chunks)
 
 
 def step_texts(prompt: DFPrompt | str, num_steps: int, *, style: str = "a1111") -> list[str]:
@@ -298,6 +339,21 @@ def comfy_percent(step: int, num_steps: int) -> float:
         return 1.0
     delta = ((n - 1 - step) / 999 + (n - step) / (n - 1)) / 2
     return (step - delta) / n
+
+
+# How much earlier than the range says a percent-mode switch happens, as a fraction of sampling.
+COMFY_SWITCH_EARLIER = 1e-4
+
+
+def comfy_switch_percent(p: float) -> float:
+    """ComfyUI's start/end percent for a percent-mode switch at fraction `p` of sampling.
+
+    ComfyUI keeps an entry while end_sigma <= sigma <= start_sigma, both ends inclusive, so a step whose
+    sigma falls exactly on the switch (p = i/N with the sgm_uniform scheduler, for example) would get both
+    neighbouring entries. Moving the switch 0.0001 earlier gives such a step to the later segment alone,
+    as PAE's step rule does. The shift is a hundredth of a step at 100 steps.
+    """
+    return p if p <= 0 or p >= 1 else p - COMFY_SWITCH_EARLIER
 
 
 def _a1111_modifier(m: Modifier, num_steps: int | None, first_pass_steps: int | None) -> str:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .beam_cache import cache_keyword, output_cache
+
 StepCallback = Callable[[int, int], None]
 
 
@@ -196,7 +198,7 @@ def diverse_beam_search(
         forward_kwargs["logits_to_keep"] = 1
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, **forward_kwargs)
-    cache = _repeat_cache(out.past_key_values, num_beams)
+    cache = _repeat_cache(output_cache(out), num_beams)
     next_logits = out.logits[:, -1, :].float().repeat_interleave(num_beams, dim=0)  # [B*NB, V]
     del out
     sequences = input_ids.repeat_interleave(num_beams, dim=0)  # [B*NB, T]
@@ -279,8 +281,8 @@ def diverse_beam_search(
         cache = _reorder_cache(cache, reorder)  # one index_select per layer, all groups at once
         beam_mask = torch.cat([beam_mask, beam_mask.new_ones((beam_mask.shape[0], 1))], dim=-1)
         out = model(input_ids=tokens.view(-1, 1), attention_mask=beam_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True, **forward_kwargs)
-        cache = out.past_key_values
+                    use_cache=True, **{cache_keyword(model): cache}, **forward_kwargs)
+        cache = output_cache(out)
         next_logits = out.logits[:, -1, :].float()
         del out
         next_position = next_position + 1

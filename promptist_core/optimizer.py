@@ -14,6 +14,7 @@ guard. Example (runs on any GPT-2 folder):
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ import torch
 
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .devices import pick_device, pick_dtype
+from .quiet import no_progress_bars
 from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, resolve, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -247,10 +249,10 @@ class PromptOptimizer:
         if self.cache_implementation in (None, "dynamic"):
             return {}
         if self.cache_implementation == "beam":
-            from .beam_cache import make_beam_cache
+            from .beam_cache import cache_keyword, make_beam_cache
 
             cache = make_beam_cache(self.model, max_new_tokens)
-            return {} if cache is None else {"past_key_values": cache}
+            return {} if cache is None else {cache_keyword(self.model): cache}
         return {"cache_implementation": self.cache_implementation}
 
     def _generate(self, batch: list[list[int]], *, mode, candidates, num_beams, max_new_tokens, length_penalty,
@@ -313,6 +315,9 @@ def load_optimizer(
 ) -> PromptOptimizer:
     """Resolve `name` to files (weights.resolve), load the policy once, and reuse it across calls."""
     folder = resolve(name, models_dir=models_dir, allow_download=allow_download)
+    problem = causal_lm_problem(folder)
+    if problem:
+        raise ValueError(problem)
     tokenizer_folder = resolve_tokenizer(folder, name, models_dir=models_dir, allow_download=allow_download)
     target = pick_device(device)
     torch_dtype = pick_dtype(target, dtype)
@@ -323,13 +328,38 @@ def load_optimizer(
         return _CACHE[key]
 
 
+def causal_lm_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be a policy, in one line, or None. AutoModelForCausalLM takes only the model
+    types of transformers' causal-LM mapping; for any other folder (a CLIP, PickScore) it raises a page
+    listing every model type it knows. Hosts also use this to list policy folders only."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{folder} has no config.json: not a transformers model folder"
+    except (OSError, ValueError) as e:
+        return f"{Path(folder) / 'config.json'} cannot be read: {e}"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    architectures = (config.get("architectures") if isinstance(config, dict) else None) or []
+    heads = ("CausalLM", "LMHead", "ConditionalGeneration")
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+            not architectures or any(h in a for a in architectures for h in heads)):
+        return None
+    found = f"model_type {model_type!r}" + (f", architectures {', '.join(map(str, architectures))}"
+                                            if architectures else "")
+    return (f"{folder} is not a causal language model ({found}): a prompt optimizer policy is a GPT-2-style "
+            "causal LM folder such as microsoft/Promptist")
+
+
 def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: torch.dtype,
           name: str) -> PromptOptimizer:
     from transformers import AutoModelForCausalLM
 
     logger.info("loading prompt optimizer %s from %s (%s, %s)", name, folder, device, dtype)
     # transformers loads safetensors, or .bin with torch.load(weights_only=True): no arbitrary unpickling.
-    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
+    with no_progress_bars():  # one "Loading weights" bar per load is noise in a host's log
+        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
     model.to(device=device, dtype=dtype)
     tokenizer = load_tokenizer(tokenizer_folder)
     return PromptOptimizer(model, tokenizer, name=name)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import types
+
 import pytest
 
-from nodes.comfy_schema import v1_node
+from nodes.comfy_schema import v1_node, v3_validate_inputs
 from nodes.optimize import ModelLoader, OptimizePrompt
 
 
@@ -23,6 +27,20 @@ def test_loader_lists_model_folders_and_the_default(comfy_models_dir):
     assert inputs["device"][0] == ["auto", "gpu", "cpu"]
 
 
+def test_loader_lists_causal_lm_folders_only(tiny_promptist_dir, tmp_path, monkeypatch):
+    (tmp_path / "tiny-promptist").symlink_to(tiny_promptist_dir / "tiny-promptist")
+    for name, config in {"clip-vit-large-patch14": {"model_type": "clip", "architectures": ["CLIPModel"]},
+                         "PickScore_v1": {"model_type": "clip"},
+                         "reward-gpt2": {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"]},
+                         "my-policy": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "no-config").mkdir()
+    monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tmp_path))
+    names = v1_node(ModelLoader).INPUT_TYPES()["required"]["model_name"][0]
+    assert names == ["microsoft/Promptist", "my-policy", "tiny-promptist"]
+
+
 def test_v1_schema_declares_types_names_and_tooltips():
     node = v1_node(OptimizePrompt)
     assert node.RETURN_TYPES == ("STRING", "STRING")
@@ -33,6 +51,14 @@ def test_v1_schema_declares_types_names_and_tooltips():
     assert required["mode"][0] == ["beam", "diverse", "sample"]
     assert required["candidates"][1]["min"] == 1 and required["candidates"][1]["max"] == 16
     assert all("tooltip" in spec[1] for spec in required.values())
+
+
+def test_the_seed_stays_fixed_between_runs():
+    # The frontend adds a control that re-randomises an input named seed after every run unless the input
+    # says control_after_generate False; that would re-run the node even in beam mode, which ignores it.
+    seed = v1_node(OptimizePrompt).INPUT_TYPES()["required"]["seed"][1]
+    assert seed["control_after_generate"] is False
+    assert "sample mode only" in seed["tooltip"]
 
 
 def test_loader_then_optimize_node_rewrites_the_prompt(comfy_models_dir, tiny_optimizer):
@@ -63,3 +89,41 @@ def test_loader_with_a_missing_model_says_where_to_put_it(comfy_models_dir):
 
     with pytest.raises(WeightsNotFoundError, match=str(comfy_models_dir / "nope")):
         ModelLoader.run(model_name="nope", device="cpu")
+
+
+def test_a_validator_that_names_several_inputs_is_refused():
+    # ComfyUI would skip its own checks on each of them and repeat the validator's error per input.
+    class Node:
+        NODE_ID, DISPLAY_NAME, DESCRIPTION, OUTPUTS = "N", "N", "", []
+        INPUTS = [("a", "INT", {"min": 0}), ("b", "INT", {"min": 0})]
+
+        @staticmethod
+        def run(a, b):
+            return ()
+
+        @staticmethod
+        def validate(**inputs):
+            return True
+
+    with pytest.raises(TypeError, match="exactly one input"):
+        v1_node(Node)
+    with pytest.raises(TypeError, match="exactly one input"):
+        v3_validate_inputs(Node)
+
+
+def test_comfys_log_names_the_policy_it_loads(comfy_models_dir, monkeypatch):
+    # ComfyUI logs "Requested to load <class of the model handed to ModelPatcher>" on every run.
+    from nodes import comfy_host
+
+    handed = []
+    patcher = types.ModuleType("comfy.model_patcher")
+    patcher.ModelPatcher = lambda model, load_device, offload_device: handed.append(model)
+    comfy = types.ModuleType("comfy")
+    comfy.model_patcher = patcher
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher)
+    monkeypatch.setattr(comfy_host, "model_management", types.SimpleNamespace(text_encoder_offload_device=lambda: "cpu"))
+    monkeypatch.setattr(comfy_host, "_MANAGED", {})
+    (model,) = ModelLoader.run(model_name="tiny-promptist", device="cpu")
+    assert [type(h).__name__ for h in handed] == ["PromptistPolicy"]
+    assert handed[0].module is model.optimizer.model

@@ -15,6 +15,7 @@ from promptist_core.dfprompt import (
     Modifier,
     format_prompt,
     parse,
+    percent_schedule,
     schedule,
     to_a1111,
     to_plain,
@@ -165,6 +166,26 @@ def test_pae_ranges_cover_first_half_second_half_and_all_steps():
         (10, 19, "cat, (a:1.5), , (c:0.75)"),
     ]
     assert segments[1].text == "cat, a, , c"
+
+
+def test_percent_schedule_maps_a_range_a_b_to_sampling_percents_1_minus_b_to_1_minus_a():
+    mods = [Modifier(f"m{k}", a, b, 1.0 + (k + 1) / 8) for k, (a, b) in enumerate(RANGES)]
+    prompt = df.DFPrompt(tuple(x for m in mods for x in ("x, ", m)))
+    segments = percent_schedule(prompt)
+    assert segments[0].start_percent == 0.0 and segments[-1].end_percent == 1.0
+    for prev, seg in zip(segments, segments[1:], strict=False):
+        assert seg.start_percent == prev.end_percent and seg.active != prev.active  # no gaps, merged maximally
+    for seg in segments:
+        assert seg.start_percent < seg.end_percent
+        middle = (seg.start_percent + seg.end_percent) / 2
+        assert [m for m in mods if 1 - m.end < middle < 1 - m.start] == list(seg.active)
+        for m in mods:
+            assert ((m.text, m.weight) in seg.chunks) == (m in seg.active)
+    detailed = percent_schedule(EXAMPLE)
+    assert [(s.start_percent, s.end_percent, s.weighted_text()) for s in detailed] == [
+        (0.0, 0.15, "a red horse on the grass, (anime:1.5), detailed"),
+        (0.15, 1.0, "a red horse on the grass, (anime:1.5), "),
+    ]
 
 
 def test_schedule_rejects_a_bad_step_count():

@@ -6,10 +6,11 @@ import re
 
 import pytest
 import torch
+from comfy_validation import LINK, validate_node
 
-from nodes.comfy_schema import v1_node
+from nodes.comfy_schema import v1_node, v3_validate_inputs
 from nodes.dfprompt import DFPromptEncode, DFPromptToText
-from promptist_core.dfprompt import comfy_percent, schedule
+from promptist_core.dfprompt import comfy_percent, comfy_switch_percent, percent_schedule, schedule
 
 PROMPT = "a red horse, [anime:0-1:1.5], [detailed:0.5-1:1.25], [sharp:0-0.5:0.75]"
 
@@ -73,7 +74,7 @@ def clip(tiny_sd_dir):
 
 def test_encode_node_gives_one_entry_per_segment_with_its_timestep_range(clip):
     steps = 20
-    (conditioning,) = v1_node(DFPromptEncode)().run(clip=clip, text=PROMPT, steps=steps)
+    (conditioning,) = v1_node(DFPromptEncode)().run(clip=clip, text=PROMPT, timing="steps", steps=steps)
     segments = schedule(PROMPT, steps)
     assert len(conditioning) == len(segments) == 2
     for (cond, extras), seg in zip(conditioning, segments, strict=True):
@@ -84,6 +85,23 @@ def test_encode_node_gives_one_entry_per_segment_with_its_timestep_range(clip):
         assert "pooled_output" in extras
     assert conditioning[0][1]["start_percent"] == 0.0 and conditioning[-1][1]["end_percent"] == 1.0
     assert conditioning[0][1]["end_percent"] == conditioning[1][1]["start_percent"]
+
+
+def test_percent_timing_is_the_default_and_needs_no_step_count(clip):
+    node = v1_node(DFPromptEncode)
+    timing = node.INPUT_TYPES()["required"]["timing"]
+    assert timing[0] == ["percent", "steps"] and timing[1]["default"] == "percent"
+    (conditioning,) = node().run(clip=clip, text=PROMPT)
+    for steps in (7, 50):
+        (other,) = node().run(clip=clip, text=PROMPT, timing="percent", steps=steps)
+        assert [extras["start_percent"] for _, extras in other] == [e["start_percent"] for _, e in conditioning]
+    # [detailed:0.5-1] acts over the first half of sampling (0 to 0.5), [sharp:0-0.5] over the second.
+    segments = percent_schedule(PROMPT)
+    assert [(s.start_percent, s.end_percent) for s in segments] == [(0.0, 0.5), (0.5, 1.0)]
+    assert [extras["start_percent"] for _, extras in conditioning] == [0.0, comfy_switch_percent(0.5)]
+    assert [extras["end_percent"] for _, extras in conditioning] == [comfy_switch_percent(0.5), 1.0]
+    for (cond, _), seg in zip(conditioning, segments, strict=True):
+        assert torch.equal(cond, clip.encode_from_tokens(clip.tokenize(seg.weighted_text("comfy"))))
 
 
 def test_encode_node_passes_the_weights_to_the_hosts_clip(clip):
@@ -113,10 +131,23 @@ def test_validate_returns_the_parse_error_so_the_graph_fails_before_sampling():
     assert v1_node(DFPromptToText).VALIDATE_INPUTS(text="cat, [x") .startswith("column 6: expected a ']'")
 
 
+@pytest.mark.parametrize("api", ["v1", "v3"])
+def test_comfy_checks_every_range_and_shows_each_error_once_on_its_input(api):
+    node = v1_node(DFPromptEncode)
+    v3 = v3_validate_inputs(DFPromptEncode) if api == "v3" else None
+    errors = validate_node(node, {"clip": LINK, "text": "cat, [x:0.5-2:1]", "steps": 0}, v3_validate=v3)
+    assert [name for name, _ in errors] == ["steps", "text"]
+    assert "smaller than min of 1" in errors[0][1] and "column 13" in errors[1][1]
+    assert validate_node(node, {"clip": LINK, "text": LINK, "steps": 20}, v3_validate=v3) == []
+    errors = validate_node(v1_node(DFPromptToText), {"text": "cat, [x", "target": "a1111", "steps": -1},
+                           v3_validate=v3_validate_inputs(DFPromptToText) if api == "v3" else None)
+    assert [name for name, _ in errors] == ["steps", "text"]
+
+
 def test_schema_declares_inputs_and_says_how_boundaries_map_to_steps():
     node = v1_node(DFPromptEncode)
     required = node.INPUT_TYPES()["required"]
-    assert [required["clip"][0], required["text"][0], required["steps"][0]] == ["CLIP", "STRING", "INT"]
+    assert [required[k][0] for k in ("clip", "text", "steps")] == ["CLIP", "STRING", "INT"]
     assert required["steps"][1]["default"] == 20
     assert "i/N" in required["steps"][1]["tooltip"]
     assert node.RETURN_TYPES == ("CONDITIONING",)
@@ -162,3 +193,9 @@ def test_segment_boundaries_fall_strictly_between_the_intended_steps(scheduler):
             boundary = _percent_to_sigma(log_sigmas, comfy_percent(k, n))
             # KSampler uses an entry while end_sigma <= sigma <= start_sigma: step k-1 only before, k only after.
             assert sigmas[k - 1] > boundary > sigmas[k], (n, k)
+        # percent timing: each step gets exactly one entry, also where a step lands on a switch (0.5 at N=20).
+        entries = [(_percent_to_sigma(log_sigmas, comfy_switch_percent(s.start_percent)),
+                    _percent_to_sigma(log_sigmas, comfy_switch_percent(s.end_percent)))
+                   for s in percent_schedule("a horse, [x:0.5-1:1], [y:0.75-1:1], [z:0-0.2:1]")]
+        for sigma in sigmas:
+            assert sum(end <= sigma <= start for start, end in entries) == 1, (n, sigma)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 
-from promptist_core.optimizer import PromptError, load_optimizer
+from promptist_core.optimizer import MODES, PromptError, _load, load_optimizer
 
 PROMPTS = ["a cat riding a bike", "a fox in the snow", "portrait of an old man with a hat, oil", "a ship"]
 
@@ -142,6 +145,38 @@ def test_optimizer_is_loaded_once_and_reused(tiny_promptist_dir, tiny_optimizer)
 def test_model_folder_given_as_a_path_loads(tiny_promptist_dir):
     optimizer = load_optimizer(str(tiny_promptist_dir / "tiny-promptist"), device="cpu")
     assert optimizer("a cat")[0].prompt
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "clip", "architectures": ["CLIPModel"]},  # a CLIP or PickScore folder in models/promptist
+    {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"]},
+])
+def test_a_folder_that_is_no_causal_lm_is_a_one_line_error(tmp_path, config):
+    (tmp_path / "not-a-policy").mkdir()
+    (tmp_path / "not-a-policy" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as error:
+        load_optimizer("not-a-policy", models_dir=tmp_path, device="cpu")
+    message = str(error.value)
+    assert "\n" not in message and "not a causal language model" in message
+    assert str(tmp_path / "not-a-policy") in message and repr(config["model_type"]) in message
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generation_raises_no_deprecation_warning(tiny_optimizer, mode):
+    # transformers 5 renamed `past_key_values` to `cache`: the old name warns on every call in a host's log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert tiny_optimizer("a cat", mode=mode, candidates=2, seed=0)[0].prompt
+
+
+def test_loading_draws_no_progress_bar_and_keeps_the_hosts_setting(tiny_promptist_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    folder = tiny_promptist_dir / "tiny-promptist"
+    assert hf_logging.is_progress_bar_enabled()
+    _load(folder, folder, torch.device("cpu"), torch.float32, "tiny-promptist")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def test_cpu_runs_in_float32(tiny_optimizer):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from comfy_validation import LINK, validate_node
 
-from nodes.comfy_schema import v1_node
+from nodes.comfy_schema import v1_node, v3_validate_inputs
 from nodes.rewards import RewardModelLoader, ScoreImages
 
 
@@ -85,7 +86,19 @@ def test_one_prompt_line_per_image(reward_model):
 
 def test_validate_rejects_an_empty_prompt():
     assert ScoreImages.validate(prompt="  ").startswith("prompt is empty")
-    assert ScoreImages.validate(prompt="a cat", preset="promptist") is True
+    assert ScoreImages.validate(prompt="a cat") is True
+
+
+@pytest.mark.parametrize("api", ["v1", "v3"])
+def test_comfy_checks_the_weight_ranges_and_shows_an_empty_prompt_once(api):
+    v3 = v3_validate_inputs(ScoreImages) if api == "v3" else None
+    values = {"promptist_reward_model": LINK, "images": LINK, "prompt": " ", "preset": "custom",
+              "aesthetic_weight": 1000.0, "relevance_weight": 1.0, "pick_weight": 0.0}
+    errors = validate_node(v1_node(ScoreImages), values, v3_validate=v3)
+    assert [name for name, _ in errors] == ["aesthetic_weight", "prompt"]
+    assert "bigger than max of 100" in errors[0][1] and "prompt is empty" in errors[1][1]
+    values.update(prompt="a cat", aesthetic_weight=1.0, preset="best")
+    assert validate_node(v1_node(ScoreImages), values, v3_validate=v3) == [("preset", "Value not in list: preset: 'best'")]
 
 
 def test_loader_reuses_loaded_models(comfy_models_dir):

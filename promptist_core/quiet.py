@@ -1,0 +1,25 @@
+"""Keep transformers' per-load progress bars out of the hosts' consoles.
+
+transformers 5 draws a "Loading weights" bar for every `from_pretrained`, so each model a node or a
+script loads adds a bar to ComfyUI's or the webui's log although the load takes a fraction of a second.
+Downloads happen earlier (`weights.resolve`), so nothing worth watching is hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off for the block, then back to what they were (the host's choice)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
