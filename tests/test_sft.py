@@ -290,3 +290,22 @@ def test_accelerate_launch_two_cpu_processes_leaves_identical_weights_on_both_ra
     expected = torch.cat([p.detach().flatten() for p in single.model.parameters()])
     assert torch.allclose(rank0, expected, atol=1e-5), (rank0 - expected).abs().max()
     assert [c.step for c in list_checkpoints(tmp_path / "ddp")] == [2, 4]
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "fixtures" / "prompts").is_dir(), reason="shared fixtures are absent")
+def test_pairs_then_sft_on_the_fixture_corpus_writes_a_folder_the_optimize_cli_loads(rule_data, tmp_path, capsys):
+    from promptist_core.cli import main as promptist_main
+    from trainer.cli import main
+
+    corpus = ROOT.parent / "shared" / "fixtures" / "prompts" / "diffusiondb_imagereward.txt"
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "models" / "my-policy"
+    assert main(["pairs", "--corpus", str(corpus), "--limit", "300", "--out", str(pairs), "--valid-fraction", "0.1"]) == 0
+    assert main(["sft", "--pairs", str(pairs), "--base", str(rule_data["base"]), "--out", str(out), "--max-steps", "3",
+                 "--batch-size", "8", "--effective-batch-size", "8", "--eval-every", "3", "--no-progress",
+                 "--tensorboard", "false"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["selected"] == "best" and summary["valid_loss"] is not None
+    assert (out / "curves.png").is_file() and (out / "model.safetensors").is_file()
+    # By name from the models folder, as the hosts' pickers do.
+    assert promptist_main(["optimize", "--model", "my-policy", "--models-dir", str(out.parent), "--offline",
+                           "--num-beams", "2", "--max-new-tokens", "8", "a cat"]) == 0
