@@ -6,7 +6,8 @@ model.safetensors, tokenizer files: `PromptOptimizer` loads it), plus:
   (param groups and non-tensor state),
 - `rng.safetensors` (torch CPU/CUDA generator states, numpy's key array) and the Python `random` state
   inside `trainer_state.json`,
-- `trainer_state.json`: step, data cursor, best validation loss, the config, the loss scaler.
+- `trainer_state.json`: step, data cursor, best validation loss, the config, the loss scaler,
+- any other trainable parts (PPO's value model) as `<name>.safetensors`, listed in trainer_state.json.
 It is written to a temporary folder beside its final place, fsynced, then renamed, so a run killed at
 any moment leaves the previous checkpoint intact. accelerate's `save_state` pickles the optimizer and RNG
 (and A1111's accelerate 0.21 loads them with a bare `torch.load`), so we do not use it.
@@ -124,10 +125,12 @@ def save_checkpoint(
     state: dict,
     keep: int = 2,
     protect: tuple[int, ...] = (),
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-<step>/` atomically and keep the newest `keep` (plus `protect`ed steps).
 
-    `state` must hold `step`; it is saved as trainer_state.json with the RNG's Python state.
+    `state` must hold `step`; it is saved as trainer_state.json with the RNG's Python state. `extra`
+    maps a name to a state dict saved as `<name>.safetensors` (read back with `load_extra`).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -141,7 +144,9 @@ def save_checkpoint(
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        full_state = {"format": FORMAT_VERSION, **state, "rng": rng_meta}
+        for name, tensors in (extra or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        full_state = {"format": FORMAT_VERSION, **state, "rng": rng_meta, "extra": sorted(extra or {})}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (a stop right after a periodic save)
@@ -200,12 +205,22 @@ def restore_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimi
     set_rng_state(load_file(str(folder / "rng.safetensors")), checkpoint.state["rng"])
 
 
+def load_extra(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
+    if name not in checkpoint.state.get("extra", []):
+        raise CheckpointError(f"checkpoint {checkpoint.folder} holds no '{name}'")
+    return load_file(str(checkpoint.folder / f"{name}.safetensors"))
+
+
 def publish_model_files(source: Path, target: Path) -> Path:
     """Copy the model files of `source` (a model folder or checkpoint) into `target`, file by file,
     each through a temporary name and a rename; the training files stay behind."""
     target.mkdir(parents=True, exist_ok=True)
+    skip = set(TRAINING_FILES)
+    if (Path(source) / STATE_FILE).is_file():
+        extra = json.loads((Path(source) / STATE_FILE).read_text(encoding="utf-8")).get("extra", [])
+        skip |= {f"{name}.safetensors" for name in extra}
     for path in sorted(Path(source).iterdir()):
-        if not path.is_file() or path.name in TRAINING_FILES:
+        if not path.is_file() or path.name in skip:
             continue
         tmp = target / f".{path.name}.tmp-{os.getpid()}"
         shutil.copyfile(path, tmp)

@@ -1,0 +1,523 @@
+"""PPO with image (or text) rewards: Promptist stage 2, one compact loop that reads top to bottom.
+
+    rollout (diverse beam search, one candidate at random per prompt)
+    -> reward (images of the rewrite vs the plain prompt, or a text function)
+    -> token rewards (-beta * KL to the frozen SFT reference, the reward at the last token)
+    -> GAE -> PPO epochs (clipped policy and value losses) -> log / checkpoint / callback
+
+The recipe is LMOps' run (see ../shared/TRAINERS.md §3): 16 groups x 1 beam, diversity penalty 1.0,
+`max_new_tokens` drawn from [15, 75] per batch, beta 0.2 fixed (what the reference effectively ran),
+gamma 1, lambda 0.95, clip 0.2, value clip 0.2, vf_coef 2.3, 4 epochs, AdamW 5e-5 betas (0.9, 0.95), the
+top 2 blocks trained. Fixed here: the embeddings are frozen with the lower blocks (the reference's drifted),
+dropout is off, advantages are whitened over real tokens of all ranks, the adaptive KL controller (an
+option) is fed the KL to the reference, and every random choice comes from (seed, iteration, rank).
+
+    python -m trainer ppo --prompts prompts.txt --policy my-sft --text-reward my_rewards:score --out my-ppo
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptist_core.optimizer import REPHRASE_SUFFIX
+
+from .checkpoint import (
+    list_checkpoints,
+    load_extra,
+    publish_model_files,
+    restore_training_state,
+    save_checkpoint,
+)
+from .config import ConfigError, config_to_dict, option
+from .progress import StepCallback, StopTraining
+from .rewards import BaselineCache, RewardFunction
+from .runtime import PRECISIONS, Runtime, local_runtime
+from .sft import context_length, load_trainable_policy, micro_batches
+from .training_log import CURVES_FILE, TrainingLog
+
+logger = logging.getLogger(__name__)
+
+ROLLOUTS = ("beam", "sample")
+KL_CONTROLLERS = ("fixed", "adaptive")
+LOG_COLUMNS = ("reward", "reward_aes", "reward_rel", "reward_pick", "kl", "beta", "approx_kl", "clip_frac",
+               "entropy", "policy_loss", "value_loss", "explained_var", "response_len", "baseline_hits")
+RESUME_FIXED = ("prompts", "policy", "seed", "batch_size", "column")
+
+
+@dataclass
+class PPOConfig:
+    """PPO against image (or text) rewards (Promptist stage 2). Defaults are the reference run's."""
+
+    prompts: str | None = option(None, "Plain prompts to train on (.txt one per line, .csv/.jsonl/.parquet).")
+    column: str = option("prompt", "The csv/tsv column, jsonl field or parquet column of `prompts`.")
+    policy: str | None = option(None, "The SFT policy to start from and to stay near (folder, name or Hub id).")
+    out: str | None = option(None, "Output folder: ends as the trained policy's model folder, with checkpoints/, "
+                             "train_log.csv, samples.jsonl and curves.png.")
+    iterations: int = option(1000, "PPO iterations (rollout batch + 4 epochs each).")
+    batch_size: int = option(8, "Prompts per rollout batch on each device (reference: 8 x 32 GPUs = 256).")
+    minibatch_size: int = option(0, "Prompts per PPO minibatch; 0 = the whole rollout batch (the reference).")
+    ppo_epochs: int = option(4, "Passes over each rollout batch.")
+    lr: float = option(5e-5, "AdamW learning rate (constant, as in the reference).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.95, "AdamW beta2 (reference: 0.95).")
+    weight_decay: float = option(0.0, "AdamW weight decay (the reference meant 1e-6 and ran torch's 0.01 by mistake).")
+    grad_clip: float = option(0.0, "Clip the gradient norm to this; 0 = off, as in the reference (1.0 is safer).")
+    trainable_top_blocks: int = option(2, "Train only the top N transformer blocks and the final norm, embeddings "
+                                       "frozen (reference: 2); 0 = train everything.")
+    beta: float = option(0.2, "KL penalty coefficient toward the SFT reference (reference: 0.2, effectively fixed).")
+    kl_controller: str = option("fixed", "fixed beta, or adaptive (Ziegler et al.) toward `kl_target`.",
+                                choices=KL_CONTROLLERS)
+    kl_target: float = option(6.0, "Adaptive controller: target KL to the reference, in nats per rewrite.")
+    kl_horizon: int = option(10000, "Adaptive controller: horizon in rewrites.")
+    gamma: float = option(1.0, "GAE discount.")
+    lam: float = option(0.95, "GAE lambda.")
+    clip_range: float = option(0.2, "PPO ratio clip.")
+    value_clip_range: float = option(0.2, "Value prediction clip around the rollout's values.")
+    vf_coef: float = option(2.3, "Value loss weight (reference: 2.3).")
+    rollout: str = option("beam", "beam: diverse beam search, one candidate at random (the reference); "
+                          "sample: top-k/top-p sampling (on-policy).", choices=ROLLOUTS)
+    num_beam_groups: int = option(16, "Beam rollouts: groups of one beam each (reference: 16).")
+    diversity_penalty: float = option(1.0, "Beam rollouts: penalty on tokens earlier groups chose (reference: 1.0).")
+    top_k: int = option(0, "Sample rollouts: top-k (0 = off).")
+    top_p: float = option(1.0, "Sample rollouts: nucleus probability.")
+    min_new_tokens: int = option(15, "Rewrite length limit is drawn per batch from [min_new_tokens, max_new_tokens].")
+    max_new_tokens: int = option(75, "Upper end of the per-batch length limit (reference: 75).")
+    reference_device: str = option("same", "Where the frozen reference runs: same (as the policy) or cpu (saves VRAM).",
+                                   choices=("same", "cpu"))
+    save_every: int = option(50, "Checkpoint every this many iterations (and at the end and on stop).")
+    keep_checkpoints: int = option(2, "Newest checkpoints kept.")
+    sample_every: int = option(10, "Write the batch's (plain, rewrite, reward) rows to samples.jsonl this often.")
+    seed: int = option(0, "Seed of prompt order, rollout lengths, candidate picks and image seeds.")
+    device: str = option("auto", "auto, gpu, cpu or a torch device.")
+    precision: str = option("auto", "auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16.",
+                            choices=PRECISIONS)
+    tensorboard: bool = option(True, "Also write TensorBoard events (when tensorboard is installed).")
+    # image reward (ignored with a text reward)
+    sd: str | None = option(None, "Stable Diffusion for image rewards: a diffusers folder, a Hub id, or a single "
+                            ".safetensors checkpoint.")
+    text_reward: str | None = option(None, "Instead of images: module:function, f(plains, rewrites) -> rewards.")
+    preset: str = option("promptist", "Reward preset: promptist (aesthetic delta + relevance) or pae.",
+                         choices=("promptist", "pae"))
+    cosine_floor: float | None = option(0.0, "Clamp the CLIP cosine at this before the relevance term (LMOps' code "
+                                        "clamps at 0; the paper's formula has no clamp: empty).")
+    images_per_prompt: int = option(2, "Images per prompt, the plain prompt's with the same seeds (code: 2, paper: 3).")
+    image_steps: int = option(20, "Sampling steps per image (DPM-Solver++).")
+    guidance: float = option(7.5, "Classifier-free guidance scale.")
+    width: int = option(512, "Image width.")
+    height: int = option(512, "Image height.")
+    clip_model: str = option("ViT-L-14/openai", "CLIP for relevance and aesthetics.")
+    aesthetic_head: str = option("improved", "LAION aesthetic head: improved, laion-v1, or a file.")
+    pick_model: str | None = option(None, "PickScore model (the pae preset loads the default when empty).")
+
+
+@dataclass
+class PPOResult:
+    out: Path
+    iterations: int
+    reward: float | None
+    kl: float | None
+    model: object = None
+    tokenizer: object = None
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def freeze_below_top(trunk: nn.Module, top: int) -> None:
+    """Train the top `top` blocks of a transformer trunk and its final norm only; embeddings and lower
+    blocks are frozen (0: train everything)."""
+    if top <= 0:
+        return
+    blocks = next((getattr(trunk, n) for n in ("h", "layers", "blocks") if isinstance(getattr(trunk, n, None),
+                                                                                   nn.ModuleList)), None)
+    if blocks is None:
+        raise ConfigError(f"cannot find the transformer blocks of {type(trunk).__name__}; set trainable_top_blocks = 0")
+    if top > len(blocks):
+        raise ConfigError(f"trainable_top_blocks ({top}) exceeds the model's {len(blocks)} blocks")
+    trunk.requires_grad_(False)
+    blocks[-top:].requires_grad_(True)
+    for name in ("ln_f", "norm", "final_layer_norm"):
+        if isinstance(getattr(trunk, name, None), nn.Module):
+            getattr(trunk, name).requires_grad_(True)
+
+
+class ValueModel(nn.Module):
+    """Its own trunk (a copy of the SFT trunk) and LMOps' head: Linear(d, 2d) -> ReLU -> Linear(2d, 1)."""
+
+    def __init__(self, lm: nn.Module, seed: int):
+        super().__init__()
+        self.trunk = copy.deepcopy(lm.base_model)
+        width = lm.get_output_embeddings().in_features
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 1))
+        torch.random.set_rng_state(generator_state)
+
+    def forward(self, batch: dict, start: int, length: int) -> torch.Tensor:
+        hidden = self.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], use_cache=False)[0]
+        return self.head(hidden[:, start - 1:start - 1 + length]).squeeze(-1).float()
+
+
+def response_logprobs(lm: nn.Module, batch: dict, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each response token and the entropy there, [B, R]: the LM head runs on the response
+    positions only."""
+    hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], use_cache=False)[0]
+    logits = lm.get_output_embeddings()(hidden[:, start - 1:start - 1 + length]).float()
+    logp = F.log_softmax(logits, dim=-1)
+    tokens = batch["input_ids"][:, start:start + length]
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+class Learner(nn.Module):
+    """Policy and value model in one module, so data parallel wraps (and all-reduces) both at once."""
+
+    def __init__(self, policy: nn.Module, value: ValueModel):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, batch: dict, start: int, length: int):
+        logprobs, entropy = response_logprobs(self.policy, batch, start, length)
+        return logprobs, entropy, self.value(batch, start, length)
+
+
+# --- rollouts ------------------------------------------------------------------------------------
+
+def counter_generator(*counters: int) -> torch.Generator:
+    """A generator seeded by (seed, iteration, rank, ...): the same draws after a resume."""
+    digest = hashlib.sha256(":".join(map(str, counters)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]  # generated tokens, ending with eos
+    rewrites: list[str]
+    max_new_tokens: int
+
+
+def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig, *, iteration: int,
+            rank: int) -> Rollout:
+    """One rewrite per prompt, drawn the reference's way (or sampled), with its token ids."""
+    from promptist_core.diverse_beam import diverse_beam_search
+
+    g = counter_generator(config.seed, iteration, rank)
+    max_new = int(torch.randint(config.min_new_tokens, config.max_new_tokens + 1, (1,), generator=g))
+    eos = tokenizer.eos_token_id
+    room = context_length(lm) - max_new
+    prompt_ids = [tokenizer(p + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
+    width = max(map(len, prompt_ids))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompt_ids], device=next(lm.parameters()).device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=ids.device)
+    with torch.inference_mode():
+        if config.rollout == "beam":
+            groups = config.num_beam_groups
+            out = diverse_beam_search(lm, ids, mask, num_beams=groups, num_beam_groups=groups,
+                                      diversity_penalty=config.diversity_penalty, num_return_sequences=groups,
+                                      max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos).sequences
+            pick = torch.randint(0, groups, (len(prompts),), generator=g)
+            chosen = out.view(len(prompts), groups, -1)[torch.arange(len(prompts)), pick]
+        else:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            devices = [ids.device] if ids.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                chosen = lm.generate(ids, attention_mask=mask, do_sample=True, top_k=config.top_k,
+                                     top_p=config.top_p, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos)
+    responses = []
+    for row in chosen[:, width:].tolist():  # plain lists: nothing of inference mode reaches training
+        responses.append(row[:row.index(eos) + 1] if eos in row else row + [eos])
+    rewrites = [tokenizer.decode(r[:-1], skip_special_tokens=True).strip() for r in responses]
+    return Rollout(prompt_ids, responses, rewrites, max_new)
+
+
+def rollout_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int,
+                  device: torch.device) -> tuple[dict, int, int, torch.Tensor]:
+    """Prompts left-padded to one width, responses right-padded after them, so every response starts at
+    the same column. Returns the batch, that column, the longest response and its mask [B, R]."""
+    start, length = max(map(len, prompt_ids)), max(map(len, responses))
+    rows, masks, response_mask = [], [], []
+    for p, r in zip(prompt_ids, responses, strict=True):
+        rows.append([pad_id] * (start - len(p)) + p + r + [pad_id] * (length - len(r)))
+        masks.append([0] * (start - len(p)) + [1] * (len(p) + len(r)) + [0] * (length - len(r)))
+        response_mask.append([1] * len(r) + [0] * (length - len(r)))
+    ids, mask = torch.tensor(rows), torch.tensor(masks)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+    return batch, start, length, torch.tensor(response_mask, dtype=torch.float32, device=device)
+
+
+# --- the maths (pure functions, tested against hand-computed values) ----------------------------
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Advantages and returns [B, R]; positions where mask is 0 (after the response) contribute nothing."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, runtime: Runtime | None = None) -> torch.Tensor:
+    """(x - mean) / std over the real tokens only (of every rank when data parallel)."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if runtime is not None:
+        runtime.all_reduce_sum(stats)
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean * mean).clamp(min=0) * stats[2] / (stats[2] - 1).clamp(min=1)
+    return ((x - mean) * torch.rsqrt(var + 1e-8)).float() * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, *, clip_range: float,
+               value_clip_range: float, normalizer: float):
+    """Clipped surrogate and clipped value loss, summed over real tokens and divided by `normalizer`."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    policy_loss = (torch.maximum(pg_unclipped, pg_clipped) * mask).sum() / normalizer
+    values_clipped = old_values + (values - old_values).clamp(-value_clip_range, value_clip_range)
+    value_loss = 0.5 * (torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2) * mask).sum() / normalizer
+    stats = {"clip_frac": ((pg_clipped > pg_unclipped).float() * mask).sum().item(),
+             "approx_kl": ((old_logprobs - logprobs) * mask).sum().item()}
+    return policy_loss, value_loss, stats
+
+
+def adaptive_beta(beta: float, kl_per_rewrite: float, rewrites: int, target: float, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller, fed the KL to the reference (not the drift from the
+    rollout policy, which LMOps' code passed)."""
+    error = max(-0.2, min(0.2, kl_per_rewrite / target - 1.0))
+    return beta * (1.0 + error * rewrites / horizon)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def check_config(config: PPOConfig, runtime: Runtime) -> None:
+    if not config.out or not config.prompts or not config.policy:
+        raise ConfigError("`prompts`, `policy` and `out` are required")
+    for name in ("iterations", "batch_size", "ppo_epochs", "num_beam_groups", "min_new_tokens", "keep_checkpoints",
+                 "images_per_prompt", "image_steps", "kl_horizon"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"'{name}' must be at least 1; got {getattr(config, name)}")
+    if config.max_new_tokens < config.min_new_tokens or config.max_new_tokens > 512:
+        raise ConfigError(f"need min_new_tokens <= max_new_tokens <= 512; got {config.min_new_tokens}, "
+                          f"{config.max_new_tokens}")
+    if config.minibatch_size < 0 or (config.minibatch_size and config.batch_size % config.minibatch_size):
+        raise ConfigError(f"minibatch_size ({config.minibatch_size}) must divide batch_size ({config.batch_size})")
+    if config.batch_size > 1024 or config.iterations > 10_000_000 or config.num_beam_groups > 64:
+        raise ConfigError("batch_size <= 1024, iterations <= 10000000 and num_beam_groups <= 64, please")
+    if config.lr <= 0 or config.beta < 0 or config.kl_target <= 0 or config.grad_clip < 0:
+        raise ConfigError("need lr > 0, beta >= 0, kl_target > 0 and grad_clip >= 0")
+
+
+def load_prompts(config: PPOConfig) -> list[str]:
+    from .corpus import read_corpus
+
+    return read_corpus(config.prompts, column=config.column).prompts
+
+
+def train_ppo(
+    config: PPOConfig,
+    reward: RewardFunction,
+    *,
+    resume: bool = False,
+    callback: StepCallback | None = None,
+    runtime: Runtime | None = None,
+    models_dir=None,
+    baseline_cache: BaselineCache | None = None,
+) -> PPOResult:
+    """Run PPO iterations against `reward`; checkpoints and the output folder as the SFT trainer's.
+    `baseline_cache` is the ImageReward's cache, saved with (and restored from) every checkpoint."""
+    runtime = runtime or local_runtime(config.device, config.precision)
+    check_config(config, runtime)
+    out = Path(config.out).expanduser()
+    checkpoints = list_checkpoints(out)
+    if checkpoints and not resume:
+        raise ConfigError(f"{out} already holds a run (checkpoint at iteration {checkpoints[-1].step}); pass --resume "
+                          "to continue it, or choose another output folder")
+    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    if checkpoint is not None:
+        saved = checkpoint.state.get("config", {})
+        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
+        if changed:
+            raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {', '.join(changed)} differ")
+
+    # 1. prompts
+    prompts = load_prompts(config)
+    if len(prompts) < config.batch_size * runtime.world_size:
+        raise ConfigError(f"{len(prompts)} prompts are fewer than one batch ({config.batch_size} x "
+                          f"{runtime.world_size} devices)")
+
+    # 2. models: policy (from the checkpoint when resuming), value model, frozen SFT reference; dropout off
+    torch.manual_seed(config.seed)
+    reference, tokenizer = load_trainable_policy(config.policy, models_dir=models_dir)
+    policy = load_trainable_policy(str(checkpoint.folder), models_dir=models_dir)[0] if checkpoint else \
+        copy.deepcopy(reference)
+    value = ValueModel(reference, config.seed)
+    if checkpoint is not None:
+        value.load_state_dict(load_extra(checkpoint, "value"))
+    policy.requires_grad_(True)
+    freeze_below_top(policy.base_model, config.trainable_top_blocks)  # the tied LM head freezes with the embeddings
+    freeze_below_top(value.trunk, config.trainable_top_blocks)
+    reference.requires_grad_(False).eval()
+    reference.to(torch.device("cpu") if config.reference_device == "cpu" else runtime.device)
+    policy.to(runtime.device).eval()
+    value.to(runtime.device).eval()
+    learner = Learner(policy, value)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
+
+    # 3. state (restored when resuming)
+    cache = baseline_cache if baseline_cache is not None else BaselineCache()
+    state = {"trainer": "ppo", "step": 0, "cursor": {"epoch": 0, "index": 0}, "beta": config.beta}
+    if checkpoint is not None:
+        restore_training_state(checkpoint, optimizer)
+        state.update({k: v for k, v in checkpoint.state.items() if k in state})
+        cache.entries.update(checkpoint.state.get("baseline_cache", {}))
+    wrapped = runtime.wrap(learner)
+    log = TrainingLog(out, LOG_COLUMNS, tensorboard=config.tensorboard, enabled=runtime.is_main,
+                      resume_step=state["step"] if checkpoint else None)
+    per_step = config.batch_size * runtime.world_size
+    stream = micro_batches([1] * len(prompts), per_step, config.seed, 1, state["cursor"])
+    pad_id = tokenizer.eos_token_id
+
+    def save(iteration: int) -> None:
+        if runtime.is_main:
+            full = {**state, "config": config_to_dict(config), "baseline_cache": cache.entries}
+            save_checkpoint(out, model=policy, tokenizer=tokenizer, optimizer=optimizer, state=full,
+                            keep=config.keep_checkpoints, extra={"value": value.state_dict()})
+            log.draw({"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
+                      "value loss": ("value_loss",)}, "PPO").save(out / CURVES_FILE)
+        runtime.barrier()
+
+    saved_at, metrics = state["step"], {}
+    while state["step"] < config.iterations:
+        iteration = state["step"]
+        # 4. rollout: this rank's share of the batch
+        indices = next(stream)[runtime.rank::runtime.world_size]
+        plains = [prompts[i] for i in indices]
+        batch_rollout = rollout(policy, tokenizer, plains, config, iteration=iteration, rank=runtime.rank)
+
+        # 5. reward of each rewrite
+        scored = reward(plains, batch_rollout.rewrites)
+        scores = torch.tensor(scored.total, dtype=torch.float32, device=runtime.device)
+
+        # 6. log-probs, reference log-probs and values of the rollout (no grad)
+        batch, start, length, mask = rollout_batch(batch_rollout.prompt_ids, batch_rollout.responses, pad_id,
+                                                   runtime.device)
+        with torch.no_grad(), runtime.autocast():
+            old_logprobs, _, old_values = learner(batch, start, length)
+            ref_batch = {k: v.to(next(reference.parameters()).device) for k, v in batch.items()}
+            ref_logprobs = response_logprobs(reference, ref_batch, start, length)[0].to(runtime.device)
+
+        # 7. token rewards: -beta * KL to the reference; the score at the last token (the eos)
+        kl_tokens = (old_logprobs - ref_logprobs) * mask
+        token_rewards = -state["beta"] * kl_tokens
+        last = mask.sum(1).long() - 1
+        token_rewards[torch.arange(len(plains)), last] += scores
+        advantages, returns = gae(token_rewards, old_values, mask, config.gamma, config.lam)
+        advantages = masked_whiten(advantages, mask, runtime)
+
+        # 8. PPO epochs over minibatches
+        size = config.minibatch_size or config.batch_size
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        updates, token_count = 0, 0.0
+        for epoch in range(config.ppo_epochs):
+            order = torch.randperm(len(plains), generator=counter_generator(config.seed, iteration, epoch)).tolist()
+            for first in range(0, len(order), size):
+                rows = torch.tensor(order[first:first + size], device=runtime.device)
+                sub = {k: v[rows] for k, v in batch.items()}
+                sub_mask = mask[rows]
+                normalizer = runtime.all_reduce_sum(sub_mask.sum().detach().clone()).item() / runtime.world_size
+                with runtime.autocast():
+                    logprobs, entropy, values = wrapped(sub, start, length)
+                policy_loss, value_loss, stats = ppo_losses(
+                    logprobs, old_logprobs[rows], advantages[rows], values, old_values[rows], returns[rows], sub_mask,
+                    clip_range=config.clip_range, value_clip_range=config.value_clip_range, normalizer=normalizer)
+                (policy_loss + config.vf_coef * value_loss).backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                totals["policy_loss"] += policy_loss.item()
+                totals["value_loss"] += value_loss.item()
+                totals["clip_frac"] += stats["clip_frac"]
+                totals["approx_kl"] += stats["approx_kl"]
+                totals["entropy"] += (entropy.detach() * sub_mask).sum().item()
+                token_count += sub_mask.sum().item()
+                updates += 1
+
+        # 9. statistics over all ranks, the KL controller, log, checkpoint, callback
+        n_local = float(len(plains))
+        sums = torch.tensor([scores.sum().item(), kl_tokens.sum().item(), mask.sum().item(), n_local,
+                             ((returns - old_values) * mask).pow(2).sum().item(),
+                             ((returns - (returns * mask).sum() / mask.sum()) * mask).pow(2).sum().item()],
+                            dtype=torch.float64, device=runtime.device)
+        runtime.all_reduce_sum(sums)
+        n_rewrites = sums[3].item()
+        metrics = {"reward": sums[0].item() / n_rewrites, "kl": sums[1].item() / n_rewrites, "beta": state["beta"],
+                   "response_len": sums[2].item() / n_rewrites,
+                   "policy_loss": totals["policy_loss"] / updates, "value_loss": totals["value_loss"] / updates,
+                   "clip_frac": totals["clip_frac"] / token_count, "approx_kl": totals["approx_kl"] / token_count,
+                   "entropy": totals["entropy"] / token_count,
+                   "explained_var": 1.0 - sums[4].item() / max(sums[5].item(), 1e-8),
+                   "baseline_hits": cache.hits}
+        for name, values_ in scored.terms.items():
+            metrics[f"reward_{name}"] = sum(values_) / len(values_)
+        if config.kl_controller == "adaptive":
+            state["beta"] = adaptive_beta(state["beta"], metrics["kl"], int(n_rewrites), config.kl_target,
+                                          config.kl_horizon)
+        state["step"] = iteration = iteration + 1
+        log.log(iteration, metrics)
+        if runtime.is_main and config.sample_every and iteration % config.sample_every == 0:
+            _write_samples(out, iteration, plains, batch_rollout.rewrites, scored)
+        if config.save_every and iteration % config.save_every == 0:
+            save(iteration)
+            saved_at = iteration
+
+        stop = False
+        if runtime.is_main and callback is not None:
+            try:
+                callback(iteration, config.iterations, metrics)
+            except StopTraining:
+                stop = True
+        if runtime.broadcast_flag(stop):
+            if saved_at != iteration:
+                save(iteration)
+            log.close()
+            raise StopTraining(f"stopped at iteration {iteration}; resume with --resume "
+                               f"(checkpoint in {out / 'checkpoints'})")
+
+    # 10. the output folder: the last policy
+    if saved_at != state["step"]:
+        save(state["step"])
+    if runtime.is_main:
+        publish_model_files(list_checkpoints(out)[-1].folder, out)
+    runtime.barrier()
+    log.close()
+    return PPOResult(out, state["step"], metrics.get("reward"), metrics.get("kl"), policy, tokenizer)
+
+
+def _write_samples(out: Path, iteration: int, plains, rewrites, scored) -> None:
+    import json
+
+    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+        for i, (plain, rewrite) in enumerate(zip(plains, rewrites, strict=True)):
+            row = {"iteration": iteration, "plain": plain, "rewrite": rewrite, "reward": scored.total[i],
+                   **{name: values[i] for name, values in scored.terms.items()}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
