@@ -1,21 +1,130 @@
-"""Interim: replaced by the A1111 branch's save_policy_folder (loads in transformers 4.30 and 5.x)."""
+"""Write a causal-LM policy folder that loads in transformers 4.30 (A1111 1.10's pin) and 5.x alike.
+
+Every trainer saves its policy through `save_policy_folder`. Left to itself, transformers 5 writes a
+tokenizer that A1111 cannot read: `tokenizer_class: TokenizersBackend` (unknown to 4.30), a
+`tokenizer.json` whose BPE merges are pairs (tokenizers 0.13 wants "a b" strings), and no
+`vocab.json` / `merges.txt`. Here the folder gets all three in the form both versions read, and it is
+written atomically: a reader (or a crash) never sees half a folder.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+# What transformers 4.30 maps a byte-level BPE (GPT-2 style) tokenizer to; 5.x reads it too.
+GPT2_TOKENIZER_CLASS = "GPT2Tokenizer"
+# Keys transformers 5 writes into tokenizer_config.json that are loading state, not tokenizer settings.
+_STALE_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only", "auto_map")
 
-def save_policy_folder(model, tokenizer, folder: Path) -> Path:
+
+def save_policy_folder(model, tokenizer, folder: Path | str) -> Path:
+    """Save `model` + `tokenizer` as a policy folder for `promptist_core.optimizer.load_optimizer`.
+
+    Writes config.json, model.safetensors, generation_config.json (if the model has one) and the
+    tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json with a class
+    transformers 4.30 knows). An existing folder is replaced only once the new one is complete.
+    Returns the folder.
+    """
     folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.saving-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        _save_model(model, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        _make_tokenizer_portable(tokenizer, tmp)
+        _fsync_tree(tmp)
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
+
+
+def _save_model(model, out: Path) -> None:
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True  # 4.x defaults to pickled .bin; 5.x always writes safetensors
+    model.save_pretrained(str(out), **kwargs)
+    if not (out / "model.safetensors").is_file():
+        raise OSError(f"saving the policy wrote no model.safetensors in {out} (sharded or .bin weights "
+                      "are not a policy folder)")
+
+
+def _make_tokenizer_portable(tokenizer, out: Path) -> None:
+    """vocab.json + merges.txt, an old-style tokenizer.json and a 4.30-known tokenizer_class."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        backend.model.save(str(out))  # vocab.json + merges.txt, readable by every version
+        _legacy_tokenizer_json(out / "tokenizer.json")
+        byte_level = "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("pre_tokenizer"))
+    else:  # a slow tokenizer wrote its own vocab files
+        byte_level = (out / "vocab.json").is_file() and (out / "merges.txt").is_file()
+    if not ((out / "vocab.json").is_file() and (out / "merges.txt").is_file()):
+        raise ValueError(f"{type(tokenizer).__name__} is not a BPE tokenizer with vocab.json + merges.txt: "
+                         "a policy folder needs one that transformers 4.30 can read")
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    for key in _STALE_TOKENIZER_KEYS:
+        config.pop(key, None)
+    if byte_level:
+        config["tokenizer_class"] = GPT2_TOKENIZER_CLASS
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _legacy_tokenizer_json(path: Path) -> None:
+    """BPE merges as "a b" strings (what tokenizers 0.13 reads; current versions read both forms)."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if not merges or isinstance(merges[0], str):
+        return
+    if any(" " in a or " " in b for a, b in merges):  # not expressible as strings: drop, vocab + merges remain
+        path.unlink()
+        return
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    model.pop("ignore_merges", None)
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Rename `new` to `folder`; an existing `folder` is moved aside first and restored on failure."""
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+        old.rmdir()
+        os.replace(folder, old)
+    try:
+        os.replace(new, folder)
+    except BaseException:
+        if old is not None:
+            os.replace(old, folder)
+        raise
+    _fsync_dir(folder.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

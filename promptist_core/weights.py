@@ -9,6 +9,7 @@ the Hugging Face cache -> download (only when allowed; pinned sha256 where known
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -351,17 +352,47 @@ def download_file(url: str, target: Path, sha256: str | None = None) -> Path:
 
 
 def load_tokenizer(folder: Path | str, **kwargs):
-    """AutoTokenizer for a resolved folder, also where the host's `tokenizers` is older than the one
-    that wrote tokenizer.json (A1111 1.10 ships 0.13): then vocab.json + merges.txt are used."""
+    """AutoTokenizer for a resolved folder, also where the host's transformers/tokenizers are older than
+    the ones that wrote it (A1111 1.10 ships transformers 4.30 + tokenizers 0.13, which know neither
+    transformers 5's `tokenizer_class: TokenizersBackend` nor its tokenizer.json): then the folder's
+    vocab.json + merges.txt are read as GPT-2's byte-level BPE."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except Exception as e:
-        if not (Path(folder) / "vocab.json").is_file():
+        folder = Path(folder)
+        if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
             raise
-        logger.warning("fast tokenizer in %s did not load (%s); using vocab.json + merges.txt", folder, e)
-        return AutoTokenizer.from_pretrained(str(folder), use_fast=False, **kwargs)
+        logger.warning("tokenizer in %s did not load (%s: %s); using its vocab.json + merges.txt",
+                       folder, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return _gpt2_tokenizer_from_vocab(folder, **kwargs)
+
+
+def _gpt2_tokenizer_from_vocab(folder: Path, **kwargs):
+    """GPT-2's tokenizer class on the folder's vocab.json + merges.txt, with its special tokens."""
+    from transformers import GPT2Tokenizer, GPT2TokenizerFast
+
+    settings = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            settings.update({k: v for k, v in data.items() if k in _TOKENIZER_SETTINGS and v is not None})
+    for key, value in settings.items():
+        if isinstance(value, dict):  # {"content": "<|endoftext|>", ...} (AddedToken as saved)
+            settings[key] = value.get("content")
+    settings.update(kwargs)
+    files = {"vocab_file": str(folder / "vocab.json"), "merges_file": str(folder / "merges.txt")}
+    try:
+        return GPT2TokenizerFast(**files, **settings)
+    except Exception as e:  # no converter for this tokenizers version: the slow tokenizer still reads them
+        logger.warning("fast GPT-2 tokenizer from %s failed (%s); using the slow one", folder, e)
+        return GPT2Tokenizer(**files, **settings)
+
+
+_TOKENIZER_SETTINGS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "add_prefix_space",
+                       "errors")
 
 
 def resolve_dataset_file(spec: str, *, allow_download: bool | None = None) -> Path:
@@ -388,3 +419,4 @@ def resolve_dataset_file(spec: str, *, allow_download: bool | None = None) -> Pa
         f"dataset file '{filename}' of {repo_id} is not in the Hugging Face cache ({_hf_cache_root()}) and {why}.\n"
         f"Download it from https://huggingface.co/datasets/{repo_id}/blob/main/{filename} and pass its local path."
     )
+

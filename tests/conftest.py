@@ -110,6 +110,26 @@ def tiny_optimizer(tiny_promptist_dir):
     return load_optimizer("tiny-promptist", models_dir=tiny_promptist_dir, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def transformers430_python(request):
+    """A Python with transformers 4.30.2 + tokenizers 0.13.3 (A1111 1.10's pins) over this environment.
+
+    Returns a `builders_transformers430.OverlayPython` (`.run(code, *args)`); installed once into
+    pytest's cache dir (reused across runs), skipped with pip's reason when it cannot be installed.
+    """
+    from builders_transformers430 import OverlayPython, install_transformers430
+
+    site = request.config.cache.mkdir("transformers430") / f"py{sys.version_info[0]}{sys.version_info[1]}"
+    why = install_transformers430(site)
+    if why is not None:
+        pytest.skip(why)
+    python = OverlayPython(site, ROOT)
+    done = python.run("import transformers, tokenizers; print(transformers.__version__, tokenizers.__version__)")
+    if done.returncode != 0 or not done.stdout.startswith("4.30."):
+        pytest.skip(f"transformers 4.30 does not import over this environment: {done.stderr.strip()[-300:]}")
+    return python
+
+
 # --- Tiny Stable Diffusion (DF-Prompt renderer, image generators; builders in tests/builders_sd.py) ---
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,55 @@
+"""A Python with transformers 4.30 (AUTOMATIC1111 1.10's pin) over the test environment.
+
+`pip install --target DIR` puts transformers 4.30.2, tokenizers 0.13.3, huggingface_hub < 1.0 and
+safetensors 0.4 into one folder; a subprocess with that folder first on PYTHONPATH sees them instead of
+the environment's versions and everything else (torch, numpy, ...) from the environment. (A
+`venv --system-site-packages` made from a venv's Python would see the base interpreter's packages,
+not the test environment's torch.) The folder is kept under pytest's cache dir and reused across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGES = ("transformers==4.30.2", "tokenizers==0.13.3", "huggingface_hub<1.0", "safetensors==0.4.*")
+READY = ".promptist-ready"
+
+
+@dataclass(frozen=True)
+class OverlayPython:
+    """This interpreter with `site` (the 4.30 packages) and the repository first on the import path."""
+
+    site: Path
+    repo: Path
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.site), str(self.repo)])
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
+    def run(self, code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *args], env=self.env(), capture_output=True,
+                              text=True, timeout=timeout)
+
+
+def install_transformers430(site: Path) -> str | None:
+    """Install the 4.30 packages into `site` once; None when ready, else why pip could not."""
+    if (site / READY).is_file():
+        return None
+    site.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--upgrade", "--target", str(site), *PACKAGES]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"pip could not run: {e}"
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        return f"pip could not install {' '.join(PACKAGES)}: {lines[-1] if lines else done.returncode}"
+    (site / READY).write_text(" ".join(PACKAGES) + "\n", encoding="utf-8")
+    return None
