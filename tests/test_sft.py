@@ -309,3 +309,41 @@ def test_pairs_then_sft_on_the_fixture_corpus_writes_a_folder_the_optimize_cli_l
     # By name from the models folder, as the hosts' pickers do.
     assert promptist_main(["optimize", "--model", "my-policy", "--models-dir", str(out.parent), "--offline",
                            "--num-beams", "2", "--max-new-tokens", "8", "a cat"]) == 0
+
+
+SFT_IN_430 = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+import transformers
+assert transformers.__version__.startswith("4.30"), transformers.__version__
+from trainer.sft import SFTConfig, train_sft
+from promptist_core.optimizer import load_optimizer
+result = train_sft(SFTConfig(**json.loads(sys.argv[1])))
+print(json.dumps({"steps": result.steps, "rewrite": load_optimizer(sys.argv[2], device="cpu")(
+    "a red cat", num_beams=1, max_new_tokens=8)[0].prompt}))
+"""
+
+
+def test_sft_runs_under_transformers_430_and_its_folders_load_in_430_and_current(rule_data, tmp_path,
+                                                                                 transformers430_python):
+    """A1111 1.10 pins transformers 4.30: training inside it must work, and every folder a trainer
+    writes (here or there) must load in both."""
+    from promptist_core.optimizer import load_optimizer
+
+    settings = dict(pairs=str(rule_data["pairs"]), base=str(rule_data["base"]), max_steps=2, batch_size=8,
+                    effective_batch_size=8, save_every=1, eval_every=1, tensorboard=False)
+    old = tmp_path / "trained-in-430"
+    done = transformers430_python.run(SFT_IN_430, json.dumps({**settings, "out": str(old)}), str(old))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 2
+    assert load_optimizer(str(old), device="cpu")("a red cat", num_beams=1, max_new_tokens=8)[0].prompt
+
+    new = tmp_path / "trained-here"
+    train_sft(SFTConfig(**settings, out=str(new)))
+    for folder in (new, new / "best", new / "last", list_checkpoints(new)[-1].folder):
+        loaded = transformers430_python.run(
+            "import sys\nfrom promptist_core.optimizer import load_optimizer\n"
+            "print(load_optimizer(sys.argv[1], device='cpu')('a red cat', num_beams=1, max_new_tokens=8)[0].prompt)",
+            str(folder))
+        assert loaded.returncode == 0, (folder, loaded.stderr[-2000:])
