@@ -66,3 +66,49 @@ class DiffusersGenerator:
                                     generator=generators, height=height, width=width, output_type="pt")
             images.append(out.images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu())  # [B,C,H,W] -> [B,H,W,C]
         return torch.cat(images)
+
+
+def load_diffusers_generator(spec: str, *, device: str | torch.device | None = "auto",
+                             dtype: str | torch.dtype | None = None, config_folder: str | None = None,
+                             allow_download: bool | None = None, **kwargs) -> DiffusersGenerator:
+    """A `DiffusersGenerator` from what users have: a diffusers folder, a Hub id, or a single-file
+    `.safetensors` checkpoint (the file kept in a host's checkpoints folder; `config_folder`, a local
+    diffusers folder of the same architecture, lets it load offline). DPM-Solver++ as the sampler."""
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from .devices import pick_device, pick_dtype
+    from .weights import WeightsNotFoundError, downloads_allowed
+
+    target = pick_device(device)
+    torch_dtype = pick_dtype(target, dtype)
+    local_only = not downloads_allowed(allow_download)
+    path = Path(spec).expanduser()
+    common = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+    try:
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"{path}: a single-file checkpoint must be .safetensors (.ckpt files are pickles "
+                                 "and are not loaded; convert it)")
+            extra = {"config": config_folder} if config_folder else {}
+            pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=local_only, **extra, **common)
+        elif path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ValueError(f"{path} is not a diffusers folder (no model_index.json)")
+            pipe = DiffusionPipeline.from_pretrained(str(path), **common)
+        elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+            pipe = DiffusionPipeline.from_pretrained(spec, local_files_only=local_only, **common)
+        else:
+            raise WeightsNotFoundError(f"Stable Diffusion model {spec!r} not found: give a diffusers folder, a Hub "
+                                       "id (owner/name), or a .safetensors checkpoint file")
+    except OSError as e:  # not in the cache and not downloadable, or a broken file
+        raise WeightsNotFoundError(f"Stable Diffusion model {spec!r} could not be loaded: {str(e).splitlines()[0]}. "
+                                   "Give a local diffusers folder or .safetensors file (with --sd-config for a "
+                                   "single file offline).") from None
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(target)
+    generator = DiffusersGenerator(pipe, **kwargs)
+    generator.fingerprint = f"{spec}:{torch_dtype}"
+    return generator

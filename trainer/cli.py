@@ -1,4 +1,4 @@
-"""`python -m trainer pairs|sft`: the headless trainers.
+"""`python -m trainer pairs|sft|ppo`: the headless trainers.
 
 Exit codes: 0 done, 2 bad input (flags, config, corpus: one line on stderr), 3 missing or broken
 weights, 130 stopped by Ctrl-C after saving a checkpoint (`--resume` continues it).
@@ -79,16 +79,7 @@ def _run_sft(args) -> int:
     from .runtime import runtime_from_env
     from .sft import SFTConfig, train_sft
 
-    layers = []
-    out = overrides_from_args(args).get("out")
-    if args.resume and out:
-        checkpoint = latest_checkpoint(Path(out))
-        if checkpoint is not None:  # the resumed run's settings, then any file and flags on top
-            layers.append((f"{checkpoint.folder}/trainer_state.json", checkpoint.state["config"]))
-    if args.config:
-        layers.append((args.config, read_config_file(args.config)))
-    layers.append(("command line", overrides_from_args(args)))
-    config = build_config(SFTConfig, *layers)
+    config = _settings(SFTConfig, args)
     if args.print_config:
         print(format_config(config), end="")
         return 0
@@ -110,7 +101,89 @@ def _run_sft(args) -> int:
     return 0
 
 
-COMMANDS = (_add_pairs, _add_sft)
+def _add_ppo(sub) -> None:
+    from .ppo import PPOConfig
+
+    p = sub.add_parser("ppo", help="PPO against image (or text) rewards (Promptist stage 2)",
+                       description="Improve an SFT policy by PPO: rewrites are rendered by Stable Diffusion (--sd) "
+                                   "and scored (aesthetics + relevance), or scored by a Python function "
+                                   "(--text-reward module:function). Settings also come from --config FILE.")
+    p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
+    p.add_argument("--print-config", action="store_true", help="print every setting with its doc and exit")
+    p.add_argument("--models-dir", help="folder of model folders (policy names, CLIP, aesthetic heads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_config_arguments(p, PPOConfig)
+    p.set_defaults(run=_run_ppo)
+
+
+def _settings(cls, args) -> object:
+    """Defaults, then the resumed run's settings, then --config, then flags."""
+    from .checkpoint import latest_checkpoint
+
+    layers = []
+    out = overrides_from_args(args).get("out")
+    checkpoint = latest_checkpoint(Path(out)) if (args.resume and out) else None
+    if checkpoint is not None:
+        layers.append((f"{checkpoint.folder}/trainer_state.json", checkpoint.state["config"]))
+    if args.config:
+        layers.append((args.config, read_config_file(args.config)))
+    layers.append(("command line", overrides_from_args(args)))
+    return build_config(cls, *layers)
+
+
+def image_reward_from_config(config, *, models_dir=None, device: str = "auto"):
+    """The headless image reward: the diffusers generator and the scorer named in a PPO config."""
+    from promptist_core.generators import load_diffusers_generator
+    from promptist_core.rewards import load_scorer
+
+    from .rewards import ImageReward
+
+    generator = load_diffusers_generator(config.sd, device=device, config_folder=config.sd_config)
+    scorer = load_scorer(config.clip_model, config.aesthetic_head, pick_model=config.pick_model,
+                         preset=config.preset, models_dir=models_dir, device=device)
+    return ImageReward(generator, scorer, preset=config.preset, images_per_prompt=config.images_per_prompt,
+                       steps=config.image_steps, guidance=config.guidance, size=(config.width, config.height),
+                       seed=config.seed, cosine_floor=config.cosine_floor)
+
+
+def _run_ppo(args) -> int:
+    from .checkpoint import latest_checkpoint
+    from .ppo import PPOConfig, train_ppo
+    from .progress import ConsoleProgress, StopTraining
+    from .rewards import TextReward
+    from .runtime import runtime_from_env
+
+    config = _settings(PPOConfig, args)
+    if args.print_config:
+        print(format_config(config), end="")
+        return 0
+    if bool(config.sd) == bool(config.text_reward):
+        raise ValueError("give exactly one reward: --sd MODEL (images) or --text-reward module:function")
+    runtime = runtime_from_env(config.device, config.precision)
+    cache = None
+    if config.text_reward:
+        reward = TextReward.from_spec(config.text_reward)
+    else:
+        reward = image_reward_from_config(config, models_dir=args.models_dir, device=str(runtime.device))
+        cache = reward.cache
+    checkpoint = latest_checkpoint(Path(config.out)) if (args.resume and config.out) else None
+    progress = ConsoleProgress(config.iterations, initial=checkpoint.step if checkpoint else 0, desc="ppo",
+                               enabled=runtime.is_main and not args.no_progress)
+    try:
+        with progress:
+            result = train_ppo(config, reward, resume=args.resume, callback=progress, runtime=runtime,
+                               models_dir=args.models_dir, baseline_cache=cache)
+    except StopTraining as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
+    if runtime.is_main:
+        print(json.dumps({"out": str(result.out), "iterations": result.iterations, "reward": result.reward,
+                          "kl": result.kl}))
+    return 0
+
+
+COMMANDS = (_add_pairs, _add_sft, _add_ppo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,6 +104,8 @@ class PPOConfig:
     # image reward (ignored with a text reward)
     sd: str | None = option(None, "Stable Diffusion for image rewards: a diffusers folder, a Hub id, or a single "
                             ".safetensors checkpoint.")
+    sd_config: str | None = option(None, "A local diffusers folder of the same architecture as a single-file `sd` "
+                                   "checkpoint, so it loads offline.")
     text_reward: str | None = option(None, "Instead of images: module:function, f(plains, rewrites) -> rewards.")
     preset: str = option("promptist", "Reward preset: promptist (aesthetic delta + relevance) or pae.",
                          choices=("promptist", "pae"))

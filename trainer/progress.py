@@ -33,8 +33,9 @@ class ConsoleProgress:
     """tqdm bar with the latest metrics; the first Ctrl-C asks for a stop at the end of the step (a
     checkpoint is saved), a second one interrupts at once. Use as a context manager."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "training", enabled: bool = True):
-        self.total, self.initial, self.desc, self.enabled = total, initial, desc, enabled
+    def __init__(self, total: int, initial: int = 0, desc: str = "training", enabled: bool = True,
+                 shown: tuple[str, ...] = ("loss", "valid_loss", "lr", "reward", "kl")):
+        self.total, self.initial, self.desc, self.enabled, self.shown = total, initial, desc, enabled, shown
         self.stop_requested = False
         self._bar = None
         self._previous_handler = None
@@ -64,7 +65,7 @@ class ConsoleProgress:
     def __call__(self, step: int, total: int, metrics: dict) -> None:
         if self._bar is not None:
             self._bar.n = step
-            shown = {k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k in ("loss", "valid_loss", "lr")}
+            shown = {k: f"{metrics[k]:.4g}" for k in self.shown if isinstance(metrics.get(k), float)}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.refresh()
         if self.stop_requested:
