@@ -7,6 +7,8 @@ and a `run(**inputs) -> tuple` function. `comfy_node` turns it into a V3 `io.Com
 so old installs load the same nodes. Inputs are `(name, TYPE, options)` with TYPE a ComfyUI type
 name ("INT", "STRING", "CLIP", ...), a list of combo options, or a custom type name;
 options use the V1/V3 shared keys (default, min, max, step, tooltip, multiline, optional).
+An optional `validate(<one input>=None) -> True | str` checks one input before the graph runs;
+ComfyUI keeps checking the others' ranges and combos itself (see `_validated_input`).
 """
 
 from __future__ import annotations
