@@ -329,3 +329,50 @@ def test_text_reward_errors_are_clear(tmp_path, monkeypatch):
     assert isinstance(TextReward(lambda p, r: [1] * len(r))(["a"], ["b"]), RewardBatch)
     assert BaselineCache.key("g", "a cat", 3) != BaselineCache.key("g", "a cat", 4)
     assert sys.modules.get("no_such_module_xyz") is None
+
+
+PPO_WORKER = """
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+from safetensors.torch import save_file
+from trainer.ppo import PPOConfig, train_ppo
+from trainer.rewards import TextReward
+from trainer.runtime import runtime_from_env
+config = PPOConfig(**json.loads(sys.argv[1]))
+runtime = runtime_from_env("cpu", "fp32")
+result = train_ppo(config, TextReward.from_spec("ppo_reward:likes_fantasy"), runtime=runtime)
+weights = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+save_file({"w": weights}, os.path.join(config.out, f"rank{runtime.rank}.safetensors"))
+"""
+
+
+def test_accelerate_launch_two_cpu_processes_ppo_leaves_identical_weights_on_both_ranks(sft_policy, tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists() and shutil.which("accelerate") is None:
+        pytest.skip("accelerate's launcher is not installed")
+    (tmp_path / "worker.py").write_text(PPO_WORKER)
+    (tmp_path / "ppo_reward.py").write_text(
+        "def likes_fantasy(plains, rewrites):\n    return [float('fantasy' in r) for r in rewrites]\n")
+    config = {k: v for k, v in vars(_config(sft_policy, tmp_path / "ddp", iterations=2, batch_size=4,
+                                            num_beam_groups=4, save_every=2)).items()}
+    done = subprocess.run(
+        [str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+         str(tmp_path / "worker.py"), json.dumps(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
+             "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = load_file(str(tmp_path / "ddp" / "rank0.safetensors"))["w"]
+    rank1 = load_file(str(tmp_path / "ddp" / "rank1.safetensors"))["w"]
+    assert torch.equal(rank0, rank1)
+    assert [c.step for c in list_checkpoints(tmp_path / "ddp")] == [2]
+    assert len(_log(tmp_path / "ddp")) == 2  # rank 0 logs the iterations, once each
