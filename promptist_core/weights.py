@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,13 @@ DEFAULT_OPTIMIZER_MODEL = "microsoft/Promptist"
 OFFLINE_ENV_VARS = ("PROMPTIST_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # Where headless users keep models when no host supplies a folder.
 MODELS_DIR_ENV_VAR = "PROMPTIST_MODELS_DIR"
+# Before a download, one request with this timeout checks that the server answers at all: on a machine
+# without network, huggingface_hub's retries would otherwise cost about 30 s on every run.
+REACHABILITY_TIMEOUT_S = 3.0
+# Per socket operation of a single-file download (urllib has no timeout by default).
+DOWNLOAD_TIMEOUT_S = 30.0
+OFFLINE_HINT = ("To work offline, set PROMPTIST_OFFLINE=1 (or HF_HUB_OFFLINE=1; --offline on the command "
+                "line): no download is tried then.")
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -123,6 +132,39 @@ def downloads_allowed(allow_download: bool | None = None) -> bool:
     return True
 
 
+def hub_endpoint() -> str:
+    """The Hugging Face Hub address downloads go to: $HF_ENDPOINT, else huggingface_hub's default."""
+    env = os.environ.get("HF_ENDPOINT", "").strip()
+    if env:
+        return env.rstrip("/")
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT.rstrip("/")
+    except Exception:  # pragma: no cover - huggingface_hub is a hard dependency
+        return "https://huggingface.co"
+
+
+def unreachable_reason(url: str, timeout: float = REACHABILITY_TIMEOUT_S) -> str | None:
+    """None when a server answers at `url` (any HTTP status counts), else why not: one try, short timeout.
+
+    Only http(s) URLs are probed; anything else (a file:// URL) counts as reachable."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # 401, 404, 5xx: a server answered, so the network is there
+    except (OSError, ValueError) as e:  # URLError (refused, DNS), timeout
+        reason = getattr(e, "reason", None) or e
+        return f"{type(reason).__name__}: {reason}"
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
 def default_models_dir() -> Path:
     """The folder headless users keep models in: $PROMPTIST_MODELS_DIR, else ./models/promptist."""
     env = os.environ.get(MODELS_DIR_ENV_VAR)
@@ -217,16 +259,23 @@ def resolve(
     target = dirs[0] / local_folder_name(name)
     why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if is_hub_id else (
         "it is not a Hugging Face id, so it cannot be downloaded")
-    if is_hub_id and allowed:
-        try:
-            return _download_hub(name, target, known, required)
-        except Exception as e:  # no network, unknown repo, disk full: say where to put the files instead
-            why = f"downloading it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    tried = is_hub_id and allowed
+    if tried:
+        endpoint = hub_endpoint()
+        unreachable = unreachable_reason(endpoint)
+        if unreachable:
+            why = f"downloading it failed: the Hugging Face Hub ({endpoint}) cannot be reached ({unreachable})"
+        else:
+            try:
+                return _download_hub(name, target, known, required)
+            except Exception as e:  # unknown repo, gated, disk full: say where to put the files instead
+                why = f"downloading it failed ({_first_line(e)})"
     needed = ", ".join(" or ".join(g) for g in required)
     raise WeightsNotFoundError(
         f"model '{name}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
         f"Put the model files ({needed}, plus the tokenizer files) in: {target}"
         + (f"\n(download them from https://huggingface.co/{name})" if is_hub_id else "")
+        + (f"\n{OFFLINE_HINT}" if tried else "")
     )
 
 
@@ -310,12 +359,22 @@ def resolve_file(
         log.add("models folder", d / filename)
         if (d / filename).is_file():
             return d / filename
-    if known is not None and downloads_allowed(allow_download):
-        return download_file(known.url, dirs[0] / filename, known.sha256)
     why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if known else "no download URL is known for it"
+    tried = known is not None and downloads_allowed(allow_download)
+    if tried:
+        parts = urllib.parse.urlsplit(known.url)
+        unreachable = unreachable_reason(f"{parts.scheme}://{parts.netloc}/")
+        if unreachable:
+            why = f"downloading it failed: {parts.netloc} cannot be reached ({unreachable})"
+        else:
+            try:
+                return download_file(known.url, dirs[0] / filename, known.sha256)
+            except Exception as e:  # cut connection, sha256 mismatch, disk full
+                why = f"downloading it failed ({_first_line(e)})"
     raise WeightsNotFoundError(
         f"weights file '{filename}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
         f"Put the file in: {dirs[0] / filename}" + (f"\n(download it from {known.url})" if known else "")
+        + (f"\n{OFFLINE_HINT}" if tried else "")
     )
 
 
@@ -326,7 +385,7 @@ def download_file(url: str, target: Path, sha256: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as resp:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}") as bar:
                 while block := resp.read(1 << 20):
