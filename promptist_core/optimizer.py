@@ -24,7 +24,7 @@ import torch
 
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .devices import pick_device, pick_dtype
-from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, resolve, resolve_tokenizer
+from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, reading_weights, resolve, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,8 @@ def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: tor
 
     logger.info("loading prompt optimizer %s from %s (%s, %s)", name, folder, device, dtype)
     # transformers loads safetensors, or .bin with torch.load(weights_only=True): no arbitrary unpickling.
-    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
+    with reading_weights(folder):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
     model.to(device=device, dtype=dtype)
     tokenizer = load_tokenizer(tokenizer_folder)
     return PromptOptimizer(model, tokenizer, name=name)

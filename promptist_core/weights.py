@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,65 @@ OFFLINE_HINT = ("To work offline, set PROMPTIST_OFFLINE=1 (or HF_HUB_OFFLINE=1; 
 
 class WeightsNotFoundError(FileNotFoundError):
     """A model could not be found locally and could not (or may not) be downloaded."""
+
+
+class UnreadableWeightsError(WeightsNotFoundError):
+    """A weights file that is there but cannot be used: truncated or corrupt, or a pickle that
+    `torch.load(weights_only=True)` refuses. A WeightsNotFoundError, so every place that reports missing
+    weights (the CLI's exit code 3, the hosts) reports this too; the message is one line naming the file."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"cannot load {path}: {problem}")
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def unreadable_weights_problem(error: BaseException) -> str | None:
+    """What is wrong with a weights file, from the error a loader raised; None if the error is not about that.
+
+    Recognised: safetensors' SafetensorError (truncated, empty, not safetensors), torch's refusal to
+    unpickle objects under weights_only=True, and torch's unreadable zip archive (a truncated .bin)."""
+    text = str(error)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if type(error).__name__ == "SafetensorError":
+        return f"it is not a complete safetensors file ({first}); it is probably truncated: download it again"
+    if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in text.lower():
+        detail = re.search(r"WeightsUnpickler error: ([^.]*)", text)
+        return ("it is a pickle holding more than tensors, and promptist never unpickles objects (torch.load with "
+                f"weights_only=True refused it{': ' + detail.group(1) if detail else ''}); "
+                "use the model's .safetensors file instead")
+    if "PytorchStreamReader" in text or isinstance(error, EOFError) or isinstance(error, pickle.UnpicklingError):
+        return (f"it is not a readable torch checkpoint ({first.split('. ')[0]}); it is probably truncated: "
+                "download it again")
+    return None
+
+
+def _weights_file(location: Path, error: BaseException) -> Path:
+    """The file an error is about: `location` itself, or the weights file in that folder it most likely means."""
+    if not location.is_dir():
+        return location
+    files = sorted(p for p in location.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file())
+    named = [p for p in files if p.name in str(error)]
+    safetensors_first = type(error).__name__ == "SafetensorError"
+    ranked = named + sorted(files, key=lambda p: (p.suffix == ".safetensors") != safetensors_first)
+    return ranked[0] if ranked else location
+
+
+@contextmanager
+def reading_weights(location: Path | str) -> Iterator[None]:
+    """Around a loader call: an error about an unreadable weights file in `location` (a file or a model
+    folder) becomes an UnreadableWeightsError naming the file, instead of a loader's traceback."""
+    try:
+        yield
+    except WeightsNotFoundError:
+        raise
+    except Exception as e:
+        problem = unreadable_weights_problem(e)
+        if problem is None:
+            raise
+        raise UnreadableWeightsError(_weights_file(Path(location), e), problem) from e
 
 
 @dataclass(frozen=True)
