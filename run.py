@@ -91,8 +91,10 @@ def main(argv: list[str]) -> int:
         python = setup(with_tests=False)
     except subprocess.CalledProcessError as e:
         return e.returncode
-    # The job itself: its exit code is ours (2 bad input, 3 missing weights, see README).
-    return subprocess.run([str(python), "-m", "promptist_core", *argv], cwd=os.getcwd()).returncode
+    # The job itself, from the caller's folder (relative paths, ./models/promptist) with this checkout
+    # importable; its exit code is ours (2 bad input, 3 missing weights, see README).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    return subprocess.run([str(python), "-m", "promptist_core", *argv], env=env).returncode
 
 
 if __name__ == "__main__":
