@@ -21,6 +21,8 @@ import platform
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -41,11 +43,28 @@ def has_nvidia_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/gpus").is_dir()
 
 
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """One short request: pip would retry an unreachable index for minutes before falling back."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True  # a server answered
+    except (OSError, ValueError):
+        return False
+
+
 def torch_index() -> str | None:
-    """PyPI's torch for Linux bundles CUDA (gigabytes); a machine without an NVIDIA GPU gets the CPU build."""
+    """PyPI's torch for Linux bundles CUDA (gigabytes); a machine without an NVIDIA GPU gets the CPU build
+    from PyTorch's index when that answers, else pip's default index (None)."""
     if "PROMPTIST_TORCH_INDEX" in os.environ:
         return os.environ["PROMPTIST_TORCH_INDEX"] or None
-    return CPU_TORCH_INDEX if platform.system() == "Linux" and not has_nvidia_gpu() else None
+    if platform.system() != "Linux" or has_nvidia_gpu():
+        return None
+    if reachable(CPU_TORCH_INDEX + "/"):
+        return CPU_TORCH_INDEX
+    print(f"note: {CPU_TORCH_INDEX} cannot be reached; installing torch from pip's default index", flush=True)
+    return None
 
 
 def requirement_files(with_tests: bool) -> list[Path]:

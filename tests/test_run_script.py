@@ -40,7 +40,10 @@ def test_torch_comes_from_the_cpu_index_on_linux_without_an_nvidia_gpu(monkeypat
     monkeypatch.delenv("PROMPTIST_TORCH_INDEX", raising=False)
     monkeypatch.setattr(run.platform, "system", lambda: "Linux")
     monkeypatch.setattr(run, "has_nvidia_gpu", lambda: False)
+    monkeypatch.setattr(run, "reachable", lambda url: url.startswith(run.CPU_TORCH_INDEX))
     assert run.torch_index() == run.CPU_TORCH_INDEX
+    monkeypatch.setattr(run, "reachable", lambda url: False)  # offline but for package registries: PyPI
+    assert run.torch_index() is None
     monkeypatch.setattr(run, "has_nvidia_gpu", lambda: True)
     assert run.torch_index() is None
     monkeypatch.setenv("PROMPTIST_TORCH_INDEX", "")
