@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weights import FileModel, WeightsNotFoundError, resolve_file
+from .weights import FileModel, UnreadableWeightsError, WeightsNotFoundError, reading_weights, resolve_file
 
 IMPROVED_AESTHETIC = FileModel(
     "sac+logos+ava1-l14-linearMSE.pth",
@@ -125,10 +125,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        with reading_weights(path):
+            return load_file(str(path), device="cpu")
     try:
         # The published heads were saved on CUDA: map to the CPU. Never unpickle arbitrary objects.
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        with reading_weights(path):
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except UnreadableWeightsError:
+        raise
     except Exception as e:
         raise ValueError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):

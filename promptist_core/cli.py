@@ -60,9 +60,14 @@ def _add_optimize(sub) -> None:
 
 
 def _run_optimize(args) -> int:
-    from .optimizer import check_prompts, load_optimizer
+    from .optimizer import PromptOptimizer, check_prompts, load_optimizer
 
-    prompts = check_prompts(read_prompts(args.prompts, args.file))  # fail before loading the model
+    # Fail before loading the model: bad prompts, and sizes out of range (max_new_tokens against the
+    # policy's context is checked once it is loaded).
+    prompts = check_prompts(read_prompts(args.prompts, args.file))
+    PromptOptimizer._check_options(args.mode, args.candidates, args.num_beams, args.max_new_tokens,
+                                   args.num_beam_groups, args.diversity_penalty, args.temperature, args.top_k,
+                                   args.top_p, args.batch_size, args.seed)
     optimizer = load_optimizer(args.model, models_dir=args.models_dir, device=args.device,
                                allow_download=False if args.offline else None)
     results = optimizer(
@@ -100,6 +105,8 @@ def _add_dfprompt(sub) -> None:
 def _run_dfprompt(args) -> int:
     from . import dfprompt
 
+    if args.steps is not None and not 1 <= args.steps <= dfprompt.MAX_STEPS:
+        raise ValueError(f"--steps must be between 1 and {dfprompt.MAX_STEPS}; got {args.steps}")
     prompt = dfprompt.parse(args.text)
     if args.format in ("schedule", "json") and args.steps is None:
         raise ValueError(f"--steps is required for --format {args.format}")
@@ -183,11 +190,12 @@ def _run_score(args) -> int:
     allow_download = False if args.offline else None
     if args.embeddings:
         return _score_embeddings(args, allow_download)
-    from .rewards import get_preset, load_scorer
+    from .rewards import check_batch_size, get_preset, load_scorer
 
     # 1. check inputs before loading any model
     if not args.images:
         raise ValueError("no images given: pass image files, or --embeddings FILE.npy")
+    check_batch_size(args.batch_size)
     text = args.reference_prompt or args.prompt
     if not text or not text.strip():
         raise ValueError("no prompt given: pass --prompt (and --reference-prompt for the user's plain prompt)")

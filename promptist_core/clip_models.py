@@ -32,6 +32,7 @@ from .weights import (
     _folder_has,
     _is_meant_as_path,
     load_tokenizer,
+    reading_weights,
     resolve,
 )
 
@@ -292,9 +293,11 @@ def load_clip(
             logger.info("loading CLIP %s from %s (%s, %s)", name, path, target, torch_dtype)
             if kind == "transformers":
                 tok_folder = _tokenizer_folder(path, name, tokenizer_name, models_dir, allow_download)
-                encoder = _load_transformers(path, tok_folder, name)
+                with reading_weights(path):
+                    encoder = _load_transformers(path, tok_folder, name)
             else:
-                encoder = _load_open_clip(path, arch, quick_gelu, name)
+                with reading_weights(path):
+                    encoder = _load_open_clip(path, arch, quick_gelu, name)
             encoder.module.to(device=target, dtype=torch_dtype)
             _CACHE[key] = encoder
         return _CACHE[key]

@@ -30,6 +30,9 @@ from decimal import Decimal
 PAE_RANGES = ((0.0, 0.5), (0.0, 1.0), (0.5, 1.0))
 PAE_WEIGHTS = (0.5, 0.75, 1.0, 1.25, 1.5)
 TARGETS = ("a1111", "plain")
+# The most sampling steps a schedule is computed for (ComfyUI's KSampler allows 10000): beyond it a
+# typo like 1000000000 would run for hours instead of failing.
+MAX_STEPS = 10_000
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _RANGE = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*")
@@ -269,6 +272,8 @@ def _as_prompt(prompt: DFPrompt | str) -> DFPrompt:
 def _check_steps(num_steps) -> int:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if num_steps > MAX_STEPS:
+        raise ValueError(f"num_steps must be at most {MAX_STEPS} (a sampler's step count), got {num_steps}")
     return num_steps
 
 

@@ -12,6 +12,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .dfprompt import MAX_STEPS
+
+# The largest image side a generator is asked for (ComfyUI's own limit is 16384; SDXL works at 1024).
+MAX_IMAGE_SIDE = 8192
+
 
 @runtime_checkable
 class ImageGenerator(Protocol):
@@ -28,12 +33,12 @@ def check_generate_args(prompts: Sequence[str], seeds: Sequence[int], steps: int
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds must give one seed per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer between 1 and {MAX_STEPS}, got {steps!r}")
     if not guidance >= 0:
         raise ValueError(f"guidance must be >= 0, got {guidance!r}")
-    if len(size) != 2 or any(not isinstance(s, int) or s < 8 or s % 8 for s in size):
-        raise ValueError(f"size must be (width, height), multiples of 8, got {size!r}")
+    if len(size) != 2 or any(not isinstance(s, int) or not 8 <= s <= MAX_IMAGE_SIDE or s % 8 for s in size):
+        raise ValueError(f"size must be (width, height), multiples of 8 up to {MAX_IMAGE_SIDE}, got {size!r}")
 
 
 class DiffusersGenerator:

@@ -26,7 +26,7 @@ import torch
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .devices import pick_device, pick_dtype
 from .quiet import no_progress_bars
-from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, resolve, resolve_tokenizer
+from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, reading_weights, resolve, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ REPHRASE_SUFFIX = " Rephrase:"
 MODES = ("beam", "diverse", "sample")
 # A prompt longer than this many characters is refused outright (it is not a prompt any more).
 MAX_PROMPT_CHARS = 20_000
+# Upper bounds for the sizes a user can type: beyond them a call would run for hours or exhaust memory
+# (sequences per generate call = batch_size x num_beams). Each is far above any useful setting.
+MAX_CANDIDATES = 64
+MAX_BEAMS = 64
+MAX_NEW_TOKENS = 512
+MAX_BATCH_SIZE = 256
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 StepCallback = Callable[[int, int], None]
 
@@ -60,6 +67,10 @@ class OptimizedPrompt:
                 "input_truncated": self.input_truncated}
 
 
+def _which(i: int, count: int) -> str:
+    return "the prompt" if count == 1 else f"prompt {i + 1}"
+
+
 def check_prompts(prompts: str | Sequence[str]) -> list[str]:
     """Validate and strip prompts; raises PromptError naming the bad one."""
     if isinstance(prompts, str):
@@ -68,7 +79,7 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
         raise PromptError("no prompt given: pass a prompt string or a list of prompts")
     cleaned = []
     for i, p in enumerate(prompts):
-        where = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        where = _which(i, len(prompts))
         if not isinstance(p, str):
             raise PromptError(f"{where} must be text, got {type(p).__name__}")
         if not p.strip():
@@ -154,10 +165,11 @@ class PromptOptimizer:
         # 1. check inputs
         sources = check_prompts(prompts)
         self._check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
-                            temperature, top_k, top_p, batch_size)
+                            temperature, top_k, top_p, batch_size, seed)
 
-        # 2. tokenize: "x Rephrase:", cut to the policy's context if needed
-        encoded, truncated = zip(*(self._encode(s, max_new_tokens) for s in sources), strict=True)
+        # 2. tokenize: "x Rephrase:"; max_new_tokens must fit the policy's context; cut an over-long prompt
+        encoded, truncated = zip(*(self._encode(s, max_new_tokens, _which(i, len(sources)))
+                                   for i, s in enumerate(sources)), strict=True)
 
         # 3. generate, in batches of similar length (less padding), or per prompt when sampling
         texts: list[list[str]] = [[] for _ in sources]
@@ -206,17 +218,31 @@ class PromptOptimizer:
         """One prompt in, the best rewrite out."""
         return self(prompt, **kwargs)[0].prompt
 
+    def max_new_tokens_for(self, prompt: str) -> int:
+        """The largest `max_new_tokens` this policy's context leaves for `prompt` (" Rephrase:" included).
+
+        A prompt longer than half the context may be cut to half of it, so it never limits the
+        new tokens to less than half the context."""
+        return self._new_token_limit(len(self._tokenize(prompt.strip() + REPHRASE_SUFFIX)))
+
+    def _new_token_limit(self, input_tokens: int) -> int:
+        return min(MAX_NEW_TOKENS, self.context_length - min(input_tokens, self.context_length // 2))
+
     @staticmethod
     def _check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
-                       temperature, top_k, top_p, batch_size) -> None:
+                       temperature, top_k, top_p, batch_size, seed=None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if not 1 <= candidates <= 64:
-            raise ValueError(f"candidates must be between 1 and 64; got {candidates}")
-        if not 1 <= max_new_tokens <= 512:
-            raise ValueError(f"max_new_tokens must be between 1 and 512; got {max_new_tokens}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be between 1 and {MAX_CANDIDATES}; got {candidates}")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}; got {max_new_tokens}")
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}; got {batch_size}")
+        if mode != "sample" and not 1 <= num_beams <= MAX_BEAMS:
+            raise ValueError(f"num_beams must be between 1 and {MAX_BEAMS}; got {num_beams}")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and 2**64-1; got {seed}")
         if mode != "sample" and candidates > num_beams:
             raise ValueError(f"candidates ({candidates}) cannot exceed num_beams ({num_beams}) in {mode} mode")
         if mode == "diverse":
@@ -232,14 +258,24 @@ class PromptOptimizer:
             if top_k < 0 or not 0 < top_p <= 1:
                 raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1; got top_k={top_k}, top_p={top_p}")
 
-    def _encode(self, source: str, max_new_tokens: int) -> tuple[list[int], bool]:
-        ids = self.tokenizer(source + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"]
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, source: str, max_new_tokens: int, where: str = "the prompt") -> tuple[list[int], bool]:
+        ids = self._tokenize(source + REPHRASE_SUFFIX)
+        limit = self._new_token_limit(len(ids))
+        if max_new_tokens > limit:
+            # Past the context the position embeddings run out: a raw IndexError deep in generate.
+            raise PromptError(
+                f"max_new_tokens={max_new_tokens} does not fit the policy's context of {self.context_length} "
+                f"tokens: {where} needs {min(len(ids), self.context_length // 2)} of them (with ' Rephrase:'), "
+                f"so the largest max_new_tokens allowed for it is {limit}")
         room = self.context_length - max_new_tokens
         if len(ids) <= room:
             return ids, False
         # Keep the beginning of the prompt and always end with " Rephrase:".
-        suffix = self.tokenizer(REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"]
-        body = self.tokenizer(source, add_special_tokens=False)["input_ids"]
+        suffix = self._tokenize(REPHRASE_SUFFIX)
+        body = self._tokenize(source)
         logger.warning("prompt of %d tokens is longer than the optimizer's context (%d for the input); "
                        "it is truncated", len(ids), room)
         return body[: max(room - len(suffix), 1)] + suffix, True
@@ -358,7 +394,7 @@ def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: tor
 
     logger.info("loading prompt optimizer %s from %s (%s, %s)", name, folder, device, dtype)
     # transformers loads safetensors, or .bin with torch.load(weights_only=True): no arbitrary unpickling.
-    with no_progress_bars():  # one "Loading weights" bar per load is noise in a host's log
+    with no_progress_bars(), reading_weights(folder):  # no per-load bar in a host's log; a broken file named
         model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
     model.to(device=device, dtype=dtype)
     tokenizer = load_tokenizer(tokenizer_folder)

@@ -67,6 +67,15 @@ PRESETS: dict[str, RewardPreset] = {
     "pae": RewardPreset("pae", aesthetic_delta=False, cosine_floor=0.0, pick_weight=1.0),
 }
 PRESET_NAMES = tuple(PRESETS)
+# Images per CLIP forward pass: more only multiplies the memory of one pass.
+MAX_BATCH_SIZE = 256
+
+
+def check_batch_size(batch_size: int) -> int:
+    """Checked before any model is loaded: a typed 10**9 is an error, not an out-of-memory crash."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}; got {batch_size!r}")
+    return batch_size
 
 
 def get_preset(preset: str | RewardPreset) -> RewardPreset:
@@ -197,8 +206,7 @@ class RewardScorer:
                 f"the aesthetic head expects {aesthetic_head.embed_dim}-dim CLIP embeddings but CLIP "
                 f"'{clip.name}' gives {clip.embed_dim}-dim ones; the LAION heads need ViT-L/14"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        check_batch_size(batch_size)
         self.clip, self.aesthetic_head, self.pick = clip, aesthetic_head, pick
         self.preset = get_preset(preset)
         self.batch_size = batch_size
@@ -344,6 +352,7 @@ def load_scorer(
     Models are cached by load_clip; the scorer itself is cheap to build.
     """
     preset = get_preset(preset)
+    check_batch_size(batch_size)
     if preset.pick_weight and not pick_model:
         pick_model = DEFAULT_PICKSCORE_MODEL
     common = dict(models_dir=models_dir, device=device, dtype=dtype, allow_download=allow_download)

@@ -12,10 +12,15 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +32,76 @@ DEFAULT_OPTIMIZER_MODEL = "microsoft/Promptist"
 OFFLINE_ENV_VARS = ("PROMPTIST_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # Where headless users keep models when no host supplies a folder.
 MODELS_DIR_ENV_VAR = "PROMPTIST_MODELS_DIR"
+# Before a download, one request with this timeout checks that the server answers at all: on a machine
+# without network, huggingface_hub's retries would otherwise cost about 30 s on every run.
+REACHABILITY_TIMEOUT_S = 3.0
+# Per socket operation of a single-file download (urllib has no timeout by default).
+DOWNLOAD_TIMEOUT_S = 30.0
+OFFLINE_HINT = ("To work offline, set PROMPTIST_OFFLINE=1 (or HF_HUB_OFFLINE=1; --offline on the command "
+                "line): no download is tried then.")
 
 
 class WeightsNotFoundError(FileNotFoundError):
     """A model could not be found locally and could not (or may not) be downloaded."""
+
+
+class UnreadableWeightsError(WeightsNotFoundError):
+    """A weights file that is there but cannot be used: truncated or corrupt, or a pickle that
+    `torch.load(weights_only=True)` refuses. A WeightsNotFoundError, so every place that reports missing
+    weights (the CLI's exit code 3, the hosts) reports this too; the message is one line naming the file."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"cannot load {path}: {problem}")
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def unreadable_weights_problem(error: BaseException) -> str | None:
+    """What is wrong with a weights file, from the error a loader raised; None if the error is not about that.
+
+    Recognised: safetensors' SafetensorError (truncated, empty, not safetensors), torch's refusal to
+    unpickle objects under weights_only=True, and torch's unreadable zip archive (a truncated .bin)."""
+    text = str(error)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if type(error).__name__ == "SafetensorError":
+        return f"it is not a complete safetensors file ({first}); it is probably truncated: download it again"
+    if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in text.lower():
+        detail = re.search(r"WeightsUnpickler error: ([^.]*)", text)
+        return ("it is a pickle holding more than tensors, and promptist never unpickles objects (torch.load with "
+                f"weights_only=True refused it{': ' + detail.group(1) if detail else ''}); "
+                "use the model's .safetensors file instead")
+    if "PytorchStreamReader" in text or isinstance(error, EOFError) or isinstance(error, pickle.UnpicklingError):
+        return (f"it is not a readable torch checkpoint ({first.split('. ')[0]}); it is probably truncated: "
+                "download it again")
+    return None
+
+
+def _weights_file(location: Path, error: BaseException) -> Path:
+    """The file an error is about: `location` itself, or the weights file in that folder it most likely means."""
+    if not location.is_dir():
+        return location
+    files = sorted(p for p in location.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file())
+    named = [p for p in files if p.name in str(error)]
+    safetensors_first = type(error).__name__ == "SafetensorError"
+    ranked = named + sorted(files, key=lambda p: (p.suffix == ".safetensors") != safetensors_first)
+    return ranked[0] if ranked else location
+
+
+@contextmanager
+def reading_weights(location: Path | str) -> Iterator[None]:
+    """Around a loader call: an error about an unreadable weights file in `location` (a file or a model
+    folder) becomes an UnreadableWeightsError naming the file, instead of a loader's traceback."""
+    try:
+        yield
+    except WeightsNotFoundError:
+        raise
+    except Exception as e:
+        problem = unreadable_weights_problem(e)
+        if problem is None:
+            raise
+        raise UnreadableWeightsError(_weights_file(Path(location), e), problem) from e
 
 
 @dataclass(frozen=True)
@@ -129,6 +200,39 @@ def downloads_allowed(allow_download: bool | None = None) -> bool:
     return True
 
 
+def hub_endpoint() -> str:
+    """The Hugging Face Hub address downloads go to: $HF_ENDPOINT, else huggingface_hub's default."""
+    env = os.environ.get("HF_ENDPOINT", "").strip()
+    if env:
+        return env.rstrip("/")
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT.rstrip("/")
+    except Exception:  # pragma: no cover - huggingface_hub is a hard dependency
+        return "https://huggingface.co"
+
+
+def unreachable_reason(url: str, timeout: float = REACHABILITY_TIMEOUT_S) -> str | None:
+    """None when a server answers at `url` (any HTTP status counts), else why not: one try, short timeout.
+
+    Only http(s) URLs are probed; anything else (a file:// URL) counts as reachable."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # 401, 404, 5xx: a server answered, so the network is there
+    except (OSError, ValueError) as e:  # URLError (refused, DNS), timeout
+        reason = getattr(e, "reason", None) or e
+        return f"{type(reason).__name__}: {reason}"
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
 def default_models_dir() -> Path:
     """The folder headless users keep models in: $PROMPTIST_MODELS_DIR, else ./models/promptist."""
     env = os.environ.get(MODELS_DIR_ENV_VAR)
@@ -225,16 +329,23 @@ def resolve(
     target = dirs[0] / local_folder_name(name)
     why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if is_hub_id else (
         "it is not a Hugging Face id, so it cannot be downloaded")
-    if is_hub_id and allowed:
-        try:
-            return _download_hub(name, target, known, required)
-        except Exception as e:  # no network, unknown repo, disk full: say where to put the files instead
-            why = f"downloading it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    tried = is_hub_id and allowed
+    if tried:
+        endpoint = hub_endpoint()
+        unreachable = unreachable_reason(endpoint)
+        if unreachable:
+            why = f"downloading it failed: the Hugging Face Hub ({endpoint}) cannot be reached ({unreachable})"
+        else:
+            try:
+                return _download_hub(name, target, known, required)
+            except Exception as e:  # unknown repo, gated, disk full: say where to put the files instead
+                why = f"downloading it failed ({_first_line(e)})"
     needed = ", ".join(" or ".join(g) for g in required)
     raise WeightsNotFoundError(
         f"model '{name}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
         f"Put the model files ({needed}, plus the tokenizer files) in: {target}"
         + (f"\n(download them from https://huggingface.co/{name})" if is_hub_id else "")
+        + (f"\n{OFFLINE_HINT}" if tried else "")
     )
 
 
@@ -318,12 +429,22 @@ def resolve_file(
         log.add("models folder", d / filename)
         if (d / filename).is_file():
             return d / filename
-    if known is not None and downloads_allowed(allow_download):
-        return download_file(known.url, dirs[0] / filename, known.sha256)
     why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if known else "no download URL is known for it"
+    tried = known is not None and downloads_allowed(allow_download)
+    if tried:
+        parts = urllib.parse.urlsplit(known.url)
+        unreachable = unreachable_reason(f"{parts.scheme}://{parts.netloc}/")
+        if unreachable:
+            why = f"downloading it failed: {parts.netloc} cannot be reached ({unreachable})"
+        else:
+            try:
+                return download_file(known.url, dirs[0] / filename, known.sha256)
+            except Exception as e:  # cut connection, sha256 mismatch, disk full
+                why = f"downloading it failed ({_first_line(e)})"
     raise WeightsNotFoundError(
         f"weights file '{filename}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
         f"Put the file in: {dirs[0] / filename}" + (f"\n(download it from {known.url})" if known else "")
+        + (f"\n{OFFLINE_HINT}" if tried else "")
     )
 
 
@@ -334,7 +455,7 @@ def download_file(url: str, target: Path, sha256: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as resp:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}") as bar:
                 while block := resp.read(1 << 20):

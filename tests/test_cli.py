@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 from promptist_core.cli import EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS, main
@@ -56,6 +57,26 @@ def test_bad_option_exits_2(tiny_promptist_dir, capsys):
                  "--models-dir", str(tiny_promptist_dir), "--device", "cpu"])
     assert code == EXIT_BAD_INPUT
     assert "cannot exceed num_beams" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--num-beams", "1000000", "num_beams must be between 1 and 64; got 1000000"),
+    ("--batch-size", "1000000000", "batch_size must be between 1 and 256; got 1000000000"),
+    ("--max-new-tokens", "100000", "max_new_tokens must be between 1 and 512; got 100000"),
+    ("--seed", "-1", "seed must be between 0 and 2**64-1; got -1"),
+])
+def test_sizes_out_of_range_exit_2_before_the_model_is_looked_for(tmp_path, capsys, option, value, message):
+    # No model in tmp_path: looking for it would exit 3 instead.
+    code = main(["optimize", "a cat", "--models-dir", str(tmp_path), "--offline", option, value])
+    assert code == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_max_new_tokens_beyond_the_policys_context_exits_2(tiny_promptist_dir, capsys):
+    code = main(["optimize", "a cat", "--max-new-tokens", "256", "--model", "tiny-promptist",
+                 "--models-dir", str(tiny_promptist_dir), "--device", "cpu"])
+    assert code == EXIT_BAD_INPUT
+    assert "does not fit the policy's context of 128 tokens" in capsys.readouterr().err
 
 
 def test_missing_model_exits_3_and_says_where_to_put_it(tmp_path):

@@ -193,6 +193,13 @@ def test_schedule_rejects_a_bad_step_count():
         schedule("cat", 0)
 
 
+def test_step_counts_are_bounded_in_every_renderer():
+    assert len(df.step_texts("cat, [a:0.5-1:1.5]", df.MAX_STEPS)) == df.MAX_STEPS == 10_000
+    for render in (schedule, df.step_texts, to_a1111, lambda p, n: df.comfy_percent(1, n)):
+        with pytest.raises(ValueError, match="num_steps must be at most 10000 .*got 10001"):
+            render("cat, [a:0.5-1:1.5]", df.MAX_STEPS + 1)
+
+
 # -- A1111 rendering -------------------------------------------------------------------------------------
 
 def test_a1111_rendering_of_the_pae_ranges_with_known_steps():
@@ -273,6 +280,21 @@ def test_cli_prints_the_schedule_a1111_and_json(capsys):
         (0, 9, "cat, (detailed:1.25)"), (10, 19, "cat, ")]
     assert main(["dfprompt", "cat, [detailed:0.5-1:1.25]", "--steps", "20"]) == 0
     assert capsys.readouterr().out.splitlines() == ["steps 0-9: cat, (detailed:1.25)", "steps 10-19: cat, "]
+
+
+@pytest.mark.parametrize("fmt", ["schedule", "a1111", "json"])
+def test_cli_refuses_an_absurd_step_count_at_once(fmt):
+    # The command ran for over 10 minutes; the timeout only keeps a regression from hanging CI.
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "promptist_core", "dfprompt", "a horse, [anime:0-1:1.5]",
+                           "--steps", "1000000000", "--format", fmt], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "error: --steps must be between 1 and 10000; got 1000000000\n"
 
 
 def test_cli_reports_a_parse_error_in_one_line_with_exit_code_2(capsys):

@@ -97,6 +97,44 @@ def test_bad_options_are_clear_errors(tiny_optimizer, kwargs, message):
         tiny_optimizer("a cat", **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_beams": 65, "max_new_tokens": 2}, "num_beams must be between 1 and 64"),
+    ({"batch_size": 257, "max_new_tokens": 2}, "batch_size must be between 1 and 256"),
+    ({"mode": "sample", "seed": 2**64}, "seed must be between 0 and 2"),
+    ({"mode": "sample", "candidates": 65, "max_new_tokens": 2}, "candidates must be between 1 and 64"),
+    ({"max_new_tokens": 513}, "max_new_tokens must be between 1 and 512"),
+])
+def test_sizes_a_user_can_type_are_bounded_with_a_clear_error(tiny_optimizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_optimizer("a cat", **kwargs)
+
+
+def _never_stopping(optimizer):
+    """The same policy with an end token it never writes, so every rewrite runs to max_new_tokens."""
+    from promptist_core.optimizer import PromptOptimizer
+
+    copy = PromptOptimizer(optimizer.model, optimizer.tokenizer, name="never-stops")
+    copy.eos_token_id = optimizer.tokenizer.convert_tokens_to_ids("Ġof")
+    return copy
+
+
+@pytest.mark.parametrize("mode", ["beam", "diverse", "sample"])
+@pytest.mark.parametrize("prompt", ["a cat", "a cat riding a bike in a very long story " * 20])
+def test_max_new_tokens_is_checked_against_the_policys_context_in_every_mode(tiny_optimizer, mode, prompt):
+    optimizer = _never_stopping(tiny_optimizer)
+    limit = optimizer.max_new_tokens_for(prompt)
+    assert optimizer.context_length == 128 and 64 <= limit < 128
+    # Up to the limit the rewrite runs to the last position of the context (a short prompt is not cut,
+    # a long one is cut to make room) ...
+    result = optimizer(prompt, mode=mode, max_new_tokens=limit, num_beams=2, seed=1)[0]
+    assert result.input_truncated == (limit == 64)
+    if mode != "sample":
+        assert len(optimizer._tokenize(result.candidates[0])) >= limit - 2
+    # ... one more is a clear error (it was an IndexError inside generate), naming both numbers.
+    with pytest.raises(PromptError, match=rf"context of 128 tokens.*allowed for it is {limit}$"):
+        optimizer(prompt, mode=mode, max_new_tokens=limit + 1, num_beams=2, seed=1)
+
+
 def test_a_prompt_longer_than_the_context_is_truncated_with_a_note_not_a_crash(tiny_optimizer):
     huge = "a cat riding a bike in a very long story " * 200  # far beyond the tiny model's 128 tokens
     result = tiny_optimizer(huge, max_new_tokens=20)[0]

@@ -134,6 +134,18 @@ def test_bad_arguments_are_refused_before_anything_runs(pipe):
         generate_dfprompt(pipe, "a cat", prompt_embeds=torch.zeros(1, 77, 32))
 
 
+def test_step_counts_and_image_sizes_are_bounded_before_anything_runs(pipe):
+    from promptist_core.generators import check_generate_args
+
+    with pytest.raises(ValueError, match="num_steps must be at most 10000"):
+        generate_dfprompt(pipe, "a cat", num_inference_steps=10_001)
+    with pytest.raises(ValueError, match="steps must be an integer between 1 and 10000, got 1000000000"):
+        check_generate_args(["a cat"], [1], 10**9, 5.0, (64, 64))
+    with pytest.raises(ValueError, match="multiples of 8 up to 8192, got \\(65536, 64\\)"):
+        check_generate_args(["a cat"], [1], 2, 5.0, (65536, 64))
+    check_generate_args(["a cat"], [1], 10_000, 5.0, (8192, 64))
+
+
 def test_diffusers_generator_draws_one_seeded_image_per_prompt(pipe):
     gen = DiffusersGenerator(pipe, batch_size=2)
     assert isinstance(gen, ImageGenerator)

@@ -75,6 +75,15 @@ def test_missing_prompt_or_images_exit_2(image_files, capsys):
     assert "no images" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["0", "257", "1000000000"])
+def test_batch_size_is_bounded_before_any_model_loads(image_files, tmp_path, capsys, size):
+    # No weights in tmp_path: loading anything would exit 3 instead.
+    code = main(["score", image_files[0], "--prompt", "a cat", "--models-dir", str(tmp_path), "--offline",
+                 "--device", "cpu", "--batch-size", size])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: batch_size must be between 1 and 256; got {size}\n"
+
+
 def test_missing_weights_offline_exit_3_and_say_where_to_put_them(image_files, tmp_path, capsys):
     code = main(["score", image_files[0], "--prompt", "a cat", "--models-dir", str(tmp_path), "--offline",
                  "--device", "cpu"])

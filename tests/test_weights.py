@@ -109,6 +109,101 @@ def test_download_checks_sha256_and_leaves_no_partial_file(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w.bin"]
 
 
+def closed_port() -> int:
+    """A local port nothing listens on: connecting is refused, as on a machine without network."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def network_calls(monkeypatch):
+    """Counts every network attempt: urllib requests (with their timeout) and huggingface_hub downloads,
+    which fail at once here instead of retrying for half a minute."""
+    import urllib.request
+
+    import huggingface_hub
+
+    calls = []
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(url, *args, timeout=None, **kwargs):
+        calls.append(("urlopen", getattr(url, "full_url", url), timeout))
+        return real_urlopen(url, *args, timeout=timeout, **kwargs)
+
+    def hub_call(name, real):
+        def call(*args, **kwargs):
+            if kwargs.get("local_files_only"):
+                return real(*args, **kwargs)
+            calls.append((name, args, kwargs))
+            raise ConnectionError(f"{name}: no network in this test")
+        return call
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    for name in ("snapshot_download", "list_repo_files", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, hub_call(name, getattr(huggingface_hub, name)))
+    return calls
+
+
+def test_an_unreachable_hub_fails_after_one_short_probe_and_says_how_to_go_offline(tmp_path, monkeypatch,
+                                                                                   network_calls):
+    from promptist_core.weights import REACHABILITY_TIMEOUT_S
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve("microsoft/Promptist", models_dir=tmp_path / "models", allow_download=True)
+    # One request, with a timeout of a few seconds, and no huggingface_hub download (its retries took ~30 s).
+    assert network_calls == [("urlopen", endpoint, REACHABILITY_TIMEOUT_S)]
+    assert REACHABILITY_TIMEOUT_S <= 5
+    message = str(e.value)
+    assert f"the Hugging Face Hub ({endpoint}) cannot be reached" in message
+    assert "PROMPTIST_OFFLINE=1" in message and "HF_HUB_OFFLINE=1" in message
+    assert str(tmp_path / "models" / "Promptist") in message
+
+
+def test_a_reachable_hub_is_downloaded_from(tmp_path, monkeypatch, network_calls):
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        with pytest.raises(WeightsNotFoundError, match="no network in this test"):
+            resolve("microsoft/Promptist", models_dir=tmp_path / "models", allow_download=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [c[0] for c in network_calls][0] == "urlopen"
+    assert {c[0] for c in network_calls[1:]} & {"snapshot_download", "list_repo_files"}
+
+
+def test_an_unreachable_file_server_fails_after_one_short_probe(tmp_path, network_calls):
+    from promptist_core.weights import REACHABILITY_TIMEOUT_S
+
+    host = f"127.0.0.1:{closed_port()}"
+    known = FileModel("head.pth", f"http://{host}/head.pth", "0" * 64)
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve_file("head", known=known, models_dir=tmp_path, allow_download=True)
+    assert network_calls == [("urlopen", f"http://{host}/", REACHABILITY_TIMEOUT_S)]
+    assert f"{host} cannot be reached" in str(e.value) and "PROMPTIST_OFFLINE=1" in str(e.value)
+    assert str(tmp_path / "head.pth") in str(e.value)
+
+
+def test_a_single_file_download_has_a_timeout(tmp_path, network_calls):
+    from promptist_core.weights import DOWNLOAD_TIMEOUT_S
+
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"weights")
+    download_file(source.as_uri(), tmp_path / "w.bin")
+    assert network_calls == [("urlopen", source.as_uri(), DOWNLOAD_TIMEOUT_S)]
+
+
 def test_failed_download_still_says_where_to_put_the_files(tmp_path):
     # A real download attempt against a closed port: fails fast, like a machine without network.
     env = {k: v for k, v in os.environ.items() if k not in ("PROMPTIST_OFFLINE", "HF_HUB_OFFLINE",
