@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,12 +412,17 @@ def train_ppo(
     while state["step"] < config.iterations:
         iteration = state["step"]
         # 4. rollout: this rank's share of the batch
+        clock = time.perf_counter()
         indices = next(stream)[runtime.rank::runtime.world_size]
         plains = [prompts[i] for i in indices]
         batch_rollout = rollout(policy, tokenizer, plains, config, iteration=iteration, rank=runtime.rank)
 
         # 5. reward of each rewrite
+        seconds = {"seconds_rollout": time.perf_counter() - clock}
+        clock = time.perf_counter()
         scored = reward(plains, batch_rollout.rewrites)
+        seconds["seconds_reward"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         scores = torch.tensor(scored.total, dtype=torch.float32, device=runtime.device)
 
         # 6. log-probs, reference log-probs and values of the rollout (no grad)
@@ -464,6 +470,8 @@ def train_ppo(
                 token_count += sub_mask.sum().item()
                 updates += 1
 
+        seconds["seconds_learner"] = time.perf_counter() - clock
+
         # 9. statistics over all ranks, the KL controller, log, checkpoint, callback
         n_local = float(len(plains))
         sums = torch.tensor([scores.sum().item(), kl_tokens.sum().item(), mask.sum().item(), n_local,
@@ -478,7 +486,7 @@ def train_ppo(
                    "clip_frac": totals["clip_frac"] / token_count, "approx_kl": totals["approx_kl"] / token_count,
                    "entropy": totals["entropy"] / token_count,
                    "explained_var": 1.0 - sums[4].item() / max(sums[5].item(), 1e-8),
-                   "baseline_hits": cache.hits}
+                   "baseline_hits": cache.hits, **seconds}
         for name, values_ in scored.terms.items():
             metrics[f"reward_{name}"] = sum(values_) / len(values_)
         if config.kl_controller == "adaptive":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
+import time
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -109,6 +110,7 @@ class ImageReward:
         self.preset = replace(get_preset(preset), cosine_floor=cosine_floor)
         self.n, self.steps, self.guidance, self.size, self.seed = images_per_prompt, steps, guidance, size, seed
         self.cache = cache or BaselineCache()
+        self.seconds: dict[str, float] = {}  # of the last call: plain_images, rewrite_images, scoring
         self.fingerprint = (f"{type(generator).__name__}:{fingerprint or getattr(generator, 'fingerprint', '')}:"
                             f"{steps}:{guidance}:{size[0]}x{size[1]}")
 
@@ -117,6 +119,8 @@ class ImageReward:
 
     def __call__(self, plains: list[str], rewrites: list[str]) -> RewardBatch:
         # 1. seeds shared by each plain prompt and its rewrite
+        clock = time.perf_counter()
+        self.seconds = {"plain_images": 0.0}
         seeds = [image_seed(p, i, self.seed) for p in plains for i in range(self.n)]
         plain_rep = [p for p in plains for _ in range(self.n)]
         # 2. the plain prompts' aesthetic scores: cached, else drawn and scored once
@@ -127,11 +131,16 @@ class ImageReward:
             if todo:
                 first = [keys.index(k) for k in todo]
                 drawn = self._draw([plain_rep[i] for i in first], [seeds[i] for i in first])
+                self.seconds["plain_images"] = time.perf_counter() - clock
                 self.cache.entries.update(zip(todo, self.scorer.aesthetic_scores(drawn).tolist(), strict=True))
             baseline = [self.cache.entries[k] for k in keys]
         # 3. the rewrites' images, scored against the plain prompt
+        clock = time.perf_counter()
         images = self._draw([r for r in rewrites for _ in range(self.n)], seeds)
+        self.seconds["rewrite_images"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         terms = self.scorer.rewards(images, plain_rep, baseline_aesthetic=baseline, preset=self.preset)
+        self.seconds["scoring"] = time.perf_counter() - clock
         # 4. the mean over each prompt's images
         def per_prompt(t) -> list[float]:
             return t.view(len(plains), self.n).mean(1).tolist()
