@@ -351,21 +351,34 @@ def load_tokenizer(folder: Path | str, **kwargs):
     vocab.json + merges.txt are read as GPT-2's byte-level BPE."""
     from transformers import AutoTokenizer
 
+    folder = Path(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        return _checked(AutoTokenizer.from_pretrained(str(folder), **kwargs), folder)
     except Exception as e:
-        folder = Path(folder)
         if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
             raise
-        logger.warning("tokenizer in %s did not load (%s: %s); using its vocab.json + merges.txt",
-                       folder, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return _gpt2_tokenizer_from_vocab(folder, **kwargs)
+        first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logger.warning("tokenizer in %s did not load (%s); using its vocab.json + merges.txt", folder, first)
+        try:
+            return _checked(_gpt2_tokenizer_from_vocab(folder, **kwargs), folder)
+        except Exception as e2:
+            raise ValueError(f"the tokenizer in {folder} cannot be read ({first}), nor its vocab.json + merges.txt "
+                             f"({type(e2).__name__}: {e2}). Copy the tokenizer files that came with the model "
+                             "into it again.") from e2
+
+
+def _checked(tokenizer, folder: Path):
+    """Some versions build an empty tokenizer from unreadable files instead of raising: refuse it."""
+    if not tokenizer("a photo")["input_ids"]:
+        raise ValueError(f"the tokenizer in {folder} encodes text to nothing (its files are empty or broken)")
+    return tokenizer
 
 
 def _gpt2_tokenizer_from_vocab(folder: Path, **kwargs):
     """GPT-2's tokenizer class on the folder's vocab.json + merges.txt, with its special tokens."""
     from transformers import GPT2Tokenizer, GPT2TokenizerFast
 
+    json.loads((folder / "vocab.json").read_text(encoding="utf-8"))  # a clear error for a broken file
     settings = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
         path = folder / name
