@@ -152,13 +152,42 @@ def _is_meant_as_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def _hub_cache_folder(repo_id: str, required: tuple[tuple[str, ...], ...]) -> Path | None:
+def hf_cache_dirs() -> list[Path]:
+    """The Hugging Face caches to look in, read at call time (a host may change them after we import).
+
+    First where the host points now (Forge sets HF_HUB_CACHE / HF_HOME to its `models/diffusers` at
+    start-up; `huggingface_hub.constants` if it was imported earlier), then the user's default cache
+    (`~/.cache/huggingface/hub`), where models downloaded outside the host live.
+    """
+    dirs: list[Path] = []
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    try:
+        from huggingface_hub import constants
+
+        dirs.append(Path(constants.HF_HUB_CACHE))
+    except Exception:  # pragma: no cover - huggingface_hub is a hard dependency
+        pass
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs.append(Path(cache_home) / "huggingface" / "hub")
+    unique = {}
+    for d in dirs:
+        unique.setdefault(os.path.normcase(os.path.abspath(os.path.expanduser(str(d)))), Path(d).expanduser())
+    return list(unique.values())
+
+
+def _hub_cache_folder(repo_id: str, required: tuple[tuple[str, ...], ...], cache_dir: Path) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a hard dependency
         return None
+    if not cache_dir.is_dir():
+        return None
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=str(cache_dir)))
     except Exception:
         return None
     return folder if _folder_has(folder, required) else None
@@ -208,10 +237,11 @@ def resolve(
     # 3. the Hugging Face cache (only for names that look like Hub ids)
     is_hub_id = name.count("/") == 1
     if is_hub_id:
-        log.add("Hugging Face cache", f"{_hf_cache_root()}/models--{name.replace('/', '--')}")
-        folder = _hub_cache_folder(name, required)
-        if folder is not None:
-            return folder
+        for cache_dir in hf_cache_dirs():
+            log.add("Hugging Face cache", cache_dir / f"models--{name.replace('/', '--')}")
+            folder = _hub_cache_folder(name, required, cache_dir)
+            if folder is not None:
+                return folder
 
     # 4. download
     allowed = downloads_allowed(allow_download)
@@ -248,15 +278,6 @@ def resolve_tokenizer(model_folder: Path, name: str, *, models_dir=None, allow_d
         raise WeightsNotFoundError(
             f"{e}\nAlternatively copy GPT-2's tokenizer files (vocab.json, merges.txt) into {model_folder}."
         ) from None
-
-
-def _hf_cache_root() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        return str(HF_HUB_CACHE)
-    except Exception:  # pragma: no cover
-        return "~/.cache/huggingface/hub"
 
 
 def _download_hub(repo_id: str, target: Path, known: HubModel | None, required) -> Path:
