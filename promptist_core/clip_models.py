@@ -336,25 +336,85 @@ def _tokenizer_folder(folder: Path, name: str, tokenizer_name, models_dir, allow
 
 
 def _load_open_clip(path: Path, architecture: str | None, quick_gelu: bool, name: str) -> OpenClipEncoder:
+    """Build the architecture with open_clip and load the weights ourselves.
+
+    Works alike on open_clip 2.20 (A1111 1.10's pin: no `weights_only`, no `local-dir:` scheme, no
+    safetensors in its checkpoint loader) and current versions; the weights are read as safetensors or
+    with `torch.load(weights_only=True)` whatever open_clip would do.
+    """
     import open_clip
 
+    preprocess = {}
     if architecture is None:  # a folder in open_clip's Hub layout
-        model_id = f"local-dir:{path}"
-        model = open_clip.create_model(model_id, force_quick_gelu=quick_gelu, weights_only=True)
-    else:
-        if architecture not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip architecture {architecture!r}; e.g. ViT-L-14-quickgelu, ViT-B-32")
-        model_id = architecture
-        model = open_clip.create_model(architecture, pretrained=str(path), force_quick_gelu=quick_gelu,
-                                       weights_only=True)
-    tokenizer = open_clip.get_tokenizer(model_id)
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        config = json.loads((path / "open_clip_config.json").read_text(encoding="utf-8"))
+        architecture = _register_open_clip_config(open_clip, config["model_cfg"])
+        preprocess = config.get("preprocess_cfg") or {}
+        path = next(path / f for f in OPEN_CLIP_FILES[1] if (path / f).is_file())
+    elif architecture not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {architecture!r}; e.g. ViT-L-14-quickgelu, ViT-B-32")
+    model = open_clip.create_model(architecture, force_quick_gelu=quick_gelu, **_no_download_kwargs(open_clip))
+    load_open_clip_weights(model, path)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(architecture)
+    cfg = preprocess or getattr(model.visual, "preprocess_cfg", {}) or {}
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
     return OpenClipEncoder(model, tokenizer, image_size=size, mean=cfg.get("mean", OPENAI_MEAN),
                            std=cfg.get("std", OPENAI_STD), embed_dim=model.text_projection.shape[-1]
                            if hasattr(model, "text_projection") and model.text_projection is not None
                            else model.visual.output_dim, name=name)
+
+
+def _no_download_kwargs(open_clip) -> dict:
+    """Never fetch a Hugging Face text tower's weights when building (2.20: pretrained_hf; 3.x: pretrained_text)."""
+    import inspect
+
+    params = inspect.signature(open_clip.create_model).parameters
+    return {k: False for k in ("pretrained_hf", "pretrained_text") if k in params}
+
+
+_CONFIG_DIR = None  # kept for the process: open_clip re-reads every registered folder on each registration
+
+
+def _register_open_clip_config(open_clip, model_cfg: dict) -> str:
+    """Register a Hub folder's model config under a name of its own (`add_model_config` exists in 2.20 too)."""
+    import hashlib
+    import tempfile
+
+    global _CONFIG_DIR
+    text = json.dumps(model_cfg, sort_keys=True)
+    arch = "promptist-local-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    if arch not in open_clip.list_models():
+        if _CONFIG_DIR is None:
+            _CONFIG_DIR = tempfile.TemporaryDirectory(prefix="promptist-open-clip-")
+        (Path(_CONFIG_DIR.name) / f"{arch}.json").write_text(text, encoding="utf-8")
+        open_clip.add_model_config(_CONFIG_DIR.name)
+    return arch
+
+
+def load_open_clip_weights(model: torch.nn.Module, file: Path) -> None:
+    """Load an open_clip checkpoint (safetensors, or .bin/.pt with weights_only=True) into `model`, strictly."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    if next(iter(state), "").startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if hasattr(model, "text") and not any(k.startswith("text.") for k in state):  # CustomTextCLIP
+        from open_clip.model import convert_to_custom_text_state_dict
+
+        state = convert_to_custom_text_state_dict(state)
+    # Buffers some versions save and others do not (position_ids) are not weights.
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{file} does not fit this open_clip architecture: {str(e).splitlines()[0]}") from e
 
 
 def _load_transformers(path: Path, tokenizer_folder: Path, name: str) -> HFClipEncoder:

@@ -38,6 +38,10 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _RANGE = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*")
 _WEIGHT = re.compile(rf"\s*({_NUMBER})\s*")
 _LOOKS_LIKE_BLOCK = re.compile(rf"\[[^\[\]]*:\s*{_NUMBER}\s*-\s*{_NUMBER}\s*:\s*{_NUMBER}\s*\]")
+# Almost a block: a field that starts like a range (`0-`, `0.5 -`) as the second-last or last field,
+# `[anime:0-1:abc]`, `[anime:0-1]`, `[anime:0-x:1]`. The webui's own syntax never has a field like that
+# (its `when` is a plain number), so these are DF blocks with a mistake: errors, not the host's text.
+_NEAR_BLOCK = re.compile(rf"\[[^\[\]]*:\s*{_NUMBER}\s*-\s*[^\[\]:\s]*\s*(?::[^\[\]:]*)?\]")
 
 
 class DFPromptError(ValueError):
@@ -159,8 +163,13 @@ def unescape(text: str) -> str:
 
 
 def has_dfprompt(text: str) -> bool:
-    """True when `text` holds something shaped like a DF block (`[x:a-b:w]`); cheap, for hosts to decide."""
-    return bool(_LOOKS_LIKE_BLOCK.search(text))
+    """True when `text` holds something shaped like a DF block (`[x:a-b:w]`), or almost (`[x:0-1:abc]`,
+    which `parse` reports as an error); cheap, for hosts to decide whether to parse."""
+    return bool(_LOOKS_LIKE_BLOCK.search(text) or _NEAR_BLOCK.search(text))
+
+
+def _is_df_block(text: str, start: int, stop: int) -> bool:
+    return bool(_LOOKS_LIKE_BLOCK.fullmatch(text, start, stop) or _NEAR_BLOCK.fullmatch(text, start, stop))
 
 
 def _unescaped(text: str, chars: str, start: int = 0, stop: int | None = None) -> list[int]:
@@ -226,7 +235,8 @@ def parse(text: str, *, host_brackets: bool = False) -> DFPrompt:
         text: the prompt.
         host_brackets: leave every bracket that does not open a DF-shaped block (`[x:a-b:w]`) to the
             host, as plain text: the webui's own `[cat:dog:10]` or `[word]` then keep working beside DF
-            blocks. DF-shaped blocks are still checked strictly (range within 0-1, start <= end, w > 0).
+            blocks. DF-shaped blocks are still checked strictly (range within 0-1, start <= end, w > 0),
+            and so are near-blocks whose range field starts like one (`[x:0-1:abc]`, `[x:0-1]`).
     """
     if not isinstance(text, str):
         raise ValueError(f"a DF-Prompt must be a string, got {type(text).__name__}")
@@ -242,7 +252,7 @@ def parse(text: str, *, host_brackets: bool = False) -> DFPrompt:
         if ch == "[":
             inner = _unescaped(text, "[]", i + 1)
             if host_brackets and not (inner and text[inner[0]] == "]"
-                                      and _LOOKS_LIKE_BLOCK.fullmatch(text, i, inner[0] + 1)):
+                                      and _is_df_block(text, i, inner[0] + 1)):
                 i += 1  # the host's bracket
                 continue
             if not inner:

@@ -261,13 +261,42 @@ def _is_meant_as_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def _hub_cache_folder(repo_id: str, required: tuple[tuple[str, ...], ...]) -> Path | None:
+def hf_cache_dirs() -> list[Path]:
+    """The Hugging Face caches to look in, read at call time (a host may change them after we import).
+
+    First where the host points now (Forge sets HF_HUB_CACHE / HF_HOME to its `models/diffusers` at
+    start-up; `huggingface_hub.constants` if it was imported earlier), then the user's default cache
+    (`~/.cache/huggingface/hub`), where models downloaded outside the host live.
+    """
+    dirs: list[Path] = []
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    try:
+        from huggingface_hub import constants
+
+        dirs.append(Path(constants.HF_HUB_CACHE))
+    except Exception:  # pragma: no cover - huggingface_hub is a hard dependency
+        pass
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs.append(Path(cache_home) / "huggingface" / "hub")
+    unique = {}
+    for d in dirs:
+        unique.setdefault(os.path.normcase(os.path.abspath(os.path.expanduser(str(d)))), Path(d).expanduser())
+    return list(unique.values())
+
+
+def _hub_cache_folder(repo_id: str, required: tuple[tuple[str, ...], ...], cache_dir: Path) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a hard dependency
         return None
+    if not cache_dir.is_dir():
+        return None
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=str(cache_dir)))
     except Exception:
         return None
     return folder if _folder_has(folder, required) else None
@@ -319,10 +348,11 @@ def resolve(
     # 3. the Hugging Face cache (only for names that look like Hub ids)
     is_hub_id = name.count("/") == 1
     if is_hub_id:
-        log.add("Hugging Face cache", f"{_hf_cache_root()}/models--{name.replace('/', '--')}")
-        folder = _hub_cache_folder(name, required)
-        if folder is not None:
-            return folder
+        for cache_dir in hf_cache_dirs():
+            log.add("Hugging Face cache", cache_dir / f"models--{name.replace('/', '--')}")
+            folder = _hub_cache_folder(name, required, cache_dir)
+            if folder is not None:
+                return folder
 
     # 4. download
     allowed = downloads_allowed(allow_download)
@@ -366,15 +396,6 @@ def resolve_tokenizer(model_folder: Path, name: str, *, models_dir=None, allow_d
         raise WeightsNotFoundError(
             f"{e}\nAlternatively copy GPT-2's tokenizer files (vocab.json, merges.txt) into {model_folder}."
         ) from None
-
-
-def _hf_cache_root() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        return str(HF_HUB_CACHE)
-    except Exception:  # pragma: no cover
-        return "~/.cache/huggingface/hub"
 
 
 def _download_hub(repo_id: str, target: Path, known: HubModel | None, required) -> Path:
@@ -479,21 +500,34 @@ def load_tokenizer(folder: Path | str, **kwargs):
     vocab.json + merges.txt are read as GPT-2's byte-level BPE."""
     from transformers import AutoTokenizer
 
+    folder = Path(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        return _checked(AutoTokenizer.from_pretrained(str(folder), **kwargs), folder)
     except Exception as e:
-        folder = Path(folder)
         if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
             raise
-        logger.warning("tokenizer in %s did not load (%s: %s); using its vocab.json + merges.txt",
-                       folder, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return _gpt2_tokenizer_from_vocab(folder, **kwargs)
+        first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logger.warning("tokenizer in %s did not load (%s); using its vocab.json + merges.txt", folder, first)
+        try:
+            return _checked(_gpt2_tokenizer_from_vocab(folder, **kwargs), folder)
+        except Exception as e2:
+            raise ValueError(f"the tokenizer in {folder} cannot be read ({first}), nor its vocab.json + merges.txt "
+                             f"({type(e2).__name__}: {e2}). Copy the tokenizer files that came with the model "
+                             "into it again.") from e2
+
+
+def _checked(tokenizer, folder: Path):
+    """Some versions build an empty tokenizer from unreadable files instead of raising: refuse it."""
+    if not tokenizer("a photo")["input_ids"]:
+        raise ValueError(f"the tokenizer in {folder} encodes text to nothing (its files are empty or broken)")
+    return tokenizer
 
 
 def _gpt2_tokenizer_from_vocab(folder: Path, **kwargs):
     """GPT-2's tokenizer class on the folder's vocab.json + merges.txt, with its special tokens."""
     from transformers import GPT2Tokenizer, GPT2TokenizerFast
 
+    json.loads((folder / "vocab.json").read_text(encoding="utf-8"))  # a clear error for a broken file
     settings = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
         path = folder / name
@@ -526,18 +560,26 @@ def resolve_dataset_file(spec: str, *, allow_download: bool | None = None) -> Pa
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True))
-    except Exception:
-        pass
+    caches = hf_cache_dirs()
+    for cache in caches:
+        try:
+            return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True,
+                                        cache_dir=str(cache)))
+        except Exception:
+            continue
     why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)"
     if downloads_allowed(allow_download):
-        try:
-            return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
-        except Exception as e:
-            why = f"downloading it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        unreachable = unreachable_reason(hub_endpoint())
+        if unreachable:
+            why = f"the Hub cannot be reached ({unreachable}); offline, set PROMPTIST_OFFLINE=1"
+        else:
+            try:
+                return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+            except Exception as e:
+                why = f"downloading it failed ({_first_line(e)})"
     raise WeightsNotFoundError(
-        f"dataset file '{filename}' of {repo_id} is not in the Hugging Face cache ({_hf_cache_root()}) and {why}.\n"
+        f"dataset file '{filename}' of {repo_id} is not in the Hugging Face cache "
+        f"({', '.join(map(str, caches))}) and {why}.\n"
         f"Download it from https://huggingface.co/datasets/{repo_id}/blob/main/{filename} and pass its local path."
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 
 from promptist_core.aesthetic import DEFAULT_AESTHETIC_HEAD  # noqa: E402
 from promptist_core.clip_models import DEFAULT_CLIP_MODEL  # noqa: E402
-from promptist_core.dfprompt import has_dfprompt, parse, to_a1111  # noqa: E402
+from promptist_core.dfprompt import DFPromptError, has_dfprompt, parse, to_a1111  # noqa: E402
 from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer  # noqa: E402
 from promptist_core.rewards import PRESET_NAMES, ImageScore, RewardScorer, load_scorer  # noqa: E402
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL  # noqa: E402
@@ -52,6 +53,109 @@ EXTRA_NETWORK_TAG = re.compile(r"<[^<>]+>")
 INFOTEXT_ORIGINAL = "Promptist original"
 INFOTEXT_MODE = "Promptist mode"
 INFOTEXT_DFPROMPT = "DF-Prompt"
+
+
+class PromptistError(RuntimeError):
+    """An error the user must see. The webui shows it as `PromptistError: ...` in the UI's info box and
+    returns it from the API (`errors` field; HTTP `status_code`: 422 for a bad prompt, else 500)."""
+
+    def __init__(self, message: str, status_code: int = 500):
+        super().__init__(message)
+        self.status_code = status_code  # read by the webui's API error handler (vars(e)['status_code'])
+
+
+# The webui runs every script hook inside `try: ... except Exception: errors.report(...)`
+# (modules/scripts.py, A1111 1.10 and Forge alike): an exception raised in `process` only reaches the
+# console and the job goes on without us. The methods below are what `process_images_inner` calls next
+# *outside* those wrappers: `p.init` right after the scripts' `process`, `p.save_samples` right after
+# `postprocess_batch_list`. Replacing them on this job's `p` makes the webui raise our error itself,
+# which stops the job and shows the error the webui's own way (UI info box, API error response).
+BEFORE_SAMPLING = ("init", "setup_conds", "sample")
+AFTER_SAMPLING = ("save_samples",)
+_PENDING = "_promptist_errors"
+
+
+def stop_job(p, error: PromptistError, at: tuple[str, ...] = BEFORE_SAMPLING) -> None:
+    """Make the webui stop this job with `error` at its next call of one of `p`'s methods `at`."""
+    errors = getattr(p, _PENDING, None)
+    if errors is None:
+        errors = []
+        setattr(p, _PENDING, errors)
+    errors.append(error)
+
+    def raise_pending(*args, **kwargs):
+        first = errors[0]
+        message = "\n".join(str(e) for e in errors)
+        raise PromptistError(message, status_code=first.status_code)
+
+    for name in at:
+        setattr(p, name, raise_pending)
+
+
+def as_user_error(error: Exception, doing: str) -> PromptistError:
+    """One message a user can act on: what failed, then the error's own text (which names files or columns)."""
+    if isinstance(error, PromptistError):
+        return error
+    detail = str(error).strip() or type(error).__name__
+    status = 422 if isinstance(error, ValueError) else 500  # a bad prompt or option; else files or models
+    return PromptistError(f"Promptist: {doing}: {detail}", status_code=status)
+
+
+def guarded(p, doing: str, run, at: tuple[str, ...] = BEFORE_SAMPLING) -> bool:
+    """Run `run()`; on an error, log it and stop the job with it (stop_job). True when it ran."""
+    try:
+        run()
+        return True
+    except Exception as e:  # everything reaches the user; nothing is swallowed
+        error = as_user_error(e, doing)
+        print(f"*** {error}", file=sys.stderr)
+        stop_job(p, error, at)
+        return False
+
+
+PROMPT_LISTS = {"all_prompts": "prompt", "all_negative_prompts": "negative prompt",
+                "all_hr_prompts": "hires prompt", "all_hr_negative_prompts": "hires negative prompt"}
+
+
+def check_dfprompts(p) -> None:
+    """Parse every DF-Prompt of the job; a bad one raises PromptistError naming the prompt and the column."""
+    for name, label in PROMPT_LISTS.items():
+        for i, text in enumerate(getattr(p, name, None) or []):
+            if not (isinstance(text, str) and has_dfprompt(text)):
+                continue
+            try:
+                parse(text, host_brackets=True)
+            except DFPromptError as e:
+                which = f"{label} of image {i + 1}" if len(set(getattr(p, name))) > 1 else label
+                raise PromptistError(f"DF-Prompt error in the {which}, {e}", status_code=422) from e
+
+
+# Rewrites go into prompts and the infotext (one line per key): no newlines or control characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def clean_rewrite(text: str) -> str:
+    """Line breaks, tabs and control/format characters -> one space; runs of spaces -> one; none before ','."""
+    text = _CONTROL.sub(" ", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return re.sub(r" +,", ",", re.sub(r" {2,}", " ", text)).strip()
+
+
+def unique(texts) -> list[str]:
+    """Candidates once each, in order (different beams often decode to the same text)."""
+    return list(dict.fromkeys(t for t in texts if t))
+
+
+def restore_original_prompt(params: dict) -> None:
+    """PNG Info / "Send to": put the user's own prompt back, so Generate reproduces the image.
+
+    The infotext's Prompt is the rewrite (and DF blocks rendered to prompt editing); with "Optimize"
+    ticked again from `Promptist mode`, the rewrite itself would be rewritten.
+    """
+    for key in (INFOTEXT_ORIGINAL, INFOTEXT_DFPROMPT):
+        if isinstance(params.get(key), str) and params[key].strip():
+            params["Prompt"] = params[key]
+            return
 
 
 def split_for_policy(prompt: str) -> tuple[str, str]:
@@ -83,11 +187,12 @@ def optimize_prompts(optimizer: PromptOptimizer, prompts: list[str], *, mode: st
             wanted[(text, seed)] = None
     if mode == "sample":  # each image's own seed
         for text, seed in wanted:
-            wanted[(text, seed)] = optimizer(text, mode=mode, seed=seed, trim_to_clip_window=trim)[0].prompt
+            result = optimizer(text, mode=mode, seed=seed, trim_to_clip_window=trim)[0]
+            wanted[(text, seed)] = clean_rewrite(result.prompt) or text
     elif wanted:
         texts = [text for text, _ in wanted]
         for key, result in zip(wanted, optimizer(texts, mode=mode, trim_to_clip_window=trim), strict=True):
-            wanted[key] = result.prompt
+            wanted[key] = clean_rewrite(result.prompt) or key[0]
     rewritten = []
     for prompt, seed in zip(prompts, seeds, strict=True):
         text, suffix = split_for_policy(prompt)
@@ -239,6 +344,23 @@ def models_dirs(webui_models_path: str | None = None) -> list[Path]:
     return dirs
 
 
+# Settings: a "Promptist" page under the webui's "Stable Diffusion" category (not "Uncategorized").
+SETTINGS_SECTION = ("promptist", TITLE)
+SETTINGS_CATEGORY = "sd"
+_FOLDERS = "a folder in models/promptist or extensions/promptist/models"
+SETTINGS = (  # key, default, label, radio choices
+    ("promptist_model", DEFAULT_OPTIMIZER_MODEL, f"Optimizer model (Hugging Face id, or {_FOLDERS})", ()),
+    ("promptist_device", "gpu", "Device for the optimizer", ("gpu", "cpu")),
+    ("promptist_mode", "beam", "Default mode", tuple(MODES)),
+    ("promptist_score_clip", DEFAULT_CLIP_MODEL, f"Score: CLIP model (ViT-L-14/openai, or {_FOLDERS})", ()),
+    ("promptist_score_aesthetic", DEFAULT_AESTHETIC_HEAD,
+     "Score: aesthetic head (improved, laion-v1, or a file in models/promptist or extensions/promptist/models)", ()),
+    ("promptist_score_pick", "", "Score: PickScore model (empty: none; the pae reward uses "
+     "yuvalkirstain/PickScore_v1)", ()),
+    ("promptist_score_device", "gpu", "Score: device", ("gpu", "cpu")),
+)
+
+
 try:
     import gradio as gr
     from modules import devices, script_callbacks, scripts, shared
@@ -282,13 +404,18 @@ if scripts is not None:
             return [enabled, mode, trim]
 
         def process(self, p, enabled=False, mode="beam", trim=False, *args):
+            # Three independent steps: a failure in one stops the job (stop_job) but never skips another,
+            # so a DF block is rendered (or reported) even when the optimizer model cannot load.
+            if not guarded(p, "checking the DF-Prompts", lambda: check_dfprompts(p)):
+                return  # optimizing and rendering would only fail on the same block again
             if enabled:
-                optimize_processing(p, _optimizer(), mode=mode, trim=trim)
-            render_dfprompt_processing(p, steps=_sampler_steps(p.sampler_name, p.steps),
-                                       hires_steps=_sampler_steps(getattr(p, "hr_sampler_name", None)
-                                                                  or p.sampler_name,
-                                                                  getattr(p, "hr_second_pass_steps", 0) or p.steps),
-                                       old_scheduling=bool(getattr(shared.opts, "use_old_scheduling", False)))
+                guarded(p, "optimizing the prompt",
+                        lambda: optimize_processing(p, _optimizer(), mode=mode, trim=trim))
+            guarded(p, "rendering the DF-Prompts", lambda: render_dfprompt_processing(
+                p, steps=_sampler_steps(p.sampler_name, p.steps),
+                hires_steps=_sampler_steps(getattr(p, "hr_sampler_name", None) or p.sampler_name,
+                                           getattr(p, "hr_second_pass_steps", 0) or p.steps),
+                old_scheduling=bool(getattr(shared.opts, "use_old_scheduling", False))))
 
     def _scorer(preset: str) -> RewardScorer:
         opts = shared.opts.data
@@ -318,21 +445,28 @@ if scripts is not None:
                                     (best_of_n, lambda params: INFOTEXT_BEST_OF in params)]
             return [enabled, best_of_n, preset]
 
+        def process(self, p, enabled=False, best_of_n=False, preset="promptist", *args):
+            # Load the models before sampling: a missing model stops the job before any image is made.
+            if enabled or best_of_n:
+                guarded(p, "loading the scoring models", lambda: setattr(p, "_promptist_scorer", _scorer(preset)))
+
         def postprocess_batch_list(self, p, pp, enabled=False, best_of_n=False, preset="promptist", *args,
                                    **kwargs):
-            if not (enabled or best_of_n):
+            scorer = getattr(p, "_promptist_scorer", None)
+            if not (enabled or best_of_n) or scorer is None:
                 return
-            score_processing(p, pp, _scorer(preset), preset=preset, best_of_n=best_of_n,
-                             batch_number=kwargs.get("batch_number", 0))
+            guarded(p, "scoring the images", lambda: score_processing(
+                p, pp, scorer, preset=preset, best_of_n=best_of_n, batch_number=kwargs.get("batch_number", 0)),
+                at=AFTER_SAMPLING)
 
     def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
         text, suffix = split_for_policy(prompt or "")
         result = _optimizer()(text, mode=mode, candidates=int(candidates), num_beams=max(8, int(candidates)),
                               seed=int(seed))[0]
-        best = result.prompt + suffix
+        best = clean_rewrite(result.prompt) + suffix
         info = f"{result.clip_tokens} CLIP tokens" + "".join(f"; {n}" for n in result.notes)
         # The webui's call wrapper appends its timing HTML to the last output.
-        return best, "\n".join(result.candidates), f"<p>{html.escape(info)}</p>"
+        return best, "\n".join(unique(clean_rewrite(c) for c in result.candidates)), f"<p>{html.escape(info)}</p>"
 
     def on_ui_tabs():
         from modules import infotext_utils
@@ -359,25 +493,14 @@ if scripts is not None:
         return [(tab, TITLE, "promptist")]
 
     def on_ui_settings():
-        section = ("promptist", TITLE)
-        shared.opts.add_option("promptist_model", shared.OptionInfo(
-            DEFAULT_OPTIMIZER_MODEL, "Optimizer model (Hugging Face id or folder in extensions/promptist/models)",
-            section=section))
-        shared.opts.add_option("promptist_device", shared.OptionInfo(
-            "gpu", "Device for the optimizer", gr.Radio, {"choices": ["gpu", "cpu"]}, section=section))
-        shared.opts.add_option("promptist_mode", shared.OptionInfo(
-            "beam", "Default mode", gr.Radio, {"choices": list(MODES)}, section=section))
-        shared.opts.add_option("promptist_score_clip", shared.OptionInfo(
-            DEFAULT_CLIP_MODEL, "Score: CLIP model (ViT-L-14/openai, or a folder in extensions/promptist/models)",
-            section=section))
-        shared.opts.add_option("promptist_score_aesthetic", shared.OptionInfo(
-            DEFAULT_AESTHETIC_HEAD, "Score: aesthetic head (improved, laion-v1, or a file in the models folder)",
-            section=section))
-        shared.opts.add_option("promptist_score_pick", shared.OptionInfo(
-            "", "Score: PickScore model (empty: none; the pae reward uses yuvalkirstain/PickScore_v1)",
-            section=section))
-        shared.opts.add_option("promptist_score_device", shared.OptionInfo(
-            "gpu", "Score: device", gr.Radio, {"choices": ["gpu", "cpu"]}, section=section))
+        for key, default, label, choices in SETTINGS:
+            component, args = (gr.Radio, {"choices": list(choices)}) if choices else (None, None)
+            shared.opts.add_option(key, shared.OptionInfo(default, label, component, args,
+                                                          section=SETTINGS_SECTION, category_id=SETTINGS_CATEGORY))
+
+    def on_infotext_pasted(infotext: str, params: dict) -> None:
+        restore_original_prompt(params)
 
     script_callbacks.on_ui_tabs(on_ui_tabs)
     script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_infotext_pasted(on_infotext_pasted)

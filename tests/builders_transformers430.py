@@ -1,4 +1,4 @@
-"""A Python with transformers 4.30 (AUTOMATIC1111 1.10's pin) over the test environment.
+"""A Python with transformers 4.30 (AUTOMATIC1111 1.10's pin), or open_clip 2.20, over the test environment.
 
 `pip install --target DIR` puts transformers 4.30.2, tokenizers 0.13.3, huggingface_hub < 1.0 and
 safetensors 0.4 into one folder; a subprocess with that folder first on PYTHONPATH sees them instead of
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("transformers==4.30.2", "tokenizers==0.13.3", "huggingface_hub<1.0", "safetensors==0.4.*")
+OPEN_CLIP_220 = ("open_clip_torch==2.20.0",)  # pure Python; its other imports (ftfy, regex) are ours
 READY = ".promptist-ready"
 
 
@@ -39,17 +40,22 @@ class OverlayPython:
 
 def install_transformers430(site: Path) -> str | None:
     """Install the 4.30 packages into `site` once; None when ready, else why pip could not."""
+    return install_overlay(site, PACKAGES)
+
+
+def install_overlay(site: Path, packages: tuple[str, ...]) -> str | None:
+    """Install `packages` (without dependencies) into `site` once; None when ready, else why pip could not."""
     if (site / READY).is_file():
         return None
     site.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-           "--upgrade", "--target", str(site), *PACKAGES]
+           "--upgrade", "--target", str(site), *packages]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"pip could not run: {e}"
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-        return f"pip could not install {' '.join(PACKAGES)}: {lines[-1] if lines else done.returncode}"
-    (site / READY).write_text(" ".join(PACKAGES) + "\n", encoding="utf-8")
+        return f"pip could not install {' '.join(packages)}: {lines[-1] if lines else done.returncode}"
+    (site / READY).write_text(" ".join(packages) + "\n", encoding="utf-8")
     return None

@@ -130,6 +130,22 @@ def transformers430_python(request):
     return python
 
 
+@pytest.fixture(scope="session")
+def open_clip220_python(request):
+    """A Python with open_clip 2.20.0 (A1111 1.10's pin) over this environment; cached like transformers430."""
+    from builders_transformers430 import OPEN_CLIP_220, OverlayPython, install_overlay
+
+    site = request.config.cache.mkdir("open_clip220") / f"py{sys.version_info[0]}{sys.version_info[1]}"
+    why = install_overlay(site, OPEN_CLIP_220)
+    if why is not None:
+        pytest.skip(why)
+    python = OverlayPython(site, ROOT)
+    done = python.run("import open_clip, inspect; print(inspect.signature(open_clip.create_model))")
+    if done.returncode != 0 or "weights_only" in done.stdout:
+        pytest.skip(f"open_clip 2.20 does not import over this environment: {done.stderr.strip()[-300:]}")
+    return python
+
+
 # --- Tiny Stable Diffusion (DF-Prompt renderer, image generators; builders in tests/builders_sd.py) ---
 
 @pytest.fixture(scope="session")

@@ -301,3 +301,25 @@ def test_cli_reports_a_parse_error_in_one_line_with_exit_code_2(capsys):
     assert main(["dfprompt", "cat, [detailed:1-0.5:1]", "--steps", "20"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: column 16: expected a range with start <= end, got 1-0.5 (write 0.5-1)"
+
+
+@pytest.mark.parametrize("text, column, expected", [
+    ("a red horse, [anime:0-1:abc]", 25, "expected a weight"),
+    ("a red horse, [anime:0-1:]", 25, "expected a weight"),
+    ("a red horse, [anime:0-1]", 24, "expected a block like"),
+    ("a red horse, [anime:0-x:1]", 21, "expected a range like"),
+    ("a red horse, [anime:1-0.5:1.5]", 21, "start <= end"),
+])
+def test_host_brackets_report_blocks_that_almost_parse(text, column, expected):
+    """With the webui's brackets left to it, a DF block with a mistake is still an error, not host text."""
+    assert df.has_dfprompt(text)
+    with pytest.raises(df.DFPromptError, match=expected) as e:
+        df.parse(text, host_brackets=True)
+    assert e.value.column == column
+
+
+@pytest.mark.parametrize("text", ["a [cat:dog:10]", "a [photo:2-3 people:0.5]", "[x::0.5] [a|b] [word]",
+                                  "[(x:1.2)::9]", "[cat:dog:0.5]"])
+def test_host_brackets_still_leave_the_webuis_own_editing_alone(text):
+    assert not df.has_dfprompt(text)
+    assert df.parse(text, host_brackets=True).modifiers == ()

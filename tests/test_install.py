@@ -1,11 +1,13 @@
-"""install.py: installs only what is missing or too old, never torch."""
+"""install.py: per host only what that host imports, never an installed package changed, importability checked."""
 
 from __future__ import annotations
 
 import importlib.util
 import subprocess
 import sys
+import types
 
+import pytest
 from conftest import ROOT
 
 
@@ -16,24 +18,61 @@ def load_installer():
     return module
 
 
-def test_requirements_never_name_torch():
-    installer = load_installer()
+@pytest.fixture
+def installer():
+    return load_installer()
+
+
+def test_requirements_never_name_torch(installer):
     names = {installer._name(r).lower() for r in installer.read_requirements()}
     assert not names & {"torch", "torchvision", "torchaudio"}
     assert {"transformers", "safetensors", "open_clip_torch", "diffusers", "accelerate"} <= names
 
 
-def test_installed_requirements_are_left_alone_and_missing_or_old_ones_are_listed():
-    installer = load_installer()
-    assert installer.missing_requirements(installer.read_requirements()) == []  # this environment has them
-    assert installer.missing_requirements(["pytest>=1.0", "torch>=99", "surely-not-a-package-xyz"]) == [
-        "surely-not-a-package-xyz"]
-    assert installer.missing_requirements(["pytest>=999.0"]) == ["pytest>=999.0"]
+def test_the_webui_and_comfyui_get_only_what_their_code_imports(installer):
+    for host in ("a1111", "comfyui"):
+        names = {installer._key(installer._name(r)) for r in installer.requirements_for(host)}
+        assert not names & {"diffusers", "accelerate", "torch"}  # A1111 never imports diffusers
+        assert {"transformers", "safetensors", "open_clip_torch", "huggingface_hub"} <= names
+    headless = {installer._key(installer._name(r)) for r in installer.requirements_for("headless")}
+    assert {"diffusers", "accelerate"} <= headless
+
+
+def test_the_webui_is_detected_by_its_launch_module(installer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "launch", types.ModuleType("launch"))
+    assert installer.detect_host() == "a1111"
+
+
+def test_installed_packages_are_never_upgraded_only_reported(installer):
+    missing, problems = installer.plan(["pytest>=1.0", "surely-not-a-package-xyz", "pytest>=999.0"])
+    assert missing == ["surely-not-a-package-xyz"]
+    assert len(problems) == 1 and "pytest" in problems[0] and "left as the host installed it" in problems[0]
+
+
+def test_a_package_that_is_present_but_does_not_import_is_reported(installer, tmp_path, monkeypatch):
+    (tmp_path / "pytest.py").write_text("raise ImportError('cannot import name X from huggingface_hub')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    assert installer.not_importable(["pytest>=1.0"], env=env) == {
+        "pytest>=1.0": "ImportError: cannot import name X from huggingface_hub"}
+    assert installer.not_importable(["pytest>=1.0", "pillow"]) == {}
+
+
+def test_missing_packages_are_installed_with_every_installed_package_held(installer, monkeypatch):
+    calls = []
+    launch = types.ModuleType("launch")
+    launch.run_pip = lambda command, desc: calls.append((command, open(command.split('"')[1]).read()))
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    installer.install(["surely-not-a-package-xyz"])
+    ((command, constraints),) = calls
+    assert command.startswith("install -c ") and command.endswith('"surely-not-a-package-xyz"')
+    held = dict(line.split("==", 1) for line in constraints.splitlines())
+    assert held["transformers"] == installer.installed_version("transformers")
+    assert held["safetensors"] == installer.installed_version("safetensors")
 
 
 def test_running_it_twice_installs_nothing():
     for _ in range(2):
         done = subprocess.run([sys.executable, str(ROOT / "install.py")], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=300)
         assert done.returncode == 0, done.stderr
-        assert "all requirements are installed" in done.stdout
+        assert "all requirements are installed and import" in done.stdout

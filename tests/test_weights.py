@@ -226,3 +226,42 @@ def test_short_gpt2_name_is_the_hub_id_the_hub_redirects_to(tmp_path):
         resolve("gpt2", models_dir=tmp_path / "models", allow_download=False)
     folder = make_folder(tmp_path / "models" / "gpt2")
     assert resolve("gpt2", models_dir=tmp_path / "models", allow_download=False) == folder
+
+
+def _hub_cache_entry(cache: Path, repo_id: str) -> Path:
+    """A Hugging Face cache entry as huggingface_hub lays it out: refs/main -> snapshots/<commit>/."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+@pytest.fixture
+def clean_hf_env(monkeypatch, tmp_path):
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    return monkeypatch
+
+
+def test_hub_cache_follows_where_the_host_points_it_at_call_time(tmp_path, clean_hf_env):
+    """Forge sets HF_HUB_CACHE to models/diffusers at start-up, after huggingface_hub may be imported."""
+    import huggingface_hub  # noqa: F401 - already imported: its constants were read before the host's change
+
+    forge_cache = tmp_path / "forge" / "models" / "diffusers"
+    snapshot = _hub_cache_entry(forge_cache, "someone/policy")
+    clean_hf_env.setenv("HF_HUB_CACHE", str(forge_cache))
+    assert resolve("someone/policy", models_dir=tmp_path / "none", allow_download=False) == snapshot
+
+
+def test_hub_cache_also_searches_the_users_default_cache_when_the_host_points_elsewhere(tmp_path, clean_hf_env):
+    snapshot = _hub_cache_entry(tmp_path / "user-cache" / "huggingface" / "hub", "someone/policy")
+    clean_hf_env.setenv("HF_HUB_CACHE", str(tmp_path / "forge" / "models" / "diffusers"))
+    assert resolve("someone/policy", models_dir=tmp_path / "none", allow_download=False) == snapshot
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve("someone/other", models_dir=tmp_path / "none", allow_download=False)
+    assert str(tmp_path / "forge" / "models" / "diffusers" / "models--someone--other") in str(e.value)
+    assert str(tmp_path / "user-cache" / "huggingface" / "hub" / "models--someone--other") in str(e.value)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
-import time
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -1,0 +1,118 @@
+"""Just enough of the webui's modules (and gradio) to load scripts/promptist.py's webui classes in CI.
+
+The fakes record what the script registers and run a job's script hooks the way A1111 1.10's
+`modules/scripts.py` and `process_images_inner` do: each hook inside `except Exception` (logged
+only), then `p.init(...)` outside any wrapper. No webui code is copied: only that calling order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+
+class _Component:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fake_modules(models_path: Path, settings: dict) -> dict[str, types.ModuleType]:
+    gradio = types.ModuleType("gradio")
+    for name in ("Accordion", "Checkbox", "Dropdown", "Radio", "Textbox", "Slider", "Number", "Button", "HTML",
+                 "Row", "Column", "Blocks"):
+        setattr(gradio, name, _Component)
+
+    registered = {"ui_tabs": [], "ui_settings": [], "infotext_pasted": [], "options": {}}
+    callbacks = types.ModuleType("modules.script_callbacks")
+    for kind in ("ui_tabs", "ui_settings", "infotext_pasted"):
+        setattr(callbacks, f"on_{kind}", registered[kind].append)
+    callbacks.registered = registered
+
+    scripts = types.ModuleType("modules.scripts")
+    scripts.AlwaysVisible = object()
+
+    class Script:
+        def elem_id(self, name):
+            return name
+
+    scripts.Script = Script
+
+    shared = types.ModuleType("modules.shared")
+    shared.models_path = str(models_path)
+    shared.opts = SimpleNamespace(data=dict(settings), add_option=registered["options"].__setitem__)
+    shared.OptionInfo = lambda default, label="", component=None, component_args=None, **kw: SimpleNamespace(
+        default=default, label=label, component=component, component_args=component_args, **kw)
+
+    devices = types.ModuleType("modules.devices")
+    devices.device = "cpu"
+    call_queue = types.ModuleType("modules.call_queue")
+    call_queue.wrap_gradio_gpu_call = lambda func, extra_outputs=None: func
+    samplers = types.ModuleType("modules.sd_samplers")
+    samplers.find_sampler_config = lambda name: None
+
+    package = types.ModuleType("modules")
+    package.__path__ = []
+    for name, module in (("script_callbacks", callbacks), ("scripts", scripts), ("shared", shared),
+                         ("devices", devices), ("call_queue", call_queue), ("sd_samplers", samplers)):
+        setattr(package, name, module)
+    mods = {f"modules.{n}": m for n, m in (("script_callbacks", callbacks), ("scripts", scripts),
+                                             ("shared", shared), ("devices", devices),
+                                             ("call_queue", call_queue), ("sd_samplers", samplers))}
+    return {"gradio": gradio, "modules": package, **mods}
+
+
+def load_script_in_fake_webui(script_path: Path, monkeypatch, models_path: Path, settings: dict):
+    for name, module in fake_modules(models_path, settings).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("promptist_script_in_fake_webui", script_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Job:
+    """The processing object's fields and methods our hooks and the webui's next steps touch."""
+
+    def __init__(self, prompt: str, *, steps: int = 20, batch: int = 1):
+        self.prompt = self.main_prompt = prompt
+        self.all_prompts = [prompt] * batch
+        self.all_negative_prompts = [""] * batch
+        self.all_seeds = list(range(1, batch + 1))
+        self.prompts, self.batch_size = list(self.all_prompts), batch
+        self.steps, self.sampler_name = steps, "Euler"
+        self.extra_generation_params = {}
+        self.sampled = False
+
+    def init(self, prompts, seeds, subseeds):
+        pass
+
+    def setup_conds(self):
+        pass
+
+    def sample(self, *args, **kwargs):
+        self.sampled = True
+
+    def save_samples(self):
+        return False
+
+
+def run_process_hook(script, p, *args) -> list[Exception]:
+    """`ScriptRunner.process` (each script's exception logged, not raised), then what the webui calls next."""
+    logged = []
+    try:
+        script.process(p, *args)
+    except Exception as e:
+        logged.append(e)
+    p.init(p.all_prompts, p.all_seeds, p.all_seeds)
+    p.setup_conds()
+    p.sample()
+    return logged

@@ -1,0 +1,141 @@
+"""A1111/Forge: our errors stop the job and reach the user; PNG Info restores the user's prompt; settings.
+
+The webui's classes of scripts/promptist.py run here on a fake webui (tests/fake_webui.py) that calls
+the hooks as A1111 1.10 does: each hook's exception is only logged, then `p.init` runs unwrapped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT
+from fake_webui import Job, load_script_in_fake_webui, run_process_hook
+
+
+@pytest.fixture
+def webui(monkeypatch, tmp_path, tiny_promptist_dir):
+    """scripts/promptist.py loaded in the fake webui; the optimizer model is the tiny one, on the CPU."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_promptist_dir, models / "promptist")
+    settings = {"promptist_model": "tiny-promptist", "promptist_device": "cpu", "promptist_score_device": "cpu"}
+    module = load_script_in_fake_webui(ROOT / "scripts" / "promptist.py", monkeypatch, models, settings)
+    module.settings = module.shared.opts.data
+    return module
+
+
+def test_a_missing_model_stops_the_job_and_df_blocks_are_still_rendered(webui):
+    webui.settings["promptist_model"] = "no-such-model"
+    p = Job("a red horse, [anime:0-1:1.5], [detailed:0.5-1:1.25]")
+    with pytest.raises(webui.PromptistError) as e:
+        run_process_hook(webui.PromptistScript(), p, True, "beam", False)
+    assert "Promptist: optimizing the prompt: model 'no-such-model' was not found" in str(e.value)
+    assert "Put the model files" in str(e.value)
+    assert e.value.status_code == 500
+    assert not p.sampled
+    # DF rendering does not depend on the optimizer: the webui never sees a raw DF block
+    assert p.all_prompts == ["a red horse, (anime:1.5), [(detailed:1.25)::9]"]
+
+
+@pytest.mark.parametrize("prompt, column, expected", [
+    ("a red horse, [anime:1-0.5:1.5]", 21, "expected a range with start <= end"),
+    ("a red horse, [anime:0-1:abc]", 25, "expected a weight like 1.25"),
+])
+def test_a_malformed_dfprompt_stops_the_job_naming_the_column(webui, prompt, column, expected):
+    p = Job(prompt)
+    with pytest.raises(webui.PromptistError) as e:
+        run_process_hook(webui.PromptistScript(), p, False, "beam", False)
+    assert str(e.value).startswith(f"DF-Prompt error in the prompt, column {column}: {expected}")
+    assert e.value.status_code == 422  # the webui's API answers with the error's status_code
+    assert p.all_prompts == [prompt] and not p.sampled
+
+
+def test_an_unreadable_tokenizer_stops_the_job(webui, tmp_path):
+    folder = tmp_path / "models" / "promptist" / "tiny-promptist"
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (folder / name).write_text("{not a tokenizer", encoding="utf-8")
+    p = Job("a cat riding a bike")
+    with pytest.raises(webui.PromptistError, match="Promptist: optimizing the prompt: the tokenizer in .* cannot be read"):
+        run_process_hook(webui.PromptistScript(), p, True, "beam", False)
+    assert p.all_prompts == ["a cat riding a bike"]
+
+
+def test_errors_of_several_steps_are_all_reported_once(webui):
+    p = Job("a cat")
+    webui.stop_job(p, webui.PromptistError("first"))
+    webui.stop_job(p, webui.PromptistError("second"))
+    with pytest.raises(webui.PromptistError, match="^first\nsecond$"):
+        p.init([], [], [])
+
+
+def test_a_missing_scoring_model_stops_the_job_before_sampling(webui):
+    webui.settings["promptist_score_clip"] = "no-such-clip"
+    p = Job("a cat")
+    with pytest.raises(webui.PromptistError, match="Promptist: loading the scoring models: .*no-such-clip"):
+        run_process_hook(webui.PromptistScoreScript(), p, True, False, "promptist")
+    assert not p.sampled
+
+
+def test_a_scoring_error_after_sampling_stops_the_job_at_saving(webui):
+    p = Job("a cat")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    p._promptist_scorer = broken
+    pp = SimpleNamespace(images=[torch.zeros(3, 8, 8)])
+    webui.PromptistScoreScript().postprocess_batch_list(p, pp, True, False, "promptist", batch_number=0)
+    with pytest.raises(webui.PromptistError, match="Promptist: scoring the images: CUDA out of memory"):
+        p.save_samples()
+
+
+def test_a_working_job_is_untouched(webui):
+    p = Job("a red horse, [anime:0-1:1.5]")
+    assert run_process_hook(webui.PromptistScript(), p, True, "beam", False) == []
+    assert p.sampled and "\n" not in p.all_prompts[0] and p.all_prompts[0].endswith(", (anime:1.5)")
+    assert p.extra_generation_params["Promptist original"] == ["a red horse, [anime:0-1:1.5]"]
+
+
+def test_png_info_restores_the_users_prompt_not_the_rewrite(webui):
+    (paste,) = webui.script_callbacks.registered["infotext_pasted"]
+    params = {"Prompt": "a cat riding a bike, highly detailed", "Promptist original": "a cat riding a bike",
+              "Promptist mode": "beam", "Steps": "20"}
+    paste("...", params)
+    assert params["Prompt"] == "a cat riding a bike"
+    params = {"Prompt": "a red horse, (anime:1.5)", "DF-Prompt": "a red horse, [anime:0-1:1.5]"}
+    paste("...", params)
+    assert params["Prompt"] == "a red horse, [anime:0-1:1.5]"
+    params = {"Prompt": "my own prompt"}
+    paste("...", params)
+    assert params == {"Prompt": "my own prompt"}
+
+
+def test_rewrites_lose_line_breaks_and_control_characters(webui):
+    class Optimizer:
+        def __call__(self, texts, **kwargs):
+            return [SimpleNamespace(prompt="a cat,\nhighly\tdetailed\x00, \u200bsharp  focus\r\n")
+                    for _ in ([texts] if isinstance(texts, str) else texts)]
+
+    assert webui.optimize_prompts(Optimizer(), ["a cat"]) == ["a cat, highly detailed, sharp focus"]
+
+
+def test_the_tab_shows_each_candidate_once(webui, monkeypatch):
+    result = SimpleNamespace(prompt="a cat, 8k", candidates=["a cat, 8k", "a cat, 8k\n", "a cat, smooth"],
+                             clip_tokens=5, notes=[])
+    monkeypatch.setattr(webui, "_optimizer", lambda: lambda *a, **k: [result])
+    best, candidates, _ = webui._optimize_for_tab("a cat", "beam", 3, 0)
+    assert best == "a cat, 8k"
+    assert candidates == "a cat, 8k\na cat, smooth"
+
+
+def test_settings_have_a_section_in_a_category_and_name_both_model_folders(webui):
+    (register,) = webui.script_callbacks.registered["ui_settings"]
+    register()
+    options = webui.shared.opts.add_option.__self__
+    assert set(options) == {key for key, *_ in webui.SETTINGS}
+    assert {o.section for o in options.values()} == {("promptist", "Promptist")}
+    assert {o.category_id for o in options.values()} == {"sd"}
+    label = options["promptist_model"].label
+    assert "models/promptist" in label and "extensions/promptist/models" in label
