@@ -100,7 +100,7 @@ def test_sft_learns_the_rule_and_generalises_to_held_out_combinations(rule_data,
     right = sum(o.endswith(", " + p["target"].split(", ", 1)[1]) for o, p in zip(held_out, rule_data["held"], strict=True))
     assert right >= 0.8 * len(rule_data["held"]), held_out
 
-    assert promptist_main(["optimize", "--model", str(out), "--num-beams", "1", "--offline", "--json",
+    assert promptist_main(["optimize", "--model", str(out), "--num-beams", "1", "--max-new-tokens", "20", "--offline", "--json",
                            rule_data["held"][0]["source"]]) == 0
 
 

@@ -48,6 +48,7 @@ from .training_log import CURVES_FILE, TrainingLog
 logger = logging.getLogger(__name__)
 
 ROLLOUTS = ("beam", "sample")
+ADVANTAGES = ("gae", "rloo")
 KL_CONTROLLERS = ("fixed", "adaptive")
 LOG_COLUMNS = ("reward", "reward_aes", "reward_rel", "reward_pick", "kl", "beta", "approx_kl", "clip_frac",
                "entropy", "policy_loss", "value_loss", "explained_var", "response_len", "baseline_hits")
@@ -79,6 +80,10 @@ class PPOConfig:
                                 choices=KL_CONTROLLERS)
     kl_target: float = option(6.0, "Adaptive controller: target KL to the reference, in nats per rewrite.")
     kl_horizon: int = option(10000, "Adaptive controller: horizon in rewrites.")
+    advantage: str = option("gae", "gae: a value model and GAE (the reference); rloo: no value model, each "
+                            "rewrite's reward minus the mean of its prompt's other rewrites (less memory).",
+                            choices=ADVANTAGES)
+    rloo_samples: int = option(4, "rloo: rewrites per prompt (at least 2; distinct beam candidates or samples).")
     gamma: float = option(1.0, "GAE discount.")
     lam: float = option(0.95, "GAE lambda.")
     clip_range: float = option(0.2, "PPO ratio clip.")
@@ -184,13 +189,14 @@ def response_logprobs(lm: nn.Module, batch: dict, start: int, length: int) -> tu
 class Learner(nn.Module):
     """Policy and value model in one module, so data parallel wraps (and all-reduces) both at once."""
 
-    def __init__(self, policy: nn.Module, value: ValueModel):
+    def __init__(self, policy: nn.Module, value: ValueModel | None):
         super().__init__()
         self.policy, self.value = policy, value
 
     def forward(self, batch: dict, start: int, length: int):
         logprobs, entropy = response_logprobs(self.policy, batch, start, length)
-        return logprobs, entropy, self.value(batch, start, length)
+        values = self.value(batch, start, length) if self.value is not None else torch.zeros_like(logprobs)
+        return logprobs, entropy, values
 
 
 # --- rollouts ------------------------------------------------------------------------------------
@@ -210,8 +216,9 @@ class Rollout:
 
 
 def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig, *, iteration: int,
-            rank: int) -> Rollout:
-    """One rewrite per prompt, drawn the reference's way (or sampled), with its token ids."""
+            rank: int, per_prompt: int = 1) -> Rollout:
+    """`per_prompt` rewrites of each prompt (consecutive), drawn the reference's way (distinct diverse-beam
+    candidates at random) or sampled, with their token ids."""
     from promptist_core.diverse_beam import diverse_beam_search
 
     g = counter_generator(config.seed, iteration, rank)
@@ -228,20 +235,21 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
             out = diverse_beam_search(lm, ids, mask, num_beams=groups, num_beam_groups=groups,
                                       diversity_penalty=config.diversity_penalty, num_return_sequences=groups,
                                       max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos).sequences
-            pick = torch.randint(0, groups, (len(prompts),), generator=g)
-            chosen = out.view(len(prompts), groups, -1)[torch.arange(len(prompts)), pick]
+            picks = torch.stack([torch.randperm(groups, generator=g)[:per_prompt] for _ in prompts])
+            chosen = out.view(len(prompts), groups, -1)[torch.arange(len(prompts))[:, None], picks].flatten(0, 1)
         else:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             devices = [ids.device] if ids.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 chosen = lm.generate(ids, attention_mask=mask, do_sample=True, top_k=config.top_k,
-                                     top_p=config.top_p, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos)
+                                     top_p=config.top_p, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos,
+                                     num_return_sequences=per_prompt)
     responses = []
     for row in chosen[:, width:].tolist():  # plain lists: nothing of inference mode reaches training
         responses.append(row[:row.index(eos) + 1] if eos in row else row + [eos])
     rewrites = [tokenizer.decode(r[:-1], skip_special_tokens=True).strip() for r in responses]
-    return Rollout(prompt_ids, responses, rewrites, max_new)
+    return Rollout([p for p in prompt_ids for _ in range(per_prompt)], responses, rewrites, max_new)
 
 
 def rollout_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int,
@@ -300,6 +308,12 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     return policy_loss, value_loss, stats
 
 
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Each reward minus the mean of the other k - 1 rewards of the same prompt (consecutive groups of k)."""
+    grouped = rewards.view(-1, k)
+    return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (k - 1)).reshape(-1)
+
+
 def adaptive_beta(beta: float, kl_per_rewrite: float, rewrites: int, target: float, horizon: int) -> float:
     """Ziegler et al.'s proportional controller, fed the KL to the reference (not the drift from the
     rollout policy, which LMOps' code passed)."""
@@ -323,6 +337,10 @@ def check_config(config: PPOConfig, runtime: Runtime) -> None:
         raise ConfigError(f"minibatch_size ({config.minibatch_size}) must divide batch_size ({config.batch_size})")
     if config.batch_size > 1024 or config.iterations > 10_000_000 or config.num_beam_groups > 64:
         raise ConfigError("batch_size <= 1024, iterations <= 10000000 and num_beam_groups <= 64, please")
+    if config.advantage == "rloo" and not 2 <= config.rloo_samples <= 64:
+        raise ConfigError(f"rloo needs rloo_samples between 2 and 64; got {config.rloo_samples}")
+    if config.advantage == "rloo" and config.rollout == "beam" and config.rloo_samples > config.num_beam_groups:
+        raise ConfigError(f"rloo_samples ({config.rloo_samples}) cannot exceed num_beam_groups ({config.num_beam_groups})")
     if config.lr <= 0 or config.beta < 0 or config.kl_target <= 0 or config.grad_clip < 0:
         raise ConfigError("need lr > 0, beta >= 0, kl_target > 0 and grad_clip >= 0")
 
@@ -370,16 +388,17 @@ def train_ppo(
     reference, tokenizer = load_trainable_policy(config.policy, models_dir=models_dir)
     policy = load_trainable_policy(str(checkpoint.folder), models_dir=models_dir)[0] if checkpoint else \
         copy.deepcopy(reference)
-    value = ValueModel(reference, config.seed)
-    if checkpoint is not None:
+    value = ValueModel(reference, config.seed) if config.advantage == "gae" else None
+    if checkpoint is not None and value is not None:
         value.load_state_dict(load_extra(checkpoint, "value"))
     policy.requires_grad_(True)
     freeze_below_top(policy.base_model, config.trainable_top_blocks)  # the tied LM head freezes with the embeddings
-    freeze_below_top(value.trunk, config.trainable_top_blocks)
+    if value is not None:
+        freeze_below_top(value.trunk, config.trainable_top_blocks)
+        value.to(runtime.device).eval()
     reference.requires_grad_(False).eval()
     reference.to(torch.device("cpu") if config.reference_device == "cpu" else runtime.device)
     policy.to(runtime.device).eval()
-    value.to(runtime.device).eval()
     learner = Learner(policy, value)
     params = [p for p in learner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
@@ -403,7 +422,7 @@ def train_ppo(
         if runtime.is_main:
             full = {**state, "config": config_to_dict(config), "baseline_cache": cache.entries}
             save_checkpoint(out, model=policy, tokenizer=tokenizer, optimizer=optimizer, state=full,
-                            keep=config.keep_checkpoints, extra={"value": value.state_dict()})
+                            keep=config.keep_checkpoints, extra={"value": value.state_dict()} if value else None)
             log.draw({"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
                       "value loss": ("value_loss",)}, "PPO").save(out / CURVES_FILE)
         runtime.barrier()
@@ -415,7 +434,9 @@ def train_ppo(
         clock = time.perf_counter()
         indices = next(stream)[runtime.rank::runtime.world_size]
         plains = [prompts[i] for i in indices]
-        batch_rollout = rollout(policy, tokenizer, plains, config, iteration=iteration, rank=runtime.rank)
+        k = config.rloo_samples if config.advantage == "rloo" else 1
+        batch_rollout = rollout(policy, tokenizer, plains, config, iteration=iteration, rank=runtime.rank, per_prompt=k)
+        plains = [p for p in plains for _ in range(k)]
 
         # 5. reward of each rewrite
         seconds = {"seconds_rollout": time.perf_counter() - clock}
@@ -433,16 +454,21 @@ def train_ppo(
             ref_batch = {k: v.to(next(reference.parameters()).device) for k, v in batch.items()}
             ref_logprobs = response_logprobs(reference, ref_batch, start, length)[0].to(runtime.device)
 
-        # 7. token rewards: -beta * KL to the reference; the score at the last token (the eos)
+        # 7. token rewards: -beta * KL to the reference; the score at the last token (the eos). GAE on them,
+        #    or (rloo) each rewrite's whole reward minus the mean of its prompt's other rewrites
         kl_tokens = (old_logprobs - ref_logprobs) * mask
-        token_rewards = -state["beta"] * kl_tokens
-        last = mask.sum(1).long() - 1
-        token_rewards[torch.arange(len(plains)), last] += scores
-        advantages, returns = gae(token_rewards, old_values, mask, config.gamma, config.lam)
-        advantages = masked_whiten(advantages, mask, runtime)
+        if config.advantage == "gae":
+            token_rewards = -state["beta"] * kl_tokens
+            last = mask.sum(1).long() - 1
+            token_rewards[torch.arange(len(plains)), last] += scores
+            advantages, returns = gae(token_rewards, old_values, mask, config.gamma, config.lam)
+            advantages = masked_whiten(advantages, mask, runtime)
+        else:
+            advantages = rloo_advantages(scores - state["beta"] * kl_tokens.sum(1), k)[:, None] * mask
+            returns = torch.zeros_like(mask)
 
         # 8. PPO epochs over minibatches
-        size = config.minibatch_size or config.batch_size
+        size = (config.minibatch_size or config.batch_size) * k
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
         updates, token_count = 0, 0.0
         for epoch in range(config.ppo_epochs):
@@ -485,8 +511,9 @@ def train_ppo(
                    "policy_loss": totals["policy_loss"] / updates, "value_loss": totals["value_loss"] / updates,
                    "clip_frac": totals["clip_frac"] / token_count, "approx_kl": totals["approx_kl"] / token_count,
                    "entropy": totals["entropy"] / token_count,
-                   "explained_var": 1.0 - sums[4].item() / max(sums[5].item(), 1e-8),
                    "baseline_hits": cache.hits, **seconds}
+        if config.advantage == "gae":
+            metrics["explained_var"] = 1.0 - sums[4].item() / max(sums[5].item(), 1e-8)
         for name, values_ in scored.terms.items():
             metrics[f"reward_{name}"] = sum(values_) / len(values_)
         if config.kl_controller == "adaptive":
