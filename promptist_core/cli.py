@@ -262,11 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; our errors become one line on stderr and an exit code (both CLIs)."""
     from .weights import WeightsNotFoundError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return args.run(args)
     except WeightsNotFoundError as e:
@@ -275,3 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))

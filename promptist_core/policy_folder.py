@@ -37,7 +37,7 @@ def save_policy_folder(model, tokenizer, folder: Path | str) -> Path:
         _save_model(model, tmp)
         tokenizer.save_pretrained(str(tmp))
         _make_tokenizer_portable(tokenizer, tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,15 +93,15 @@ def _legacy_tokenizer_json(path: Path) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # Windows cannot open folders; its renames are durable enough
@@ -125,6 +125,6 @@ def _replace_folder(new: Path, folder: Path) -> None:
         if old is not None:
             os.replace(old, folder)
         raise
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

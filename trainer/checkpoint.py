@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from promptist_core.policy_folder import save_policy_folder
+from promptist_core.policy_folder import fsync_dir, fsync_tree, save_policy_folder
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
@@ -49,25 +49,6 @@ class Checkpoint:
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open folders; its renames are durable enough
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten `optimizer.state_dict()` into safetensors-able tensors and JSON-able metadata."""
@@ -148,11 +129,11 @@ def save_checkpoint(
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         full_state = {"format": FORMAT_VERSION, **state, "rng": rng_meta, "extra": sorted(extra or {})}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved again (a stop right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -227,5 +208,5 @@ def publish_model_files(source: Path, target: Path) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target / path.name)
-    _fsync_dir(target)
+    fsync_dir(target)
     return target

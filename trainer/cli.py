@@ -15,9 +15,7 @@ from pathlib import Path
 
 from .config import add_config_arguments, build_config, format_config, overrides_from_args, read_config_file
 
-EXIT_BAD_INPUT = 2
-EXIT_MISSING_WEIGHTS = 3
-EXIT_STOPPED = 130
+EXIT_STOPPED = 130  # 2 (bad input) and 3 (weights) as in promptist_core.cli
 
 
 def _add_pairs(sub) -> None:
@@ -195,15 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from promptist_core.weights import WeightsNotFoundError
+    from promptist_core.cli import run_command
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except WeightsNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_MISSING_WEIGHTS
-    except (ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_command(build_parser().parse_args(argv))

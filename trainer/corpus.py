@@ -129,13 +129,12 @@ def _records(path: Path, column: str) -> Iterator[tuple[int, str]]:
     if suffix == ".parquet":
         yield from _parquet_records(path, column)
         return
-    text = _read_text(path)
     if suffix == ".txt":
-        yield from enumerate(text.splitlines(), 1)
+        yield from enumerate(_read_text(path).splitlines(), 1)
     elif suffix == ".jsonl":
-        yield from _jsonl_records(path, text, column)
+        yield from _jsonl_records(path, column)
     else:
-        yield from _table_records(path, text, column, "\t" if suffix == ".tsv" else ",")
+        yield from _table_records(path, _read_text(path), column, "\t" if suffix == ".tsv" else ",")
 
 
 def _read_text(path: Path) -> str:
@@ -147,8 +146,9 @@ def _read_text(path: Path) -> str:
         raise CorpusError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8", line) from None
 
 
-def _jsonl_records(path: Path, text: str, column: str) -> Iterator[tuple[int, str]]:
-    for i, line in enumerate(text.splitlines(), 1):
+def jsonl_objects(path: Path, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line of a JSONL file; `what` says what an object holds."""
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -156,7 +156,12 @@ def _jsonl_records(path: Path, text: str, column: str) -> Iterator[tuple[int, st
         except json.JSONDecodeError as e:
             raise CorpusError(path, f"invalid JSON ({e.msg} at column {e.colno})", i) from None
         if not isinstance(record, dict):
-            raise CorpusError(path, f"expected a JSON object with a '{column}' field, got {type(record).__name__}", i)
+            raise CorpusError(path, f"expected a JSON object with {what}, got {type(record).__name__}", i)
+        yield i, record
+
+
+def _jsonl_records(path: Path, column: str) -> Iterator[tuple[int, str]]:
+    for i, record in jsonl_objects(path, f"a '{column}' field"):
         if column not in record:
             raise CorpusError(path, f"no field '{column}' (fields: {', '.join(record) or 'none'}); "
                                     "choose one with --column", i)

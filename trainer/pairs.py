@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .corpus import CorpusError, normalize_prompt
+from .corpus import CorpusError, jsonl_objects, normalize_prompt
 
 KINDS = ("mc", "mcm", "rmc", "rtp")
 SPLITS = ("train", "valid")
@@ -263,24 +263,15 @@ def read_pairs(path: Path | str, *, seed: int = 0, valid_fraction: float = 0.02)
     if not path.is_file():
         raise CorpusError(path, "no such pairs file")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(path, f"invalid JSON ({e.msg} at column {e.colno})", i) from None
-            if not isinstance(record, dict):
-                raise CorpusError(path, "expected a JSON object with 'source' and 'target'", i)
-            values = [record.get(k) for k in ("source", "target")]
-            if not all(isinstance(v, str) and v.strip() for v in values):
-                raise CorpusError(path, "'source' and 'target' must both be non-empty text", i)
-            source, target = (normalize_prompt(v) for v in values)
-            split = record.get("split") or split_of(target, seed, valid_fraction)
-            if split not in SPLITS:
-                raise CorpusError(path, f"'split' must be one of {', '.join(SPLITS)}; got {split!r}", i)
-            pairs.append(Pair(source, target, str(record.get("kind", "pair")), split))
+    for i, record in jsonl_objects(path, "'source' and 'target'"):
+        values = [record.get(k) for k in ("source", "target")]
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise CorpusError(path, "'source' and 'target' must both be non-empty text", i)
+        source, target = (normalize_prompt(v) for v in values)
+        split = record.get("split") or split_of(target, seed, valid_fraction)
+        if split not in SPLITS:
+            raise CorpusError(path, f"'split' must be one of {', '.join(SPLITS)}; got {split!r}", i)
+        pairs.append(Pair(source, target, str(record.get("kind", "pair")), split))
     if not pairs:
         raise CorpusError(path, "the pairs file holds no pairs")
     return pairs

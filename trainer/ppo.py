@@ -39,7 +39,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, config_to_dict, option
-from .progress import StepCallback, StopTraining
+from .progress import StepCallback, StopTraining, stop_requested
 from .rewards import BaselineCache, RewardFunction
 from .runtime import PRECISIONS, Runtime, local_runtime
 from .sft import context_length, load_trainable_policy, micro_batches
@@ -527,13 +527,7 @@ def train_ppo(
             save(iteration)
             saved_at = iteration
 
-        stop = False
-        if runtime.is_main and callback is not None:
-            try:
-                callback(iteration, config.iterations, metrics)
-            except StopTraining:
-                stop = True
-        if runtime.broadcast_flag(stop):
+        if stop_requested(callback, iteration, config.iterations, metrics, runtime):
             if saved_at != iteration:
                 save(iteration)
             log.close()

@@ -18,6 +18,18 @@ class StopTraining(Exception):
     """Raised by a step callback to stop training after saving a checkpoint (Ctrl-C, Cancel, Interrupt)."""
 
 
+def stop_requested(callback: StepCallback | None, step: int, total: int, metrics: dict, runtime) -> bool:
+    """Call the step callback on the main process; True on every rank when it raised StopTraining (the
+    trainer then saves a checkpoint and re-raises)."""
+    stop = False
+    if runtime.is_main and callback is not None:
+        try:
+            callback(step, total, metrics)
+        except StopTraining:
+            stop = True
+    return runtime.broadcast_flag(stop)
+
+
 def chain(*callbacks: StepCallback | None) -> StepCallback:
     """One callback that calls each given one in order."""
     active = [c for c in callbacks if c is not None]

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, config_to_dict, option
 from .pairs import Pair, make_pairs, read_pairs
-from .progress import StepCallback, StopTraining
+from .progress import StepCallback, StopTraining, stop_requested
 from .runtime import PRECISIONS, Runtime, local_runtime
 from .training_log import CURVES_FILE, TrainingLog
 
@@ -414,13 +414,7 @@ def train_sft(
             save(step)
             saved_at = step
 
-        stop = False
-        if runtime.is_main and callback is not None:
-            try:
-                callback(step, config.max_steps, metrics)
-            except StopTraining:
-                stop = True
-        if runtime.broadcast_flag(stop):
+        if stop_requested(callback, step, config.max_steps, metrics, runtime):
             if saved_at != step:
                 save(step)
             log.close()
