@@ -127,7 +127,21 @@ def check_dfprompts(p) -> None:
                 parse(text, host_brackets=True)
             except DFPromptError as e:
                 which = f"{label} of image {i + 1}" if len(set(getattr(p, name))) > 1 else label
-                raise PromptistError(f"DF-Prompt error in the {which}, {e}", status_code=422) from e
+                raise PromptistError(f"DF-Prompt error in the {which}, column {e.column}: {e.expected}: "
+                                     f"{mark_column(e.text, e.column)}", status_code=422) from e
+
+
+def mark_column(text: str, column: int, context: int = 30) -> str:
+    """'a red horse, [anime:1-0.5:1.5]', 21 -> '"a red horse, [anime:▶1-0.5:1.5]"': the place on one line.
+
+    The webui shows an error as HTML, where DFPromptError's caret line (a second line of spaces and `^`)
+    collapses to a lone `^` after the prompt; a marker inside the text survives HTML, JSON and the console.
+    """
+    i = column - 1
+    start, end = max(0, i - context), min(len(text), i + context)
+    before = ("…" if start > 0 else "") + text[start:i]
+    after = text[i:end] + ("…" if end < len(text) else "")
+    return _CONTROL.sub(" ", f'"{before}▶{after}"')
 
 
 # Rewrites go into prompts and the infotext (one line per key): no newlines or control characters.
