@@ -64,6 +64,15 @@ def test_a_dfprompt_error_in_a_long_prompt_shows_the_text_around_the_column(webu
     assert str(e.value).endswith(f'"…{prompt[column - 31:column - 1]}▶{prompt[column - 1:column + 29]}…"')
 
 
+def test_a_malformed_dfprompt_in_the_tab_is_one_line_with_the_place_marked(webui):
+    # The Promptist tab's errors go through the same HTML box (wrap_gradio_gpu_call).
+    with pytest.raises(webui.PromptistError) as e:
+        webui._optimize_for_tab("a red horse, [anime:1-0.5:1.5]", "beam", 4, 0)
+    assert str(e.value) == ('DF-Prompt error, column 21: expected a range with start <= end, got 1-0.5 '
+                            '(write 0.5-1): "a red horse, [anime:▶1-0.5:1.5]"')
+    assert e.value.status_code == 422
+
+
 def test_an_unreadable_tokenizer_stops_the_job(webui, tmp_path):
     folder = tmp_path / "models" / "promptist" / "tiny-promptist"
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
