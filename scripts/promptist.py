@@ -127,7 +127,25 @@ def check_dfprompts(p) -> None:
                 parse(text, host_brackets=True)
             except DFPromptError as e:
                 which = f"{label} of image {i + 1}" if len(set(getattr(p, name))) > 1 else label
-                raise PromptistError(f"DF-Prompt error in the {which}, {e}", status_code=422) from e
+                raise PromptistError(f"DF-Prompt error in the {which}, {dfprompt_message(e)}", status_code=422) from e
+
+
+def dfprompt_message(error: DFPromptError) -> str:
+    """'column 21: expected ...: "a red horse, [anime:▶1-0.5:1.5]"': a DFPromptError on one line."""
+    return f"column {error.column}: {error.expected}: {mark_column(error.text, error.column)}"
+
+
+def mark_column(text: str, column: int, context: int = 30) -> str:
+    """'a red horse, [anime:1-0.5:1.5]', 21 -> '"a red horse, [anime:▶1-0.5:1.5]"': the place on one line.
+
+    The webui shows an error as HTML, where DFPromptError's caret line (a second line of spaces and `^`)
+    collapses to a lone `^` after the prompt; a marker inside the text survives HTML, JSON and the console.
+    """
+    i = column - 1
+    start, end = max(0, i - context), min(len(text), i + context)
+    before = ("…" if start > 0 else "") + text[start:i]
+    after = text[i:end] + ("…" if end < len(text) else "")
+    return _CONTROL.sub(" ", f'"{before}▶{after}"')
 
 
 # Rewrites go into prompts and the infotext (one line per key): no newlines or control characters.
@@ -460,7 +478,10 @@ if scripts is not None:
                 at=AFTER_SAMPLING)
 
     def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
-        text, suffix = split_for_policy(prompt or "")
+        try:
+            text, suffix = split_for_policy(prompt or "")
+        except DFPromptError as e:  # shown as HTML by the webui's call wrapper: one line, place marked
+            raise PromptistError(f"DF-Prompt error, {dfprompt_message(e)}", status_code=422) from e
         result = _optimizer()(text, mode=mode, candidates=int(candidates), num_beams=max(8, int(candidates)),
                               seed=int(seed))[0]
         best = clean_rewrite(result.prompt) + suffix

@@ -39,17 +39,38 @@ def test_a_missing_model_stops_the_job_and_df_blocks_are_still_rendered(webui):
     assert p.all_prompts == ["a red horse, (anime:1.5), [(detailed:1.25)::9]"]
 
 
-@pytest.mark.parametrize("prompt, column, expected", [
-    ("a red horse, [anime:1-0.5:1.5]", 21, "expected a range with start <= end"),
-    ("a red horse, [anime:0-1:abc]", 25, "expected a weight like 1.25"),
+@pytest.mark.parametrize("prompt, column, expected, marked", [
+    ("a red horse, [anime:1-0.5:1.5]", 21, "expected a range with start <= end", '"a red horse, [anime:▶1-0.5:1.5]"'),
+    ("a red horse, [anime:0-1:abc]", 25, "expected a weight like 1.25", '"a red horse, [anime:0-1:▶abc]"'),
 ])
-def test_a_malformed_dfprompt_stops_the_job_naming_the_column(webui, prompt, column, expected):
+def test_a_malformed_dfprompt_stops_the_job_naming_the_column(webui, prompt, column, expected, marked):
     p = Job(prompt)
     with pytest.raises(webui.PromptistError) as e:
         run_process_hook(webui.PromptistScript(), p, False, "beam", False)
     assert str(e.value).startswith(f"DF-Prompt error in the prompt, column {column}: {expected}")
+    # The webui shows the error as HTML, which folds a caret line into a lone "^" after the prompt
+    # (seen in A1111 1.10's txt2img): one line, with the place marked inside the prompt.
+    assert "\n" not in str(e.value) and str(e.value).endswith(marked)
     assert e.value.status_code == 422  # the webui's API answers with the error's status_code
     assert p.all_prompts == [prompt] and not p.sampled
+
+
+def test_a_dfprompt_error_in_a_long_prompt_shows_the_text_around_the_column(webui):
+    prompt = "a red horse standing on the green grass under a blue sky, [anime:0-1:abc], highly detailed, 8k, trending on artstation"
+    p = Job(prompt)
+    with pytest.raises(webui.PromptistError) as e:
+        run_process_hook(webui.PromptistScript(), p, False, "beam", False)
+    column = prompt.index("abc") + 1
+    assert str(e.value).endswith(f'"…{prompt[column - 31:column - 1]}▶{prompt[column - 1:column + 29]}…"')
+
+
+def test_a_malformed_dfprompt_in_the_tab_is_one_line_with_the_place_marked(webui):
+    # The Promptist tab's errors go through the same HTML box (wrap_gradio_gpu_call).
+    with pytest.raises(webui.PromptistError) as e:
+        webui._optimize_for_tab("a red horse, [anime:1-0.5:1.5]", "beam", 4, 0)
+    assert str(e.value) == ('DF-Prompt error, column 21: expected a range with start <= end, got 1-0.5 '
+                            '(write 0.5-1): "a red horse, [anime:▶1-0.5:1.5]"')
+    assert e.value.status_code == 422
 
 
 def test_an_unreadable_tokenizer_stops_the_job(webui, tmp_path):
