@@ -9,6 +9,10 @@ name ("INT", "STRING", "CLIP", ...), a list of combo options, or a custom type n
 options use the V1/V3 shared keys (default, min, max, step, tooltip, multiline, optional).
 An optional `validate(<one input>=None) -> True | str` checks one input before the graph runs;
 ComfyUI keeps checking the others' ranges and combos itself (see `_validated_input`).
+`ALWAYS_RUN = True` marks a node whose output is not a function of its inputs (a training run that
+continues where the last one stopped): ComfyUI then runs it on every queue instead of returning its
+cached output (V1 `IS_CHANGED` / V3 `fingerprint_inputs` answer NaN, which never equals itself) and
+never merges two such nodes (`NOT_IDEMPOTENT` / `not_idempotent`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ def _v1_class(spec: type) -> type:
         "run": staticmethod(spec.run),
         "SPEC": spec,
     }
+    if getattr(spec, "ALWAYS_RUN", False):
+        attrs["NOT_IDEMPOTENT"] = True
+        attrs["IS_CHANGED"] = classmethod(_always_changed)
     if hasattr(spec, "validate"):
         _validated_input(spec)
         attrs["VALIDATE_INPUTS"] = staticmethod(spec.validate)
@@ -88,6 +95,7 @@ def _v3_class(spec: type) -> type:
             node_id=spec.NODE_ID, display_name=spec.DISPLAY_NAME, category=CATEGORY,
             description=spec.DESCRIPTION, inputs=inputs, outputs=outputs,
             is_output_node=getattr(spec, "OUTPUT_NODE", False),
+            not_idempotent=getattr(spec, "ALWAYS_RUN", False),
         )
 
     def execute(cls, **inputs):
@@ -95,9 +103,16 @@ def _v3_class(spec: type) -> type:
 
     attrs = {"__doc__": spec.__doc__, "define_schema": classmethod(define_schema),
              "execute": classmethod(execute), "SPEC": spec}
+    if getattr(spec, "ALWAYS_RUN", False):
+        attrs["fingerprint_inputs"] = classmethod(_always_changed)
     if hasattr(spec, "validate"):
         attrs["validate_inputs"] = v3_validate_inputs(spec)
     return type(spec.NODE_ID, (comfy_io.ComfyNode,), attrs)
+
+
+def _always_changed(cls, **inputs) -> float:
+    """NaN: never equal to the last run's fingerprint, so ComfyUI runs the node again."""
+    return float("nan")
 
 
 def _validated_input(spec: type) -> str:
