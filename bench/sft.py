@@ -5,7 +5,9 @@ from the real fixture corpus (`python -m trainer pairs` logic). Each trainer run
 (so peak memory is its own): ours with length-bucketed batches and the LM head only on target
 positions; the `Trainer` as a user would set it up (`DataCollatorForSeq2Seq`, right padding, random
 batches, the same lr schedule and accumulation). Throughput is timed from the end of the first step
-to the end of the last (the first step pays one-off costs in both). Prints one JSON object with pairs/s,
+to the end of the last (the first step pays one-off costs in both), in wall time and in CPU time of
+the process (steadier on a shared machine; with one torch thread, the default, it measures the work
+done); the two trainers run in turn, `--repeats` times each, and the best of each counts. Prints one JSON object with pairs/s,
 tokens/s (pairs/s x the mean real tokens of a pair), peak memory (CUDA max allocated on GPU, max RSS
 on CPU), the mean loss of the last steps of each, and the ratios.
 
@@ -21,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,10 +74,11 @@ def peak_memory(device: str) -> int:
 def run_ours(args, base: Path, pairs: Path, out: Path) -> dict:
     from trainer.sft import SFTConfig, train_sft
 
-    stamps, losses = [], []
+    stamps, cpu, losses = [], [], []
 
     def callback(step, total, metrics):
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
         losses.append(metrics["loss"])
 
     config = SFTConfig(pairs=str(pairs), base=str(base), out=str(out), max_steps=args.steps, batch_size=args.batch_size,
@@ -82,7 +86,8 @@ def run_ours(args, base: Path, pairs: Path, out: Path) -> dict:
                        save_every=0, eval_every=0, log_every=1, tensorboard=False, select="last",
                        max_length=args.max_length, device=args.device, precision=args.precision, seed=args.seed)
     train_sft(config, callback=callback)
-    return {"seconds": stamps[-1] - stamps[0], "losses": losses, "peak_memory": peak_memory(args.device)}
+    return {"seconds": stamps[-1] - stamps[0], "cpu_seconds": cpu[-1] - cpu[0], "losses": losses,
+            "peak_memory": peak_memory(args.device)}
 
 
 def run_trainer(args, base: Path, pairs: Path, out: Path) -> dict:
@@ -105,11 +110,12 @@ def run_trainer(args, base: Path, pairs: Path, out: Path) -> dict:
     dataset = [{"input_ids": list(e.ids), "attention_mask": [1] * len(e.ids),
                 "labels": [-100] * e.prompt_len + list(e.ids[e.prompt_len:])} for e in examples]
     model = AutoModelForCausalLM.from_pretrained(str(base)).float()
-    stamps, losses = [], []
+    stamps, cpu, losses = [], [], []
 
     class Stamps(TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
 
         def on_log(self, targs, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -127,7 +133,8 @@ def run_trainer(args, base: Path, pairs: Path, out: Path) -> dict:
     )
     Trainer(model=model, args=targs, train_dataset=dataset, data_collator=DataCollatorForSeq2Seq(tokenizer),
             callbacks=[Stamps()]).train()
-    return {"seconds": stamps[-1] - stamps[0], "losses": losses, "peak_memory": peak_memory(args.device)}
+    return {"seconds": stamps[-1] - stamps[0], "cpu_seconds": cpu[-1] - cpu[0], "losses": losses,
+            "peak_memory": peak_memory(args.device)}
 
 
 def child(args) -> None:
@@ -154,7 +161,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each trainer, in turn; the best counts")
     parser.add_argument("--child", choices=("ours", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -174,29 +182,38 @@ def main() -> None:
 
         examples, _ = encode_pairs(load_tokenizer(work / "base"), read_pairs(pairs), args.max_length)
         mean_tokens = sum(len(e.ids) for e in examples) / len(examples)
-        results = {}
-        for name in ("ours", "trainer"):
-            cmd = [sys.executable, __file__, "--child", name, "--work", str(work)] + [
-                a for a in sys.argv[1:] if a not in ("--child", "--work")]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-            results[name] = json.loads(lines[-1][7:])
+        results: dict[str, list[dict]] = {"ours": [], "trainer": []}
+        for _ in range(args.repeats):
+            for name in ("ours", "trainer"):
+                cmd = [sys.executable, __file__, "--child", name, "--work", str(work)] + [
+                    a for a in sys.argv[1:] if a not in ("--child", "--work")]
+                done = subprocess.run(cmd, capture_output=True, text=True,
+                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode != 0 or not lines:
+                    sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+                results[name].append(json.loads(lines[-1][7:]))
+                shutil.rmtree(work / f"out-{name}", ignore_errors=True)
 
     pairs_per_step = args.effective_batch_size
     report = {"model": f"gpt2-{args.model}", "device": args.device, "precision": args.precision,
               "steps": args.steps, "batch_size": args.batch_size, "effective_batch_size": args.effective_batch_size,
               "pairs": len(examples), "mean_tokens_per_pair": round(mean_tokens, 1),
-              "torch_threads": args.threads or "default", "machine": platform.machine()}
+              "torch_threads": args.threads or "default", "repeats": args.repeats, "machine": platform.machine()}
     tail = max(1, args.steps // 4)
-    for name, r in results.items():
-        pairs_s = pairs_per_step * (args.steps - 1) / r["seconds"]
-        report[name] = {"pairs_per_s": round(pairs_s, 3), "tokens_per_s": round(pairs_s * mean_tokens, 1),
-                        "peak_memory_mb": round(r["peak_memory"] / 2**20, 1),
-                        "first_loss": round(r["losses"][0], 4),
-                        f"mean_loss_last_{tail}_steps": round(sum(r["losses"][-tail:]) / tail, 4)}
+    for name, runs in results.items():
+        wall = min(r["seconds"] for r in runs)
+        cpu = min(r["cpu_seconds"] for r in runs)
+        losses = runs[0]["losses"]
+        report[name] = {"pairs_per_s": round(pairs_per_step * (args.steps - 1) / wall, 3),
+                        "tokens_per_s": round(pairs_per_step * (args.steps - 1) / wall * mean_tokens, 1),
+                        "tokens_per_cpu_s": round(pairs_per_step * (args.steps - 1) / cpu * mean_tokens, 1),
+                        "peak_memory_mb": round(max(r["peak_memory"] for r in runs) / 2**20, 1),
+                        "first_loss": round(losses[0], 4),
+                        f"mean_loss_last_{tail}_steps": round(sum(losses[-tail:]) / tail, 4)}
     report["speedup_tokens_per_s"] = round(report["ours"]["tokens_per_s"] / report["trainer"]["tokens_per_s"], 3)
+    report["speedup_tokens_per_cpu_s"] = round(report["ours"]["tokens_per_cpu_s"] /
+                                               report["trainer"]["tokens_per_cpu_s"], 3)
     report["peak_memory_ratio"] = round(report["ours"]["peak_memory_mb"] / report["trainer"]["peak_memory_mb"], 3)
     print(json.dumps(report, indent=1))
 

@@ -393,3 +393,12 @@ def test_accelerate_launch_two_cpu_processes_ppo_leaves_identical_weights_on_bot
     assert torch.equal(rank0, rank1)
     assert [c.step for c in list_checkpoints(tmp_path / "ddp")] == [2]
     assert len(_log(tmp_path / "ddp")) == 2  # rank 0 logs the iterations, once each
+
+
+def test_every_rollout_batch_is_full_across_epoch_boundaries():
+    from trainer.sft import micro_batches
+
+    cursor = {"epoch": 0, "index": 0}
+    stream = micro_batches([1] * 10, 4, 0, 1, cursor, drop_last=True)
+    batches = [next(stream) for _ in range(6)]
+    assert all(len(b) == 4 for b in batches) and cursor["epoch"] == 3

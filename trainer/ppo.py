@@ -415,7 +415,7 @@ def train_ppo(
     log = TrainingLog(out, LOG_COLUMNS, tensorboard=config.tensorboard, enabled=runtime.is_main,
                       resume_step=state["step"] if checkpoint else None)
     per_step = config.batch_size * runtime.world_size
-    stream = micro_batches([1] * len(prompts), per_step, config.seed, 1, state["cursor"])
+    stream = micro_batches([1] * len(prompts), per_step, config.seed, 1, state["cursor"], drop_last=True)
     pad_id = tokenizer.eos_token_id
 
     def save(iteration: int) -> None:

@@ -148,9 +148,11 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int) -> tuple[lis
     return examples, skipped
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, buckets: int) -> list[list[int]]:
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, buckets: int,
+                  drop_last: bool = False) -> list[list[int]]:
     """Batches of example indices for one epoch, a pure function of (seed, epoch): shuffle, sort each
-    pool of `buckets` batches by length, cut into batches, shuffle the batches."""
+    pool of `buckets` batches by length, cut into batches, shuffle the batches. `drop_last` leaves out
+    the epoch's last, smaller batch (PPO wants every rollout batch full)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
     pool = batch_size * max(buckets, 1)
@@ -160,14 +162,16 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
         if buckets > 1:
             chunk.sort(key=lambda i: lengths[i])
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches = [b for b in batches if len(b) == batch_size]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def micro_batches(lengths: Sequence[int], batch_size: int, seed: int, buckets: int,
-                  cursor: dict) -> Iterator[list[int]]:
+                  cursor: dict, drop_last: bool = False) -> Iterator[list[int]]:
     """Endless micro-batches from `cursor` ({epoch, index}); the cursor is updated as they are taken."""
     while True:
-        batches = epoch_batches(lengths, batch_size, seed, cursor["epoch"], buckets)
+        batches = epoch_batches(lengths, batch_size, seed, cursor["epoch"], buckets, drop_last)
         while cursor["index"] < len(batches):
             batch = batches[cursor["index"]]
             cursor["index"] += 1
