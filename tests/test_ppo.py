@@ -401,4 +401,26 @@ def test_every_rollout_batch_is_full_across_epoch_boundaries():
     cursor = {"epoch": 0, "index": 0}
     stream = micro_batches([1] * 10, 4, 0, 1, cursor, drop_last=True)
     batches = [next(stream) for _ in range(6)]
-    assert all(len(b) == 4 for b in batches) and cursor["epoch"] == 3
+    assert all(len(b) == 4 for b in batches) and cursor == {"epoch": 2, "index": 2}
+
+
+def test_ppo_cli_on_a_tiny_diffusers_pipeline_runs_resumes_and_its_output_loads(sft_policy, tiny_sd_dir,
+                                                                                tiny_clip_models_dir, tmp_path, capsys):
+    from promptist_core.cli import main as promptist_main
+    from trainer.cli import main
+
+    args = ["ppo", "--prompts", str(sft_policy / "prompts.txt"), "--policy", str(sft_policy / "sft"),
+            "--sd", str(tiny_sd_dir), "--clip-model", "tiny-open-clip-hub",
+            "--aesthetic-head", str(tiny_clip_models_dir / "tiny-head.safetensors"),
+            "--models-dir", str(tiny_clip_models_dir), "--image-steps", "2", "--width", "64", "--height", "64",
+            "--out", str(tmp_path / "out"), "--batch-size", "2", "--num-beam-groups", "2", "--max-new-tokens", "16",
+            "--device", "cpu", "--no-progress", "--tensorboard", "false"]
+    assert main([*args, "--iterations", "1"]) == 0
+    assert main([*args, "--iterations", "2", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 2
+    rows = _log(tmp_path / "out")
+    assert [r["step"] for r in rows] == ["1", "2"] and rows[-1]["reward_aes"] != ""
+    state = list_checkpoints(tmp_path / "out")[-1].state
+    assert len(state["baseline_cache"]) == 2 * 2 * 2  # 2 iterations x 2 prompts x 2 images, kept across the resume
+    assert promptist_main(["optimize", "--model", str(tmp_path / "out"), "--offline", "--max-new-tokens", "16",
+                           "a cat"]) == 0
