@@ -1,0 +1,139 @@
+"""DF-Prompt policy (PAE stage 2): one (weight, range) decision per modifier, read where the modifier
+closes; files next to the LM; the optimizer's DF-Prompts round-trip through the grammar; stage 1 makes the
+default classes most likely; stage 2 learns a rewarded weight and range with exact head log-probs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SUBJECTS
+
+from promptist_core import dfprompt
+from promptist_core.dfprompt_policy import (
+    CONFIG_FILE,
+    DEFAULT_RANGE,
+    DEFAULT_WEIGHT,
+    HEADS_FILE,
+    DFHeads,
+    Piece,
+    compose,
+    load_heads,
+    pae_prior,
+    split_response,
+)
+
+TRAIN_PROMPTS, HELD_OUT = SUBJECTS[:12], SUBJECTS[12:]
+
+
+# --- the model's pieces -------------------------------------------------------------------------------
+
+def test_pae_prior_is_68_percent_on_the_default_and_16_on_each_neighbour():
+    weights, ranges = pae_prior(5, DEFAULT_WEIGHT), pae_prior(3, DEFAULT_RANGE)
+    assert weights[2] == pytest.approx(0.6827, abs=1e-3) and weights[1] == weights[3] == pytest.approx(0.1573, abs=1e-3)
+    assert ranges == pytest.approx([0.1587, 0.6827, 0.1587], abs=1e-3)
+    assert sum(weights) == pytest.approx(1.0) and sum(ranges) == pytest.approx(1.0)
+
+
+def test_a_response_splits_into_modifiers_closing_at_their_comma_or_the_eos(tiny_optimizer):
+    tok = tiny_optimizer.tokenizer
+    source = "a cat riding a bike"
+    response = tok(" a cat riding a bike, highly detailed,, 8k", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    pieces = split_response(source, response, tok)
+    assert [p.text for p in pieces] == ["a cat riding a bike", "highly detailed", "", "8k"]
+    assert pieces[0].end is None and pieces[2].end is None  # an echo of the prompt and an empty piece: no decision
+    commas = [i for i, t in enumerate(response) if "," in tok.decode([t])]
+    assert pieces[1].end == commas[1] and pieces[3].end == len(response) - 1  # its own comma; the eos
+    with pytest.raises(ValueError, match="eos"):
+        split_response(source, response[:-1], tok)
+
+
+def test_composed_dfprompts_keep_the_prompt_verbatim_and_round_trip_through_the_grammar():
+    pieces = [Piece("a cat", None), Piece("anime", 3), Piece("detailed", 5), Piece("8k [hd]", 7)]
+    out = compose("a cat, (cute:1.2)", pieces, {3: (4, 2), 5: (2, 1), 7: (0, 0)})
+    assert out == "a cat, (cute:1.2), [anime:0.5-1:1.5], detailed, [8k \\[hd\\]:0-0.5:0.5]"
+    assert dfprompt.format_prompt(dfprompt.parse(out)) == out
+    segments = dfprompt.schedule(out, 10)
+    assert [(s.first_step, s.last_step) for s in segments] == [(0, 4), (5, 9)]
+    assert "anime" in segments[0].text and "anime" not in segments[1].text and "8k [hd]" in segments[1].text
+    assert compose("a [broken prompt", [], {}) == "a \\[broken prompt"  # the grammar would reject it verbatim
+
+
+def test_head_files_load_back_exactly_and_refuse_other_shapes(tmp_path):
+    heads = DFHeads(16)
+    from promptist_core.dfprompt_policy import save_heads
+
+    save_heads(heads, tmp_path)
+    again = load_heads(tmp_path)
+    assert again.weights == dfprompt.PAE_WEIGHTS and again.ranges == dfprompt.PAE_RANGES
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), again.state_dict().values(), strict=True))
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    meta["weights"] = [1.0, 2.0]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_heads(tmp_path)
+    assert load_heads(tmp_path / "nothing") is None
+
+
+def _tilt(heads: DFHeads, weight: int, range_: int) -> DFHeads:
+    """Heads that choose (weight, range_) for every input: a bias-free head cannot, so add to its logits."""
+    bonus_w = torch.zeros(len(heads.weights))
+    bonus_w[weight] = 50.0
+    bonus_r = torch.zeros(len(heads.ranges))
+    bonus_r[range_] = 50.0
+    original = heads.forward
+
+    def forward(hidden):
+        w, r = original(hidden)
+        return w + bonus_w.to(w.device), r + bonus_r.to(r.device)
+
+    heads.forward = forward
+    return heads
+
+
+def test_the_optimizer_of_a_folder_with_heads_prints_dfprompts_that_schedule(tiny_promptist_dir, tmp_path, capsys):
+    from promptist_core.cli import main
+    from promptist_core.optimizer import PromptOptimizer, load_optimizer
+    from promptist_core.policy_folder import save_policy_folder
+    from trainer.sft import load_trainable_policy
+
+    lm, tokenizer = load_trainable_policy(str(tiny_promptist_dir / "tiny-promptist"))
+    heads = DFHeads(lm.config.n_embd)
+    with torch.no_grad():  # a bias-free head cannot be forced to one class for every input: scale it instead
+        heads.weight.weight.normal_(std=1.0)
+        heads.range.weight.normal_(std=1.0)
+    folder = save_policy_folder(lm, tokenizer, tmp_path / "df-policy", dfprompt_heads=heads)
+    assert (folder / HEADS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
+
+    optimizer = load_optimizer(str(folder), device="cpu")
+    assert optimizer.is_dfprompt
+    source = "a cat riding a bike"
+    result = optimizer(source, max_new_tokens=30, num_beams=1)[0]
+    assert result.dfprompt and result.prompt.startswith(source + ", ")
+    parsed = dfprompt.parse(result.prompt)
+    assert dfprompt.format_prompt(parsed) == result.prompt
+    assert parsed.modifiers, result.prompt  # random heads of this scale rarely leave every modifier at (1.0, 0-1)
+    assert all(m.weight in dfprompt.PAE_WEIGHTS and (m.start, m.end) in dfprompt.PAE_RANGES for m in parsed.modifiers)
+    assert dfprompt.schedule(result.prompt, 20)
+    # the same text through a plain optimizer, with the heads forced to (1.0, 0-1): plain modifiers only
+    plain = PromptOptimizer(optimizer.model, optimizer.tokenizer)(source, max_new_tokens=30, num_beams=1)[0]
+    forced = PromptOptimizer(optimizer.model, optimizer.tokenizer,
+                             dfprompt_heads=_tilt(DFHeads(lm.config.n_embd), DEFAULT_WEIGHT, DEFAULT_RANGE))
+    expected = ", ".join([source] + [p.strip() for p in plain.prompt.split(",") if p.strip() and p.strip() not in source])
+    assert forced(source, max_new_tokens=30, num_beams=1)[0].prompt == expected
+    soft = PromptOptimizer(optimizer.model, optimizer.tokenizer, dfprompt_heads=DFHeads(lm.config.n_embd))  # ~uniform
+    sampled = [soft(source, max_new_tokens=30, num_beams=1, head_choice="sample", seed=s)[0].prompt for s in range(4)]
+    assert len(set(sampled)) > 1
+    assert soft(source, max_new_tokens=30, num_beams=1, head_choice="sample", seed=1)[0].prompt == sampled[1]
+
+    # the CLI: optimize prints the DF-Prompt; dfprompt schedules it; --render a1111 gives the host's form
+    assert main(["optimize", "--model", str(folder), "--offline", "--device", "cpu", "--max-new-tokens", "30", "--num-beams", "1",
+                 source]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == result.prompt
+    assert main(["dfprompt", printed, "--steps", "20"]) == 0
+    assert capsys.readouterr().out.startswith("steps 0-")
+    assert main(["optimize", "--model", str(folder), "--offline", "--device", "cpu", "--max-new-tokens", "30", "--num-beams", "1",
+                 "--render", "a1111", "--steps", "20", source]) == 0
+    assert capsys.readouterr().out.strip() == dfprompt.to_a1111(result.prompt, 20)
