@@ -4,11 +4,15 @@ default classes most likely; stage 2 learns a rewarded weight and range with exa
 
 from __future__ import annotations
 
+import csv
 import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import SUBJECTS
+from builders_lm import build_tiny_gpt2_base
+from conftest import MODIFIERS, SUBJECTS
 
 from promptist_core import dfprompt
 from promptist_core.dfprompt_policy import (
@@ -137,3 +141,77 @@ def test_the_optimizer_of_a_folder_with_heads_prints_dfprompts_that_schedule(tin
     assert main(["optimize", "--model", str(folder), "--offline", "--device", "cpu", "--max-new-tokens", "30", "--num-beams", "1",
                  "--render", "a1111", "--steps", "20", source]) == 0
     assert capsys.readouterr().out.strip() == dfprompt.to_a1111(result.prompt, 20)
+
+
+# --- stage 1: SFT plus the heads' prior -----------------------------------------------------------------
+
+def head_stats(folder: Path, prompts) -> dict:
+    """At the modifier ends of each prompt's greedy rewrite: mean probability of every class, and how often
+    each class is the heads' choice (argmax), for weight and range."""
+    from promptist_core.dfprompt_policy import split_response
+    from promptist_core.optimizer import REPHRASE_SUFFIX, load_optimizer
+
+    optimizer = load_optimizer(str(folder), device="cpu")
+    tok, heads = optimizer.tokenizer, optimizer.dfprompt_heads
+    probs_w, probs_r = [], []
+    for prompt, result in zip(prompts, optimizer(list(prompts), num_beams=1, max_new_tokens=30), strict=True):
+        text = result.candidates[0]
+        prompt_ids = tok(prompt + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"]
+        plain = dfprompt.to_plain(text)  # the modifiers' text, in order
+        response = tok(" " + plain[len(prompt):].lstrip(", "), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ends = [p.end for p in split_response(prompt, response, tok) if p.end is not None]
+        with torch.no_grad():
+            hidden = optimizer.model.base_model(input_ids=torch.tensor([prompt_ids + response]))[0][0]
+            w, r = heads(hidden[[len(prompt_ids) - 1 + e for e in ends]])
+        probs_w.append(w.softmax(-1))
+        probs_r.append(r.softmax(-1))
+    w, r = torch.cat(probs_w), torch.cat(probs_r)
+    return {"decisions": len(w), "p_weight": w.mean(0).tolist(), "p_range": r.mean(0).tolist(),
+            "argmax_weight": torch.bincount(w.argmax(-1), minlength=5).div(len(w)).tolist(),
+            "argmax_range": torch.bincount(r.argmax(-1), minlength=3).div(len(r)).tolist()}
+
+
+@pytest.fixture(scope="module")
+def df_sft(tmp_path_factory) -> Path:
+    """A tiny SFT policy with heads trained toward PAE's prior (stage 1), and a prompt file for stage 2."""
+    from trainer.sft import SFTConfig, train_sft
+
+    root = tmp_path_factory.mktemp("dfpolicy")
+    rng = random.Random(0)
+    pairs = []
+    for subject in SUBJECTS:
+        for _ in range(20):
+            mods = rng.sample(MODIFIERS, rng.randint(2, 4))
+            pairs.append({"source": subject, "target": subject + ", " + ", ".join(mods), "split": "train"})
+    base = build_tiny_gpt2_base(root / "base", [p["target"] for p in pairs])
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    result = train_sft(SFTConfig(pairs=str(root / "pairs.jsonl"), base=str(base), out=str(root / "sft"),
+                                 max_steps=200, batch_size=16, effective_batch_size=16, lr=3e-3, warmup_steps=10,
+                                 save_every=100, eval_every=0, tensorboard=False, select="last", dfprompt_heads=True))
+    assert result.dfprompt_heads is not None
+    (root / "prompts.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    return root
+
+
+def _log(out: Path) -> list[dict]:
+    with open(out / "train_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_stage_1_makes_the_default_weight_and_range_the_heads_choice_and_saves_them_everywhere(df_sft):
+    folder = df_sft / "sft"
+    stats = head_stats(folder, HELD_OUT)
+    assert stats["decisions"] >= 2 * len(HELD_OUT)
+    assert stats["argmax_weight"][DEFAULT_WEIGHT] == 1.0 and stats["argmax_range"][DEFAULT_RANGE] == 1.0, stats
+    assert stats["p_weight"][DEFAULT_WEIGHT] > 0.5 and stats["p_range"][DEFAULT_RANGE] > 0.5, stats
+    rows = _log(folder)
+    assert float(rows[-1]["head_loss"]) < float(rows[0]["head_loss"])
+    from trainer.checkpoint import list_checkpoints
+
+    for where in (folder, folder / "last", list_checkpoints(folder)[-1].folder):
+        assert load_heads(where) is not None, where
+    # at the default classes the optimizer's DF-Prompt is plain text
+    from promptist_core.optimizer import load_optimizer
+
+    text = load_optimizer(str(folder), device="cpu")(HELD_OUT[0], num_beams=1, max_new_tokens=30)[0].prompt
+    assert not dfprompt.parse(text).modifiers and text.startswith(HELD_OUT[0])
