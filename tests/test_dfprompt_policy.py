@@ -215,3 +215,78 @@ def test_stage_1_makes_the_default_weight_and_range_the_heads_choice_and_saves_t
 
     text = load_optimizer(str(folder), device="cpu")(HELD_OUT[0], num_beams=1, max_new_tokens=30)[0].prompt
     assert not dfprompt.parse(text).modifiers and text.startswith(HELD_OUT[0])
+
+
+# --- stage 2: PPO over the joint action ---------------------------------------------------------------
+
+def test_the_ratio_uses_the_log_prob_of_the_sampled_class_at_each_modifier_end(df_sft):
+    """PAE's code took the log-prob of the fixed classes (2, 1) at every position: this fails on it."""
+    from trainer.ppo import head_logprobs, sample_modifiers
+    from trainer.sft import load_trainable_policy
+
+    _, tokenizer = load_trainable_policy(str(df_sft / "sft"))
+    eos = tokenizer.eos_token_id
+    plains = ["a cat", "a dog"]
+    responses = [tokenizer(" a cat, sharp focus, 8k", add_special_tokens=False)["input_ids"] + [eos],
+                 tokenizer(" smooth", add_special_tokens=False)["input_ids"] + [eos]]
+    length = max(map(len, responses))
+    torch.manual_seed(0)
+    w_logits, r_logits = torch.randn(2, length, 5), torch.randn(2, length, 3)
+    heads = DFHeads(8)
+    acts = sample_modifiers(plains, responses, tokenizer, heads, w_logits, r_logits, torch.Generator().manual_seed(3))
+    assert acts.decisions.sum().item() == 3  # "sharp focus", "8k", "smooth": not the echo "a cat"
+    got_w = head_logprobs(w_logits, acts.weights, acts.decisions)
+    got_r = head_logprobs(r_logits, acts.ranges, acts.decisions)
+    pae_w = torch.log_softmax(w_logits, -1)[..., DEFAULT_WEIGHT] * acts.decisions
+    for row, col in acts.decisions.nonzero().tolist():
+        assert got_w[row, col] == torch.log_softmax(w_logits[row, col], -1)[acts.weights[row, col]]
+        assert got_r[row, col] == torch.log_softmax(r_logits[row, col], -1)[acts.ranges[row, col]]
+    assert not torch.allclose(got_w, pae_w)  # some sampled class differs from the default here
+    assert torch.equal(got_w * (1 - acts.decisions), torch.zeros_like(got_w))  # no decision, no log-prob
+    for text in acts.dfprompts:  # what the reward sees: the prompt verbatim, then modifiers
+        assert dfprompt.format_prompt(text) == text and text.split(",")[0] in plains
+
+
+def dfprompt_reward(plains, rewrites):
+    """Prefers weight 1.5 and range 0.5-1 for every modifier: -|w - 1.5| - [range != 0.5-1], averaged. It
+    parses the DF-Prompt it is given; a plain modifier is (1.0, 0-1); no modifier at all scores worst."""
+    scores = []
+    for plain, text in zip(plains, rewrites, strict=True):
+        parsed = dfprompt.parse(text)
+        rest = "".join(p for p in parsed.parts if isinstance(p, str))[len(plain):]
+        mods = [(m.weight, (m.start, m.end)) for m in parsed.modifiers]
+        mods += [(1.0, (0.0, 1.0)) for piece in rest.split(",") if piece.strip()]
+        per = [-abs(w - 1.5) - float(r != (0.5, 1.0)) for w, r in mods]
+        scores.append(sum(per) / len(per) if per else -2.0)
+    return scores
+
+
+def test_ppo_learns_the_rewarded_weight_and_range_while_a_large_token_beta_holds_the_text(df_sft, tmp_path):
+    from trainer.ppo import PPOConfig, train_ppo
+    from trainer.rewards import TextReward
+
+    before = head_stats(df_sft / "sft", HELD_OUT)
+    config = PPOConfig(prompts=str(df_sft / "prompts.txt"), policy=str(df_sft / "sft"), out=str(tmp_path / "df"),
+                       dfprompt=True, iterations=40, batch_size=8, num_beam_groups=8, min_new_tokens=10,
+                       max_new_tokens=30, lr=2e-4, head_lr=2e-2, trainable_top_blocks=0, beta=10.0, save_every=40,
+                       sample_every=5, tensorboard=False)
+    result = train_ppo(config, TextReward(dfprompt_reward))
+    after = head_stats(result.out, HELD_OUT)
+    rows = _log(tmp_path / "df")
+    print("before", before, "\nafter", after, "\nkl", [r["kl"] for r in rows], "\nkl_weight",
+          [r["kl_weight"] for r in rows], "\nreward", [r["reward"] for r in rows])
+    assert before["argmax_weight"][4] == 0.0 and before["argmax_range"][2] == 0.0
+    assert after["argmax_weight"][4] > 0.8 and after["argmax_range"][2] > 0.8, after
+    rewards = [float(r["reward"]) for r in rows]
+    assert sum(rewards[-5:]) / 5 > rewards[0] + 0.5, rewards
+    assert max(float(r["kl"]) for r in rows) < 1.0  # the token policy stays at the reference
+    assert float(rows[-1]["kl_weight"]) > 0.1 and float(rows[0]["kl_weight"]) == 0.0
+    # what it writes: DF-Prompts the grammar and the scheduler read, with the learned blocks
+    from promptist_core.optimizer import load_optimizer
+
+    text = load_optimizer(str(result.out), device="cpu")(HELD_OUT[0], num_beams=1, max_new_tokens=30)[0].prompt
+    assert text.startswith(HELD_OUT[0] + ", ") and dfprompt.format_prompt(text) == text
+    assert any(m.weight == 1.5 and (m.start, m.end) == (0.5, 1.0) for m in dfprompt.parse(text).modifiers), text
+    assert [s.first_step for s in dfprompt.schedule(text, 20)] == [0, 10]
+    samples = [json.loads(line) for line in (tmp_path / "df" / "samples.jsonl").read_text().splitlines()]
+    assert all(dfprompt.format_prompt(s["rewrite"]) == s["rewrite"] for s in samples)
