@@ -53,6 +53,13 @@ def _add_optimize(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--trim", action="store_true", help="cut results at a comma to fit CLIP's 77 tokens")
+    p.add_argument("--head-choice", choices=("argmax", "sample"), default="argmax",
+                   help="DF-Prompt policies: each modifier's weight and range, the heads' most likely class or "
+                        "a sample (with --seed) (default: %(default)s)")
+    p.add_argument("--render", choices=("dfprompt", "a1111", "plain"), default="dfprompt",
+                   help="DF-Prompt policies: print the DF-Prompt, its A1111 prompt-editing form (exact with "
+                        "--steps), or plain text without weights and ranges (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="sampling steps for --render a1111")
     p.add_argument("--device", default="auto", help="auto, gpu, cpu or a torch device (default: auto)")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -74,8 +81,14 @@ def _run_optimize(args) -> int:
         prompts, mode=args.mode, candidates=args.candidates, num_beams=args.num_beams,
         num_beam_groups=args.num_beam_groups, diversity_penalty=args.diversity_penalty,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, batch_size=args.batch_size, trim_to_clip_window=args.trim,
+        seed=args.seed, batch_size=args.batch_size, trim_to_clip_window=args.trim, head_choice=args.head_choice,
     )
+    if args.render != "dfprompt" and optimizer.is_dfprompt:
+        from .dfprompt import to_text
+
+        for r in results:
+            r.candidates = [to_text(c, args.render, args.steps) for c in r.candidates]
+            r.prompt = to_text(r.prompt, args.render, args.steps)
     for r in results:
         for note in r.notes:
             print(f"note: {r.source[:40]!r}: {note}", file=sys.stderr)

@@ -60,6 +60,7 @@ class OptimizedPrompt:
     trimmed: bool = False  # `prompt` was cut to fit CLIP's window
     input_truncated: bool = False  # the input exceeded the policy's context and was cut
     notes: list[str] = field(default_factory=list)
+    dfprompt: bool = False  # `prompt` and `candidates` are DF-Prompts (a DF-Prompt policy wrote them)
 
     def to_dict(self) -> dict:
         return {"prompt": self.source, "optimized": self.prompt, "candidates": self.candidates,
@@ -107,10 +108,12 @@ class _StepHook:
 class PromptOptimizer:
     """A causal LM + tokenizer that rewrite prompts. Build with `load_optimizer` (cached)."""
 
-    def __init__(self, model, tokenizer, name: str = ""):
+    def __init__(self, model, tokenizer, name: str = "", dfprompt_heads=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        # A DF-Prompt policy's weight and range heads (dfprompt_policy.DFHeads): results are then DF-Prompts.
+        self.dfprompt_heads = dfprompt_heads.eval() if dfprompt_heads is not None else None
         # The reference recipe: GPT-2 has no pad token; pad with eos, on the left, for generation.
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -124,6 +127,10 @@ class PromptOptimizer:
         self.cache_implementation: str | None = "beam"
         # One generate at a time per model: HF generate is not re-entrant on a shared cache.
         self._lock = threading.Lock()
+
+    @property
+    def is_dfprompt(self) -> bool:
+        return self.dfprompt_heads is not None
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +155,7 @@ class PromptOptimizer:
         batch_size: int = 16,
         trim_to_clip_window: bool = False,
         step_callback: StepCallback | None = None,
+        head_choice: str = "argmax",
     ) -> list[OptimizedPrompt]:
         """Rewrite each prompt; returns one OptimizedPrompt per input, in input order.
 
@@ -161,9 +169,15 @@ class PromptOptimizer:
             trim_to_clip_window: cut `prompt` at a comma so it fits CLIP's 75 prompt tokens.
             step_callback: called as (step, max_new_tokens) after every generated token; raise
                 from it to interrupt (ComfyUI's interrupt, a progress bar).
+            head_choice: a DF-Prompt policy's weight and range per modifier: `argmax` (the default: the
+                heads' most likely class, reproducible) or `sample` (drawn from the heads, with `seed`).
+                Results are then DF-Prompts: the prompt verbatim, then the modifiers (`[text:a-b:w]`
+                unless weight 1.0 over 0-1); render them with `dfprompt.to_text` for a host without DF.
         """
         # 1. check inputs
         sources = check_prompts(prompts)
+        if head_choice not in ("argmax", "sample"):
+            raise ValueError(f"head_choice must be argmax or sample; got {head_choice!r}")
         self._check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
                             temperature, top_k, top_p, batch_size, seed)
 
@@ -189,13 +203,17 @@ class PromptOptimizer:
                 for i, out in zip(group, outputs, strict=True):
                     texts[i] = out
 
-        # 4. strip the input prefix (decode only new tokens), never return an empty rewrite
+        # 4. strip the input prefix (decode only new tokens), never return an empty rewrite; a DF-Prompt
+        #    policy's heads then choose each modifier's weight and range
         results = []
-        for source, cands, cut in zip(sources, texts, truncated, strict=True):
+        for i, (source, cands, cut) in enumerate(zip(sources, texts, truncated, strict=True)):
             notes = []
             if not any(cands):
                 notes.append("the model produced no rewrite; the prompt is returned unchanged")
             cands = [c if c else source for c in cands]
+            if self.dfprompt_heads is not None:
+                with self._lock, torch.inference_mode():
+                    cands = [self._dfprompt(source, encoded[i], c, head_choice, seed, k) for k, c in enumerate(cands)]
             if cut:
                 notes.append(f"the prompt was longer than the model's context and was cut to "
                              f"{self.context_length - max_new_tokens} tokens")
@@ -211,8 +229,29 @@ class PromptOptimizer:
                 else:
                     notes.append(f"{tokens} CLIP tokens: more than the {CLIP_PROMPT_TOKENS} that fit one "
                                  "CLIP window; the host will split it into chunks")
-            results.append(OptimizedPrompt(source, best, cands, tokens, trimmed, cut, notes))
+            results.append(OptimizedPrompt(source, best, cands, tokens, trimmed, cut, notes, self.is_dfprompt))
         return results
+
+    def _dfprompt(self, source: str, prompt_ids: list[int], rewrite: str, how: str, seed: int | None,
+                  index: int) -> str:
+        """`rewrite` as a DF-Prompt: one forward pass over prompt + rewrite + eos, the heads read where each
+        modifier closes (the hidden state that emits its comma or the eos), as in training."""
+        from .dfprompt_policy import choose, compose, split_response
+
+        response = self._tokenize(" " + rewrite)[: self.context_length - len(prompt_ids) - 1] + [self.eos_token_id]
+        pieces = split_response(source, response, self.tokenizer)
+        ends = [p.end for p in pieces if p.end is not None]
+        if not ends:
+            return compose(source, pieces, {}, self.dfprompt_heads.weights, self.dfprompt_heads.ranges)
+        ids = torch.tensor([prompt_ids + response], device=self.device)
+        hidden = self.model.base_model(input_ids=ids, use_cache=False)[0][0]
+        w_logits, r_logits = self.dfprompt_heads(hidden[[len(prompt_ids) - 1 + e for e in ends]])
+        generator = None
+        if how == "sample":
+            generator = torch.Generator().manual_seed(((seed if seed is not None else torch.seed()) + index) % 2**63)
+        w, r = choose(w_logits, r_logits, how, generator)
+        choices = dict(zip(ends, zip(w.tolist(), r.tolist(), strict=True), strict=True))
+        return compose(source, pieces, choices, self.dfprompt_heads.weights, self.dfprompt_heads.ranges)
 
     def optimize(self, prompt: str, **kwargs) -> str:
         """One prompt in, the best rewrite out."""
@@ -398,7 +437,12 @@ def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: tor
         model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=None)
     model.to(device=device, dtype=dtype)
     tokenizer = load_tokenizer(tokenizer_folder)
-    return PromptOptimizer(model, tokenizer, name=name)
+    from .dfprompt_policy import load_heads
+
+    heads = load_heads(folder)  # a DF-Prompt policy when the folder holds weight and range heads
+    if heads is not None:
+        heads.to(device=device, dtype=dtype)
+    return PromptOptimizer(model, tokenizer, name=name, dfprompt_heads=heads)
 
 
 def forget(folder: Path | str) -> None:

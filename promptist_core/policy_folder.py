@@ -22,12 +22,13 @@ GPT2_TOKENIZER_CLASS = "GPT2Tokenizer"
 _STALE_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only", "auto_map")
 
 
-def save_policy_folder(model, tokenizer, folder: Path | str) -> Path:
+def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=None) -> Path:
     """Save `model` + `tokenizer` as a policy folder for `promptist_core.optimizer.load_optimizer`.
 
     Writes config.json, model.safetensors, generation_config.json (if the model has one) and the
     tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json with a class
-    transformers 4.30 knows). An existing folder is replaced only once the new one is complete.
+    transformers 4.30 knows), and a DF-Prompt policy's heads when given (`dfprompt_policy.save_heads`).
+    An existing folder is replaced only once the new one is complete.
     Returns the folder.
     """
     folder = Path(folder)
@@ -37,6 +38,10 @@ def save_policy_folder(model, tokenizer, folder: Path | str) -> Path:
         _save_model(model, tmp)
         tokenizer.save_pretrained(str(tmp))
         _make_tokenizer_portable(tokenizer, tmp)
+        if dfprompt_heads is not None:
+            from .dfprompt_policy import save_heads
+
+            save_heads(dfprompt_heads, tmp)
         fsync_tree(tmp)
         _replace_folder(tmp, folder)
     except BaseException:

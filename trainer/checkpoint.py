@@ -107,11 +107,14 @@ def save_checkpoint(
     keep: int = 2,
     protect: tuple[int, ...] = (),
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    dfprompt_heads=None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-<step>/` atomically and keep the newest `keep` (plus `protect`ed steps).
 
     `state` must hold `step`; it is saved as trainer_state.json with the RNG's Python state. `extra`
     maps a name to a state dict saved as `<name>.safetensors` (read back with `load_extra`).
+    `dfprompt_heads` (a DF-Prompt policy's heads) are part of the model folder, so they are published
+    with it.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_policy_folder(model, tokenizer, tmp)
+        save_policy_folder(model, tokenizer, tmp, dfprompt_heads=dfprompt_heads)
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")

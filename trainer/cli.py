@@ -135,12 +135,13 @@ def image_reward_from_config(config, *, models_dir=None, device: str = "auto"):
     from promptist_core.generators import load_diffusers_generator
     from promptist_core.rewards import load_scorer
 
+    from .ppo import reward_preset
     from .rewards import ImageReward
 
     generator = load_diffusers_generator(config.sd, device=device, config_folder=config.sd_config)
     scorer = load_scorer(config.clip_model, config.aesthetic_head, pick_model=config.pick_model,
-                         preset=config.preset, models_dir=models_dir, device=device)
-    return ImageReward(generator, scorer, preset=config.preset, images_per_prompt=config.images_per_prompt,
+                         preset=reward_preset(config), models_dir=models_dir, device=device)
+    return ImageReward(generator, scorer, preset=reward_preset(config), images_per_prompt=config.images_per_prompt,
                        steps=config.image_steps, guidance=config.guidance, size=(config.width, config.height),
                        seed=config.seed, cosine_floor=config.cosine_floor)
 

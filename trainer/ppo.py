@@ -52,7 +52,9 @@ ADVANTAGES = ("gae", "rloo")
 KL_CONTROLLERS = ("fixed", "adaptive")
 LOG_COLUMNS = ("reward", "reward_aes", "reward_rel", "reward_pick", "kl", "beta", "approx_kl", "clip_frac",
                "entropy", "policy_loss", "value_loss", "explained_var", "response_len", "baseline_hits")
-RESUME_FIXED = ("prompts", "policy", "seed", "batch_size", "column")
+DF_COLUMNS = ("kl_weight", "kl_range", "modifiers", "mean_weight")
+RESUME_FIXED = ("prompts", "policy", "seed", "batch_size", "column", "dfprompt")
+PRESETS = ("auto", "promptist", "pae")
 
 
 @dataclass
@@ -113,8 +115,8 @@ class PPOConfig:
     sd_config: str | None = option(None, "A local diffusers folder of the same architecture as a single-file `sd` "
                                    "checkpoint, so it loads offline.")
     text_reward: str | None = option(None, "Instead of images: module:function, f(plains, rewrites) -> rewards.")
-    preset: str = option("promptist", "Reward preset: promptist (aesthetic delta + relevance) or pae.",
-                         choices=("promptist", "pae"))
+    preset: str = option("auto", "Reward preset: promptist (aesthetic delta + relevance), pae (aesthetic + "
+                         "relevance + PickScore), or auto: pae with `dfprompt`, else promptist.", choices=PRESETS)
     cosine_floor: float | None = option(0.0, "Clamp the CLIP cosine at this before the relevance term (LMOps' code "
                                         "clamps at 0; the paper's formula has no clamp: empty).")
     images_per_prompt: int = option(2, "Images per prompt, the plain prompt's with the same seeds (code: 2, paper: 3).")
@@ -125,6 +127,15 @@ class PPOConfig:
     clip_model: str = option("ViT-L-14/openai", "CLIP for relevance and aesthetics.")
     aesthetic_head: str = option("improved", "LAION aesthetic head: improved, laion-v1, or a file.")
     pick_model: str | None = option(None, "PickScore model (the pae preset loads the default when empty).")
+    # DF-Prompt policy (PAE stage 2)
+    dfprompt: bool = option(False, "Train a DF-Prompt policy: at each modifier's end the weight and range heads "
+                            "sample a class too (one joint action, each part's ratio clipped); the reward sees "
+                            "the DF-Prompt. Start from `sft --dfprompt-heads true` (new heads otherwise).")
+    beta_weight: float = option(0.02, "DF-Prompt: KL coefficient of the weight head toward the reference's "
+                                "(exact categorical KL; PAE: 0.02).")
+    beta_range: float = option(0.02, "DF-Prompt: KL coefficient of the range head (PAE: 0.02).")
+    head_lr: float | None = option(None, "DF-Prompt: AdamW learning rate of the two heads (empty: `lr`); tiny "
+                                   "linear maps may take a larger one than the LM.")
 
 
 @dataclass
@@ -175,28 +186,49 @@ class ValueModel(nn.Module):
         return self.head(hidden[:, start - 1:start - 1 + length]).squeeze(-1).float()
 
 
-def response_logprobs(lm: nn.Module, batch: dict, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each response token and the entropy there, [B, R]: the LM head runs on the response
-    positions only."""
+def response_hidden(lm: nn.Module, batch: dict, start: int, length: int) -> torch.Tensor:
+    """The final hidden states that emit each response token, [B, R, d]."""
     hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=batch["position_ids"], use_cache=False)[0]
-    logits = lm.get_output_embeddings()(hidden[:, start - 1:start - 1 + length]).float()
+    return hidden[:, start - 1:start - 1 + length]
+
+
+def response_logprobs(lm: nn.Module, batch: dict, start: int, length: int,
+                      hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each response token and the entropy there, [B, R]: the LM head runs on the response
+    positions only (`hidden`: their hidden states, when already computed)."""
+    hidden = response_hidden(lm, batch, start, length) if hidden is None else hidden
+    logits = lm.get_output_embeddings()(hidden).float()
     logp = F.log_softmax(logits, dim=-1)
     tokens = batch["input_ids"][:, start:start + length]
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-class Learner(nn.Module):
-    """Policy and value model in one module, so data parallel wraps (and all-reduces) both at once."""
+def head_logprobs(logits: torch.Tensor, classes: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
+    """log_softmax(head)[sampled class] at the decision positions, 0 elsewhere, [B, R]. (PAE's code took the
+    log-prob of fixed classes 2 and 1 here, whatever was sampled.)"""
+    return F.log_softmax(logits.float(), -1).gather(-1, classes.unsqueeze(-1)).squeeze(-1) * decisions
 
-    def __init__(self, policy: nn.Module, value: ValueModel | None):
+
+def categorical_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(policy || reference) of a head's distribution at every position, [B, R]."""
+    logp, logq = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+class Learner(nn.Module):
+    """Policy, value model and (DF-Prompt) heads in one module, so data parallel wraps (and all-reduces)
+    them at once. Returns token log-probs, entropy, values, and the heads' logits [B, R, C] or None."""
+
+    def __init__(self, policy: nn.Module, value: ValueModel | None, heads: nn.Module | None = None):
         super().__init__()
-        self.policy, self.value = policy, value
+        self.policy, self.value, self.heads = policy, value, heads
 
     def forward(self, batch: dict, start: int, length: int):
-        logprobs, entropy = response_logprobs(self.policy, batch, start, length)
+        hidden = response_hidden(self.policy, batch, start, length)
+        logprobs, entropy = response_logprobs(self.policy, batch, start, length, hidden)
         values = self.value(batch, start, length) if self.value is not None else torch.zeros_like(logprobs)
-        return logprobs, entropy, values
+        return logprobs, entropy, values, self.heads(hidden) if self.heads is not None else None
 
 
 # --- rollouts ------------------------------------------------------------------------------------
@@ -268,6 +300,45 @@ def rollout_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_i
     return batch, start, length, torch.tensor(response_mask, dtype=torch.float32, device=device)
 
 
+@dataclass
+class ModifierActions:
+    """The heads' part of a DF-Prompt rollout: where each modifier closes and the classes drawn there."""
+
+    decisions: torch.Tensor  # [B, R] 1.0 at a modifier's closing token
+    weights: torch.Tensor  # [B, R] long: weight class (0 where no decision)
+    ranges: torch.Tensor  # [B, R] long: range class
+    dfprompts: list[str]  # the plain prompt verbatim, then the modifiers with their weights and ranges
+
+
+def sample_modifiers(plains: Sequence[str], responses: Sequence[Sequence[int]], tokenizer, heads,
+                     w_logits: torch.Tensor, r_logits: torch.Tensor, generator: torch.Generator) -> ModifierActions:
+    """Draw each modifier's weight and range from the heads at its closing token (their probabilities are
+    the policy) and write the DF-Prompt the reward sees."""
+    from promptist_core.dfprompt_policy import choose, compose, split_response
+
+    decisions = torch.zeros(w_logits.shape[:2], device=w_logits.device)
+    weights = torch.zeros(w_logits.shape[:2], dtype=torch.long, device=w_logits.device)
+    ranges = torch.zeros_like(weights)
+    texts = []
+    for row, (plain, response) in enumerate(zip(plains, responses, strict=True)):
+        pieces = split_response(plain, response, tokenizer)
+        ends = [p.end for p in pieces if p.end is not None]
+        choices = {}
+        if ends:
+            w, r = choose(w_logits[row, ends], r_logits[row, ends], "sample", generator)
+            decisions[row, ends], weights[row, ends], ranges[row, ends] = 1.0, w, r
+            choices = dict(zip(ends, zip(w.tolist(), r.tolist(), strict=True), strict=True))
+        texts.append(compose(plain, pieces, choices, heads.weights, heads.ranges))
+    return ModifierActions(decisions, weights, ranges, texts)
+
+
+def reward_preset(config: PPOConfig) -> str:
+    """The preset a config means: `auto` is PAE's for a DF-Prompt policy, Promptist's otherwise."""
+    if config.preset != "auto":
+        return config.preset
+    return "pae" if config.dfprompt else "promptist"
+
+
 # --- the maths (pure functions, tested against hand-computed values) ----------------------------
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -294,16 +365,23 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, runtime: Runtime | None =
     return ((x - mean) * torch.rsqrt(var + 1e-8)).float() * mask
 
 
-def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, *, clip_range: float,
-               value_clip_range: float, normalizer: float):
-    """Clipped surrogate and clipped value loss, summed over real tokens and divided by `normalizer`."""
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, *, clip_range: float, normalizer: float):
+    """PPO's clipped surrogate summed over `mask` and divided by `normalizer`, and the clipped count."""
     ratio = torch.exp(logprobs - old_logprobs)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    policy_loss = (torch.maximum(pg_unclipped, pg_clipped) * mask).sum() / normalizer
+    loss = (torch.maximum(pg_unclipped, pg_clipped) * mask).sum() / normalizer
+    return loss, ((pg_clipped > pg_unclipped).float() * mask).sum().item()
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, *, clip_range: float,
+               value_clip_range: float, normalizer: float):
+    """Clipped surrogate and clipped value loss, summed over real tokens and divided by `normalizer`."""
+    policy_loss, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range=clip_range,
+                                             normalizer=normalizer)
     values_clipped = old_values + (values - old_values).clamp(-value_clip_range, value_clip_range)
     value_loss = 0.5 * (torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2) * mask).sum() / normalizer
-    stats = {"clip_frac": ((pg_clipped > pg_unclipped).float() * mask).sum().item(),
+    stats = {"clip_frac": clipped,
              "approx_kl": ((old_logprobs - logprobs) * mask).sum().item()}
     return policy_loss, value_loss, stats
 
@@ -343,6 +421,8 @@ def check_config(config: PPOConfig, runtime: Runtime) -> None:
         raise ConfigError(f"rloo_samples ({config.rloo_samples}) cannot exceed num_beam_groups ({config.num_beam_groups})")
     if config.lr <= 0 or config.beta < 0 or config.kl_target <= 0 or config.grad_clip < 0:
         raise ConfigError("need lr > 0, beta >= 0, kl_target > 0 and grad_clip >= 0")
+    if config.beta_weight < 0 or config.beta_range < 0 or (config.head_lr is not None and config.head_lr <= 0):
+        raise ConfigError("need beta_weight >= 0, beta_range >= 0 and head_lr > 0")
 
 
 def load_prompts(config: PPOConfig) -> list[str]:
@@ -386,6 +466,18 @@ def train_ppo(
     # 2. models: policy (from the checkpoint when resuming), value model, frozen SFT reference; dropout off
     torch.manual_seed(config.seed)
     reference, tokenizer = load_trainable_policy(config.policy, models_dir=models_dir)
+    # DF-Prompt: the reference's heads (new, seeded ones when the policy has none) and the trained copy
+    ref_heads = heads = None
+    if config.dfprompt:
+        from .sft import load_trainable_heads
+
+        ref_heads = load_trainable_heads(config.policy, reference.get_output_embeddings().in_features,
+                                         models_dir=models_dir)
+        heads = load_trainable_heads(str(checkpoint.folder), 0, models_dir=models_dir, create=False) if checkpoint \
+            else copy.deepcopy(ref_heads)
+        if heads is None:
+            raise ConfigError(f"{checkpoint.folder} holds no DF-Prompt heads: it is not a --dfprompt run")
+        ref_heads.requires_grad_(False).eval()
     policy = load_trainable_policy(str(checkpoint.folder), models_dir=models_dir)[0] if checkpoint else \
         copy.deepcopy(reference)
     value = ValueModel(reference, config.seed) if config.advantage == "gae" else None
@@ -399,9 +491,17 @@ def train_ppo(
     reference.requires_grad_(False).eval()
     reference.to(torch.device("cpu") if config.reference_device == "cpu" else runtime.device)
     policy.to(runtime.device).eval()
-    learner = Learner(policy, value)
+    if heads is not None:
+        heads.to(runtime.device).eval()
+        ref_heads.to(next(reference.parameters()).device)
+    learner = Learner(policy, value, heads)
     params = [p for p in learner.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+    groups = params
+    if heads is not None:  # the heads in their own group (their own learning rate)
+        head_ids = {id(p) for p in heads.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in head_ids]},
+                  {"params": list(heads.parameters()), "lr": config.head_lr or config.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
 
     # 3. state (restored when resuming)
@@ -412,7 +512,8 @@ def train_ppo(
         state.update({k: v for k, v in checkpoint.state.items() if k in state})
         cache.entries.update(checkpoint.state.get("baseline_cache", {}))
     wrapped = runtime.wrap(learner)
-    log = TrainingLog(out, LOG_COLUMNS, tensorboard=config.tensorboard, enabled=runtime.is_main,
+    log = TrainingLog(out, LOG_COLUMNS + (DF_COLUMNS if heads is not None else ()), tensorboard=config.tensorboard,
+                      enabled=runtime.is_main,
                       resume_step=state["step"] if checkpoint else None)
     per_step = config.batch_size * runtime.world_size
     stream = micro_batches([1] * len(prompts), per_step, config.seed, 1, state["cursor"], drop_last=True)
@@ -422,7 +523,8 @@ def train_ppo(
         if runtime.is_main:
             full = {**state, "config": config_to_dict(config), "baseline_cache": cache.entries}
             save_checkpoint(out, model=policy, tokenizer=tokenizer, optimizer=optimizer, state=full,
-                            keep=config.keep_checkpoints, extra={"value": value.state_dict()} if value else None)
+                            keep=config.keep_checkpoints, extra={"value": value.state_dict()} if value else None,
+                            dfprompt_heads=heads)
             log.draw({"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
                       "value loss": ("value_loss",)}, "PPO").save(out / CURVES_FILE)
         runtime.barrier()
@@ -438,33 +540,50 @@ def train_ppo(
         batch_rollout = rollout(policy, tokenizer, plains, config, iteration=iteration, rank=runtime.rank, per_prompt=k)
         plains = [p for p in plains for _ in range(k)]
 
-        # 5. reward of each rewrite
+        # 5. log-probs, reference log-probs and values of the rollout (no grad); a DF-Prompt policy's heads
+        #    draw each modifier's weight and range here, and the DF-Prompt is what the reward sees
+        batch, start, length, mask = rollout_batch(batch_rollout.prompt_ids, batch_rollout.responses, pad_id,
+                                                   runtime.device)
+        rewrites = batch_rollout.rewrites
+        with torch.no_grad(), runtime.autocast():
+            old_logprobs, _, old_values, head_logits = learner(batch, start, length)
+            ref_batch = {k: v.to(next(reference.parameters()).device) for k, v in batch.items()}
+            ref_hidden = response_hidden(reference, ref_batch, start, length)
+            ref_logprobs = response_logprobs(reference, ref_batch, start, length, ref_hidden)[0].to(runtime.device)
+            if heads is not None:
+                ref_w_logits, ref_r_logits = (x.to(runtime.device) for x in ref_heads(ref_hidden))
+        if heads is not None:
+            acts = sample_modifiers(plains, batch_rollout.responses, tokenizer, heads, *head_logits,
+                                    counter_generator(config.seed, iteration, runtime.rank, 1))
+            rewrites = acts.dfprompts
+            old_w = head_logprobs(head_logits[0], acts.weights, acts.decisions)
+            old_r = head_logprobs(head_logits[1], acts.ranges, acts.decisions)
+            kl_weight = categorical_kl(head_logits[0], ref_w_logits) * acts.decisions
+            kl_range = categorical_kl(head_logits[1], ref_r_logits) * acts.decisions
+
+        # 6. reward of each rewrite
         seconds = {"seconds_rollout": time.perf_counter() - clock}
         clock = time.perf_counter()
-        scored = reward(plains, batch_rollout.rewrites)
+        scored = reward(plains, rewrites)
         seconds["seconds_reward"] = time.perf_counter() - clock
         clock = time.perf_counter()
         scores = torch.tensor(scored.total, dtype=torch.float32, device=runtime.device)
 
-        # 6. log-probs, reference log-probs and values of the rollout (no grad)
-        batch, start, length, mask = rollout_batch(batch_rollout.prompt_ids, batch_rollout.responses, pad_id,
-                                                   runtime.device)
-        with torch.no_grad(), runtime.autocast():
-            old_logprobs, _, old_values = learner(batch, start, length)
-            ref_batch = {k: v.to(next(reference.parameters()).device) for k, v in batch.items()}
-            ref_logprobs = response_logprobs(reference, ref_batch, start, length)[0].to(runtime.device)
-
-        # 7. token rewards: -beta * KL to the reference; the score at the last token (the eos). GAE on them,
-        #    or (rloo) each rewrite's whole reward minus the mean of its prompt's other rewrites
+        # 7. token rewards: -beta * KL to the reference (plus the heads' KLs at modifier ends); the score at the
+        #    last token (the eos). GAE on them, or (rloo) each rewrite's whole reward minus the mean of its
+        #    prompt's other rewrites
         kl_tokens = (old_logprobs - ref_logprobs) * mask
+        kl_penalty = state["beta"] * kl_tokens
+        if heads is not None:
+            kl_penalty = kl_penalty + config.beta_weight * kl_weight + config.beta_range * kl_range
         if config.advantage == "gae":
-            token_rewards = -state["beta"] * kl_tokens
+            token_rewards = -kl_penalty
             last = mask.sum(1).long() - 1
             token_rewards[torch.arange(len(plains)), last] += scores
             advantages, returns = gae(token_rewards, old_values, mask, config.gamma, config.lam)
             advantages = masked_whiten(advantages, mask, runtime)
         else:
-            advantages = rloo_advantages(scores - state["beta"] * kl_tokens.sum(1), k)[:, None] * mask
+            advantages = rloo_advantages(scores - kl_penalty.sum(1), k)[:, None] * mask
             returns = torch.zeros_like(mask)
 
         # 8. PPO epochs over minibatches
@@ -479,10 +598,16 @@ def train_ppo(
                 sub_mask = mask[rows]
                 normalizer = runtime.all_reduce_sum(sub_mask.sum().detach().clone()).item() / runtime.world_size
                 with runtime.autocast():
-                    logprobs, entropy, values = wrapped(sub, start, length)
+                    logprobs, entropy, values, logits = wrapped(sub, start, length)
                 policy_loss, value_loss, stats = ppo_losses(
                     logprobs, old_logprobs[rows], advantages[rows], values, old_values[rows], returns[rows], sub_mask,
                     clip_range=config.clip_range, value_clip_range=config.value_clip_range, normalizer=normalizer)
+                if heads is not None:  # the joint action's other two parts: each ratio clipped on its own
+                    for head, classes, old in ((logits[0], acts.weights, old_w), (logits[1], acts.ranges, old_r)):
+                        head_loss, _ = clipped_surrogate(
+                            head_logprobs(head, classes[rows], acts.decisions[rows]), old[rows], advantages[rows],
+                            acts.decisions[rows], clip_range=config.clip_range, normalizer=normalizer)
+                        policy_loss = policy_loss + head_loss
                 (policy_loss + config.vf_coef * value_loss).backward()
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -514,6 +639,14 @@ def train_ppo(
                    "baseline_hits": cache.hits, **seconds}
         if config.advantage == "gae":
             metrics["explained_var"] = 1.0 - sums[4].item() / max(sums[5].item(), 1e-8)
+        if heads is not None:
+            chosen = torch.tensor(heads.weights, device=runtime.device)[acts.weights]
+            df = torch.tensor([kl_weight.sum().item(), kl_range.sum().item(), acts.decisions.sum().item(),
+                               (chosen * acts.decisions).sum().item()], dtype=torch.float64, device=runtime.device)
+            runtime.all_reduce_sum(df)
+            metrics.update({"kl_weight": df[0].item() / n_rewrites, "kl_range": df[1].item() / n_rewrites,
+                            "modifiers": df[2].item() / n_rewrites,
+                            "mean_weight": df[3].item() / max(df[2].item(), 1.0)})
         for name, values_ in scored.terms.items():
             metrics[f"reward_{name}"] = sum(values_) / len(values_)
         if config.kl_controller == "adaptive":
@@ -522,7 +655,7 @@ def train_ppo(
         state["step"] = iteration = iteration + 1
         log.log(iteration, metrics)
         if runtime.is_main and config.sample_every and iteration % config.sample_every == 0:
-            _write_samples(out, iteration, plains, batch_rollout.rewrites, scored)
+            _write_samples(out, iteration, plains, rewrites, scored)
         if config.save_every and iteration % config.save_every == 0:
             save(iteration)
             saved_at = iteration

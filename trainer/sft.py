@@ -44,7 +44,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 SELECTIONS = ("best", "last", "step")
 # Settings a resumed run must share with the run it continues, or it would not continue it exactly.
 RESUME_FIXED = ("pairs", "corpus", "column", "base", "seed", "batch_size", "effective_batch_size", "max_length",
-                "length_buckets", "valid_fraction", "mcm_per_target")
+                "length_buckets", "valid_fraction", "mcm_per_target", "dfprompt_heads")
 
 
 @dataclass
@@ -89,6 +89,9 @@ class SFTConfig:
                             choices=PRECISIONS)
     log_every: int = option(10, "Write the training loss to the log every this many steps.")
     tensorboard: bool = option(True, "Also write TensorBoard events (when tensorboard is installed).")
+    dfprompt_heads: bool = option(False, "Also train a DF-Prompt policy's weight and range heads (PAE stage 1): "
+                                  "cross-entropy toward PAE's prior (68% weight 1.0 / range 0-1, 16% each "
+                                  "neighbour) where each target modifier closes; the output is a DF-Prompt policy.")
 
 
 @dataclass
@@ -101,6 +104,7 @@ class SFTResult:
     selected: str
     model: object = None  # the trained model (last weights), for hosts that hand it on
     tokenizer: object = None
+    dfprompt_heads: object = None  # with `dfprompt_heads`: the weight and range heads (last weights)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -109,6 +113,7 @@ class SFTResult:
 class Example:
     ids: tuple[int, ...]
     prompt_len: int  # tokens of `source Rephrase:`; the rest (target, eos) carries the loss
+    decisions: tuple[int, ...] = ()  # DF-Prompt heads: indices in `ids` of the tokens closing a modifier
 
     @property
     def target_tokens(self) -> int:
@@ -133,18 +138,25 @@ def load_pairs(config: SFTConfig) -> tuple[list[Pair], list[Pair]]:
     return [p for p in pairs if p.split == "train"], [p for p in pairs if p.split == "valid"]
 
 
-def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int) -> tuple[list[Example], int]:
-    """Token ids of each pair as the optimizer sees it; pairs longer than `max_length` are skipped."""
+def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int, *,
+                 decisions: bool = False) -> tuple[list[Example], int]:
+    """Token ids of each pair as the optimizer sees it; pairs longer than `max_length` are skipped.
+    `decisions`: also where each target modifier closes (a DF-Prompt policy's decision points)."""
     eos = tokenizer.eos_token_id
     examples, skipped = [], 0
     prompts = tokenizer([p.source + REPHRASE_SUFFIX for p in pairs], add_special_tokens=False)["input_ids"] if pairs else []
     targets = tokenizer([" " + p.target for p in pairs], add_special_tokens=False)["input_ids"] if pairs else []
-    for prompt, target in zip(prompts, targets, strict=True):
+    for pair, prompt, target in zip(pairs, prompts, targets, strict=True):
         target = target + [eos]
         if len(prompt) + len(target) > max_length:
             skipped += 1
             continue
-        examples.append(Example(tuple(prompt + target), len(prompt)))
+        ends = ()
+        if decisions:
+            from promptist_core.dfprompt_policy import split_response
+
+            ends = tuple(len(prompt) + p.end for p in split_response(pair.source, target, tokenizer) if p.end is not None)
+        examples.append(Example(tuple(prompt + target), len(prompt), ends))
     return examples, skipped
 
 
@@ -181,38 +193,62 @@ def micro_batches(lengths: Sequence[int], batch_size: int, seed: int, buckets: i
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Left-padded ids, mask, explicit position ids (GPT-2 in transformers 4.30 does not derive them
-    from the mask) and labels that are IGNORE outside the target."""
+    from the mask) and labels that are IGNORE outside the target; with DF-Prompt decisions, `decisions`
+    marks the hidden states that emit a modifier's closing token."""
     width = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE)
     mask = torch.zeros_like(ids)
+    decisions = torch.zeros_like(ids, dtype=torch.bool)
     for row, e in enumerate(examples):
         start = width - len(e.ids)
         ids[row, start:] = torch.tensor(e.ids)
         mask[row, start:] = 1
         labels[row, start + e.prompt_len:] = torch.tensor(e.ids[e.prompt_len:])
+        decisions[row, [start + d - 1 for d in e.decisions]] = True
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}.items()}
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    if any(e.decisions for e in examples):
+        batch["decisions"] = decisions
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # --- model ---------------------------------------------------------------------------------------
 
 class TargetLoss(nn.Module):
     """Summed cross-entropy of the target tokens. The LM head runs only where a label is, not on every
-    position (the prompt and the padding need no logits): less memory and time than the full logits."""
+    position (the prompt and the padding need no logits): less memory and time than the full logits.
 
-    def __init__(self, lm: nn.Module):
+    With DF-Prompt `heads`, it returns (token loss, head loss): the heads' summed cross-entropy toward
+    PAE's prior at the decision positions. The prior is a constant, so it teaches the LM nothing: the
+    heads read a detached hidden state."""
+
+    def __init__(self, lm: nn.Module, heads: nn.Module | None = None):
         super().__init__()
-        self.lm = lm
+        self.lm, self.heads = lm, heads
+        if heads is not None:
+            from promptist_core.dfprompt_policy import DEFAULT_RANGE, DEFAULT_WEIGHT, pae_prior
 
-    def forward(self, input_ids, attention_mask, position_ids, labels) -> torch.Tensor:
+            self.register_buffer("weight_prior", torch.tensor(pae_prior(len(heads.weights), DEFAULT_WEIGHT)),
+                                 persistent=False)
+            self.register_buffer("range_prior", torch.tensor(pae_prior(len(heads.ranges), DEFAULT_RANGE)),
+                                 persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, labels, decisions=None):
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False)[0]
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if self.heads is None:
+            return token_loss
+        if decisions is None:
+            return token_loss, token_loss.new_zeros(())
+        w_logits, r_logits = self.heads(hidden[decisions].detach())
+        head_loss = -(F.log_softmax(w_logits, -1) * self.weight_prior).sum() - \
+            (F.log_softmax(r_logits, -1) * self.range_prior).sum()
+        return token_loss, head_loss
 
 
 def load_trainable_policy(name: str, *, models_dir=None):
@@ -227,6 +263,18 @@ def load_trainable_policy(name: str, *, models_dir=None):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(folder)).float()
     return model, tokenizer
+
+
+def load_trainable_heads(name: str, width: int, *, models_dir=None, create: bool = True):
+    """A DF-Prompt policy's heads from a model folder, trainable and fp32; new ones (seeded by the global
+    generator) when the folder has none and `create`, else None."""
+    from promptist_core.dfprompt_policy import DFHeads, load_heads
+    from promptist_core.weights import resolve
+
+    heads = load_heads(resolve(name, models_dir=models_dir))
+    if heads is None and create:
+        heads = DFHeads(width)
+    return heads.float().requires_grad_(True) if heads is not None else None
 
 
 def context_length(model) -> int:
@@ -327,15 +375,21 @@ def train_sft(
     max_length = config.max_length or context_length(model)
     if max_length > context_length(model):
         raise ConfigError(f"max_length ({max_length}) exceeds the model's context ({context_length(model)})")
+    heads = load_trainable_heads(str(checkpoint.folder) if checkpoint else config.base,
+                                 model.get_output_embeddings().in_features,
+                                 models_dir=models_dir) if config.dfprompt_heads else None
     model.to(runtime.device).train()
-    train, skipped = encode_pairs(tokenizer, train_pairs, max_length)
-    valid, _ = encode_pairs(tokenizer, valid_pairs, max_length)
+    if heads is not None:
+        heads.to(runtime.device).train()
+    train, skipped = encode_pairs(tokenizer, train_pairs, max_length, decisions=heads is not None)
+    valid, _ = encode_pairs(tokenizer, valid_pairs, max_length, decisions=heads is not None)
     if not train:
         raise ConfigError(f"all {skipped} training pairs are longer than max_length ({max_length}) tokens")
     lengths = [len(e.ids) for e in train]
 
-    # 3. optimizer and training state (restored when resuming)
-    optimizer = optimizer_for(model, config)
+    # 3. optimizer and training state (restored when resuming); the heads' parameters come after the LM's
+    core = TargetLoss(model, heads)
+    optimizer = optimizer_for(core, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = runtime.grad_scaler()
     state = {"trainer": "sft", "step": 0, "cursor": {"epoch": 0, "index": 0}, "best_valid_loss": None,
@@ -345,8 +399,9 @@ def train_sft(
         state.update({k: v for k, v in checkpoint.state.items() if k in state})
         if scaler is not None and checkpoint.state.get("scaler"):
             scaler.load_state_dict(checkpoint.state["scaler"])
-    loss_module = runtime.wrap(TargetLoss(model))
-    log = TrainingLog(out, ["loss", "valid_loss", "lr", "grad_norm", "tokens"], tensorboard=config.tensorboard,
+    loss_module = runtime.wrap(core)
+    columns = ["loss", "valid_loss", "lr", "grad_norm", "tokens"] + (["head_loss"] if heads is not None else [])
+    log = TrainingLog(out, columns, tensorboard=config.tensorboard,
                       resume_step=state["step"] if checkpoint else None, enabled=runtime.is_main)
     stream = micro_batches(lengths, config.batch_size, config.seed, config.length_buckets, state["cursor"])
     pad_id = tokenizer.pad_token_id
@@ -355,7 +410,7 @@ def train_sft(
         if runtime.is_main:
             full = {**state, "config": config_to_dict(config), "scaler": scaler.state_dict() if scaler else None}
             save_checkpoint(out, model=model, tokenizer=tokenizer, optimizer=optimizer, state=full,
-                            keep=config.keep_checkpoints, protect=(config.select_step,))
+                            keep=config.keep_checkpoints, protect=(config.select_step,), dfprompt_heads=heads)
             log.draw({"loss": ("loss", "valid_loss")}, "SFT").save(out / CURVES_FILE)
         runtime.barrier()
 
@@ -368,7 +423,8 @@ def train_sft(
             for start in range(runtime.rank * config.batch_size, len(valid), config.batch_size * runtime.world_size):
                 chunk = valid[start:start + config.batch_size]
                 with runtime.autocast():
-                    total[0] += loss_module(**collate(chunk, pad_id, runtime.device)).double()
+                    loss = loss_module(**collate(chunk, pad_id, runtime.device))
+                total[0] += (loss[0] if heads is not None else loss).double()
                 total[1] += sum(e.target_tokens for e in chunk)
         model.train()
         runtime.all_reduce_sum(total)
@@ -381,13 +437,20 @@ def train_sft(
         step = state["step"]
         group = [next(stream) for _ in range(accumulation * runtime.world_size)]
         n_tokens = sum(train[i].target_tokens for batch in group for i in batch)
+        n_decisions = max(1, sum(len(train[i].decisions) for batch in group for i in batch))
         mine = group[runtime.rank::runtime.world_size]
         loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        head_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
         for k, batch in enumerate(mine):
             last = k == len(mine) - 1
             with (contextlib.nullcontext() if last else runtime.no_sync(loss_module)), runtime.autocast():
                 summed = loss_module(**collate([train[i] for i in batch], pad_id, runtime.device))
-            loss = summed * (runtime.world_size / n_tokens)
+            if heads is not None:  # token loss per target token plus head loss per decision
+                summed, head_summed = summed
+                loss = summed * (runtime.world_size / n_tokens) + head_summed * (runtime.world_size / n_decisions)
+                head_sum += head_summed.detach().double()
+            else:
+                loss = summed * (runtime.world_size / n_tokens)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += summed.detach().double()
         if scaler is not None:
@@ -405,13 +468,15 @@ def train_sft(
         train_loss = (runtime.all_reduce_sum(loss_sum) / n_tokens).item()
 
         metrics = {"loss": train_loss, "lr": lr_at(step - 1, config), "grad_norm": grad_norm, "tokens": n_tokens}
+        if heads is not None:
+            metrics["head_loss"] = (runtime.all_reduce_sum(head_sum) / n_decisions).item()
         if (config.eval_every and step % config.eval_every == 0) or step == config.max_steps:
             metrics["valid_loss"] = validate()
             best = state["best_valid_loss"]
             if metrics["valid_loss"] is not None and (best is None or metrics["valid_loss"] < best):
                 state["best_valid_loss"], state["best_step"] = metrics["valid_loss"], step
                 if runtime.is_main:
-                    save_policy_folder(model, tokenizer, out / "best")
+                    save_policy_folder(model, tokenizer, out / "best", dfprompt_heads=heads)
         if step % config.log_every == 0 or "valid_loss" in metrics or step == config.max_steps:
             log.log(step, metrics)
         if (config.save_every and step % config.save_every == 0) or step == config.select_step:
@@ -429,7 +494,7 @@ def train_sft(
         save(state["step"])
     selected = config.select
     if runtime.is_main:
-        save_policy_folder(model, tokenizer, out / "last")
+        save_policy_folder(model, tokenizer, out / "last", dfprompt_heads=heads)
         source = out / "last"
         if config.select == "best":
             if (out / "best").is_dir():
@@ -447,4 +512,4 @@ def train_sft(
     runtime.barrier()
     log.close()
     return SFTResult(out, state["step"], train_loss, state["best_valid_loss"], state["best_step"], selected,
-                     model.eval(), tokenizer)
+                     model.eval(), tokenizer, heads.eval() if heads is not None else None)
