@@ -41,7 +41,7 @@ from .checkpoint import (
 from .config import ConfigError, config_to_dict, option
 from .progress import StepCallback, StopTraining, stop_requested
 from .rewards import BaselineCache, RewardFunction
-from .runtime import PRECISIONS, Runtime, local_runtime
+from .runtime import PRECISIONS, Runtime, adamw, local_runtime
 from .sft import context_length, load_trainable_policy, micro_batches
 from .training_log import CURVES_FILE, TrainingLog
 
@@ -501,7 +501,7 @@ def train_ppo(
         head_ids = {id(p) for p in heads.parameters()}
         groups = [{"params": [p for p in params if id(p) not in head_ids]},
                   {"params": list(heads.parameters()), "lr": config.head_lr or config.lr}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+    optimizer = adamw(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
 
     # 3. state (restored when resuming)

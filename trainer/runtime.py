@@ -91,6 +91,17 @@ class Runtime:
         return bool(self.all_reduce_sum(t).item() > 0)
 
 
+def adamw(groups, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where this torch has one for the parameters' device (CUDA, and CPU
+    from torch 2.4: about 3x faster than the default loop there), else the default implementation (the
+    torch that A1111 1.10 ships)."""
+    groups = list(groups)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
 def local_runtime(device: str | torch.device = "auto", precision: str = "auto") -> Runtime:
     """One process on one device: the hosts' runtime, and headless without a launcher."""
     target = pick_device(device)

@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import ConfigError, config_to_dict, option
 from .pairs import Pair, make_pairs, read_pairs
 from .progress import StepCallback, StopTraining, stop_requested
-from .runtime import PRECISIONS, Runtime, local_runtime
+from .runtime import PRECISIONS, Runtime, adamw, local_runtime
 from .training_log import CURVES_FILE, TrainingLog
 
 logger = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def optimizer_for(model: nn.Module, config: SFTConfig) -> torch.optim.AdamW:
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return torch.optim.AdamW(
+    return adamw(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
     )
