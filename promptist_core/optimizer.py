@@ -401,6 +401,14 @@ def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: tor
     return PromptOptimizer(model, tokenizer, name=name)
 
 
+def forget(folder: Path | str) -> None:
+    """Drop the cached optimizers loaded from `folder`: a trainer has just rewritten its weights."""
+    target = str(Path(folder).resolve())
+    with _CACHE_LOCK:
+        for key in [k for k in _CACHE if k[0] == target]:
+            del _CACHE[key]
+
+
 def clear_cache() -> None:
     """Forget every loaded optimizer (hosts call this to free memory)."""
     with _CACHE_LOCK:
