@@ -897,8 +897,11 @@ if scripts is not None:
                     batch = gr.Number(label="Batch size", value=16, precision=0)
                     effective = gr.Number(label="Effective batch (paper: 256)", value=256, precision=0)
                     save_every = gr.Number(label="Save every (steps)", value=100, precision=0)
-                run = gr.Button("Train SFT", variant="primary", elem_id="promptist_sft_train")
+                with gr.Row():
+                    run = gr.Button("Train SFT", variant="primary", elem_id="promptist_sft_train")
+                    stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_sft_interrupt")
             curve, status = _train_outputs("sft")
+        stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
         run.click(wrap_gradio_gpu_call(_train_sft, extra_outputs=[None]), _js="promptistStartTraining_sft",
                   inputs=[task, base, data_file, data_format, save_name, steps, lr, batch, effective, seed,
                           save_every], outputs=[curve, status])
@@ -942,8 +945,11 @@ if scripts is not None:
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     save_every = gr.Number(label="Save every (iterations)", value=10, precision=0)
-                run = gr.Button("Train PPO", variant="primary", elem_id="promptist_ppo_train")
+                with gr.Row():
+                    run = gr.Button("Train PPO", variant="primary", elem_id="promptist_ppo_train")
+                    stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_ppo_interrupt")
             curve, status = _train_outputs("ppo")
+        stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
         run.click(wrap_gradio_gpu_call(_train_ppo, extra_outputs=[None]), _js="promptistStartTraining_ppo",
                   inputs=[task, policy, prompts, prompts_file, save_name, iterations, batch, images, sampler, steps,
                           cfg, width, height, negative, preset, lr, beta, top, seed, save_every],

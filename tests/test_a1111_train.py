@@ -162,3 +162,15 @@ def test_train_ppo_draws_with_the_webui_and_trains_two_iterations(webui):
     assert (out / "prompts.txt").read_text().splitlines() == ["a cat riding a bike", "a red horse on the grass", "a ship at sea"]
     assert webui.shared.state.textinfo.startswith("Promptist PPO: 2/2")
     assert "my-ppo" in webui._policy_choices()["choices"]
+
+
+def test_curves_draw_with_the_bitmap_font_of_the_webuis_pillow(monkeypatch):
+    """A1111 1.10 pins Pillow 9.5, whose default font is a latin-1 bitmap font: the live curve must draw."""
+    from PIL import ImageDraw, ImageFont
+
+    from trainer.training_log import plot_curves
+
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+    monkeypatch.setattr(ImageDraw.ImageDraw, "getfont", lambda self: bitmap)
+    image = plot_curves({"loss": {"loss": [(1, 2.0), (2, 1.5)], "valid_loss": [(2, 1.7)]}}, "SFT")
+    assert image.size[0] > 0

@@ -108,5 +108,5 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], title: st
                 draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
             elif pts:
                 draw.line(pts, fill=color, width=2)
-            draw.text((right - 150, plot_top + 6 + 14 * i), f"— {label}", fill=color)
+            draw.text((right - 150, plot_top + 6 + 14 * i), f"-- {label}", fill=color)
     return image
