@@ -14,6 +14,7 @@ and callbacks are defined only when `modules` (the webui) is importable.
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import sys
@@ -577,8 +578,8 @@ def _finished(kind: str, out: Path, progress: WebuiProgress, resumed: bool, stop
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()
                       if v is not None)
     if stopped:
-        unit = "iterations" if kind == "PPO" else "steps"
-        text = (f"{kind} interrupted after {progress.step} {unit}. Its latest checkpoint is in {out / 'checkpoints'}; press Train again with "
+        unit = "iteration" if kind == "PPO" else "step"
+        text = (f"{kind} interrupted at {unit} {progress.step}. Its latest checkpoint is in {out / 'checkpoints'}; press Train again with "
                 "the same save name to continue.")
     else:
         text = (f"{kind} {'resumed and finished' if resumed else 'finished'}: {shown}. Saved in {out}; choose "
@@ -677,7 +678,13 @@ def train_ppo_in_webui(state, generator: WebuiGenerator, scorer, models_root: Pa
     if not policy or not policy.strip():
         raise PromptistError("Policy is empty: choose the SFT policy to start from", status_code=422)
     out = run_folder(models_root, save_name)
-    resume = bool(list_checkpoints(out))
+    checkpoints = list_checkpoints(out)
+    resume = bool(checkpoints)
+    started_from = checkpoints[-1].state.get("config", {}).get("policy") if resume else None
+    if started_from not in (None, policy.strip()):
+        raise PromptistError(f"The run in {out} started from the policy {started_from!r}, not {policy.strip()!r}: "
+                             "choose it again to continue that run, or another save name for a new run",
+                             status_code=422)
     with _training("training (PPO)"):
         source = prompts_file_for_run(prompts, prompts_file, out, resume)
         config = PPOConfig(prompts=source, policy=policy.strip(), out=str(out), iterations=int(iterations),
@@ -984,15 +991,17 @@ if scripts is not None:
         return [(tab, TITLE, "promptist")]
 
     def _policy_choices() -> dict:
-        """The optimizer model's dropdown: policy folders (a trained run is listed after 🔄), any Hub id typed."""
-        names = policy_names(models_dirs(shared.models_path), (DEFAULT_OPTIMIZER_MODEL,))
-        return {"choices": names, "allow_custom_value": True}
+        """The optimizer model's dropdown: policy folders (a trained run is listed after 🔄) and the current value.
+        Only `choices`: the refresh button passes these to `gr.Dropdown.update`, which takes no more in gradio 3."""
+        current = shared.opts.data.get("promptist_model") or DEFAULT_OPTIMIZER_MODEL
+        return {"choices": policy_names(models_dirs(shared.models_path), (DEFAULT_OPTIMIZER_MODEL, current))}
 
     def on_ui_settings():
         for key, default, label, choices in SETTINGS:
             component, args, extra = (gr.Radio, {"choices": list(choices)}, {}) if choices else (None, None, {})
             if key == "promptist_model":
-                component, args, extra = gr.Dropdown, _policy_choices, {"refresh": lambda: None}
+                component = functools.partial(gr.Dropdown, allow_custom_value=True)  # a Hub id may be typed
+                args, extra = _policy_choices, {"refresh": lambda: None}
             shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SETTINGS_SECTION,
                                                           category_id=SETTINGS_CATEGORY, **extra))
 

@@ -121,7 +121,7 @@ def test_interrupt_saves_a_checkpoint_and_the_same_save_name_resumes_to_the_unin
     state.interrupt_at_job_no = 4  # Interrupt pressed during step 4
     _, message = sft(webui, pairs_file, "stopped")
     out = webui.root / "stopped"
-    assert "interrupted after 4 steps" in message and "same save name" in message
+    assert "interrupted at step 4" in message and "same save name" in message
     assert [c.step for c in list_checkpoints(out)][-1] == 4
     state.interrupt_at_job_no, state.interrupted = None, False  # what wrap_gradio_gpu_call resets
     _, message = sft(webui, pairs_file, "stopped")
@@ -162,6 +162,9 @@ def test_train_ppo_draws_with_the_webui_and_trains_two_iterations(webui):
     assert (out / "prompts.txt").read_text().splitlines() == ["a cat riding a bike", "a red horse on the grass", "a ship at sea"]
     assert webui.shared.state.textinfo.startswith("Promptist PPO: 2/2")
     assert "my-ppo" in webui._policy_choices()["choices"]
+    with pytest.raises(webui.PromptistError, match="started from the policy 'tiny-promptist', not 'my-ppo'"):
+        webui._train_ppo("task(ppo)", "my-ppo", "a ship at sea\na cat\n", "", "my-ppo", 3, 2, 1, "Euler", 3, 7.0,
+                         32, 32, "", "promptist", 1e-4, 0.2, 1, 0, 1)
 
 
 def test_curves_draw_with_the_bitmap_font_of_the_webuis_pillow(monkeypatch):
