@@ -14,6 +14,7 @@ and callbacks are defined only when `modules` (the webui) is importable.
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import sys
@@ -362,6 +363,355 @@ def models_dirs(webui_models_path: str | None = None) -> list[Path]:
     return dirs
 
 
+# --- Training in the webui (Train SFT / Train PPO in the Promptist tab) ---------------------------
+# Plain functions and classes over webui objects passed in (`state` is `shared.state`, `processing` is
+# `modules.processing`), so that tests run them on fakes; the tab below binds them to the real ones.
+
+TRAIN_BASE = "openai-community/gpt2"
+PREVIEW_EVERY_S = 1.0  # the live curve is redrawn at most this often (and at the last step)
+SFT_PANELS = {"loss": ("loss", "valid_loss")}
+PPO_PANELS = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl",)}
+
+
+def save_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a folder name in models/promptist, or None."""
+    if not name or not name.strip():
+        return "Save name is empty: give the run a folder name, e.g. my-promptist"
+    if "/" in name or "\\" in name or name.strip() in (".", "..") or name != name.strip():
+        return f"Save name must be a plain folder name (no path separators, no leading or trailing spaces); got {name!r}"
+    return None
+
+
+def run_folder(models_root: Path, save_name: str) -> Path:
+    """`models_root/<save name>`: a new folder, or a training run to continue (never a model folder that is
+    not a run: training would overwrite it)."""
+    from promptist_core.optimizer import causal_lm_problem
+
+    problem = save_name_problem(save_name)
+    if problem:
+        raise PromptistError(problem, status_code=422)
+    folder = Path(models_root) / save_name
+    if folder.exists() and not (folder / "checkpoints").is_dir() and causal_lm_problem(folder) is None:
+        raise PromptistError(f"{folder} holds a model that is not a training run; choose another save name "
+                             "(training would overwrite it)", status_code=422)
+    return folder
+
+
+def input_file(path: str, what: str) -> Path:
+    """An existing file (absolute, or relative to the webui's working directory)."""
+    if not path or not path.strip():
+        raise PromptistError(f"{what} is empty: give a file path", status_code=422)
+    file = Path(path.strip()).expanduser()
+    if not file.is_file():
+        raise PromptistError(f"{what}: no such file {str(file.resolve())!r}", status_code=422)
+    return file.resolve()
+
+
+def is_pairs_file(path: Path) -> bool:
+    """A JSONL whose first record has `source` and `target` (what `python -m trainer pairs` writes)."""
+    import json
+
+    if path.suffix.lower() != ".jsonl":
+        return False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return False
+                return isinstance(record, dict) and "source" in record and "target" in record
+    return False
+
+
+def policy_names(dirs: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
+    """Policy folders (causal LMs) in the models folders, then `extra` names: for dropdowns."""
+    from promptist_core.optimizer import causal_lm_problem
+
+    found = [d.name for base in dirs if base.is_dir() for d in sorted(base.iterdir())
+             if d.is_dir() and causal_lm_problem(d) is None]
+    return list(dict.fromkeys([*found, *extra]))
+
+
+def render_prompt(prompt: str, schedule_steps: int) -> str:
+    """A DF-Prompt rendered to the webui's prompt editing for `schedule_steps` (plain prompts unchanged)."""
+    return to_a1111(parse(prompt, host_brackets=True), schedule_steps) if has_dfprompt(prompt) else prompt
+
+
+class WebuiGenerator:
+    """`ImageGenerator` over the webui's own txt2img (the loaded checkpoint, the user's sampler): one image
+    per (prompt, seed).
+
+    The jobs run without scripts (`p.scripts` stays None, as the Train tab's previews do): no always-on
+    script of ours or of another extension rewrites the trainer's prompts. DF-Prompts are rendered to
+    prompt editing here instead. An Interrupt while images are drawn leaves partial images: they are drawn
+    again without the flag, `stop_requested` is set and the step callback then stops the run after this
+    iteration's checkpoint; a second Interrupt during that redraw stops at once (StopTraining, no save).
+    """
+
+    def __init__(self, processing, state, *, sampler_name: str, negative: str = "",
+                 schedule_steps=lambda steps: steps, max_batch: int = 4, checkpoint: str = ""):
+        self.processing, self.state = processing, state
+        self.sampler_name, self.negative, self.schedule_steps = sampler_name, negative, schedule_steps
+        self.max_batch = max(1, int(max_batch))
+        self.fingerprint = f"{checkpoint}:{sampler_name}:{negative}"
+        self.stop_requested = False
+
+    def build(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: tuple[int, int]):
+        """The processing object of one batch (prompts already rendered)."""
+        n = self.schedule_steps(steps)
+        p = self.processing.StableDiffusionProcessingTxt2Img(
+            prompt=[render_prompt(t, n) for t in prompts], negative_prompt=[self.negative] * len(prompts),
+            seed=[int(s) for s in seeds], subseed=-1, subseed_strength=0, sampler_name=self.sampler_name,
+            batch_size=len(prompts), n_iter=1, steps=steps, cfg_scale=guidance, width=size[0], height=size[1],
+            do_not_save_samples=True, do_not_save_grid=True)
+        p.scripts = None  # no always-on scripts: ours would optimize (rewrite) the trainer's prompts
+        return p
+
+    def generate(self, prompts, seeds, *, steps, guidance, size) -> torch.Tensor:
+        images = []
+        for start in range(0, len(prompts), self.max_batch):
+            end = start + self.max_batch
+            images += self._draw(list(prompts[start:end]), list(seeds[start:end]), steps, guidance, size)
+        return torch.stack(images)
+
+    def _interrupted(self) -> bool:
+        return bool(self.state.interrupted or getattr(self.state, "stopping_generation", False))
+
+    def _draw(self, prompts, seeds, steps, guidance, size) -> list[torch.Tensor]:
+        from trainer.progress import StopTraining
+
+        if self._interrupted():  # pressed between two batches
+            self._clear_interrupt()
+        progress = (self.state.job, self.state.job_no, self.state.job_count)  # process_images moves these
+        try:
+            processed = self.processing.process_images(self.build(prompts, seeds, steps=steps, guidance=guidance,
+                                                                  size=size))
+        finally:
+            self.state.job, self.state.job_no, self.state.job_count = progress
+        if self._interrupted():  # the sampler stopped early: these images are partial
+            if self.stop_requested:
+                raise StopTraining("interrupted again while this iteration's images were drawn")
+            self._clear_interrupt()
+            return self._draw(prompts, seeds, steps, guidance, size)
+        if len(processed.images) != len(prompts):
+            raise RuntimeError(f"the webui returned {len(processed.images)} images for {len(prompts)} prompts")
+        return [to_tensor(image) for image in processed.images]
+
+    def _clear_interrupt(self) -> None:
+        self.stop_requested = True
+        self.state.interrupted = False
+        if hasattr(self.state, "stopping_generation"):
+            self.state.stopping_generation = False
+        print("[promptist] Interrupt: finishing this iteration's images, then saving a checkpoint", file=sys.stderr)
+
+
+def to_tensor(image) -> torch.Tensor:
+    """A PIL image -> [H, W, 3] float 0..1."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+class WebuiProgress:
+    """The trainers' step callback in the webui: `shared.state` job, progress and text, the live curve as
+    the live preview, and Interrupt (or one remembered by the generator) raising StopTraining so that the
+    trainer saves a checkpoint first."""
+
+    def __init__(self, state, out: Path, panels: dict[str, tuple[str, ...]], title: str, generator=None,
+                 clock=None):
+        import time
+
+        self.state, self.out, self.panels, self.title, self.generator = state, out, panels, title, generator
+        self.clock = clock or time.monotonic
+        self.series: dict[str, list[tuple[int, float]]] | None = None
+        self.last_preview: float | None = None
+        self.step = 0
+
+    def _history(self, before: int) -> dict[str, list[tuple[int, float]]]:
+        """The resumed part of the curve: train_log.csv rows before the first step of this run."""
+        import csv
+
+        series = {k: [] for keys in self.panels.values() for k in keys}
+        path = self.out / "train_log.csv"
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    if int(row["step"]) < before:
+                        for k in series:
+                            if row.get(k) not in (None, ""):
+                                series[k].append((int(row["step"]), float(row[k])))
+        return series
+
+    def image(self):
+        from trainer.training_log import plot_curves
+
+        series = self.series or self._history(1 << 62)
+        return plot_curves({name: {k: series.get(k, []) for k in keys} for name, keys in self.panels.items()},
+                           self.title)
+
+    def __call__(self, step: int, total: int, metrics: dict) -> None:
+        from trainer.progress import StopTraining
+
+        if self.series is None:
+            self.series = self._history(step)
+        self.step = step
+        for k, v in metrics.items():
+            if k in self.series and isinstance(v, (int, float)) and v == v:
+                self.series[k].append((step, float(v)))
+        shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "valid_loss", "reward", "kl")
+                          if isinstance(metrics.get(k), float))
+        self.state.job_count, self.state.job_no = total, step
+        self.state.textinfo = f"Promptist {self.title}: {step}/{total}" + (f", {shown}" if shown else "")
+        now = self.clock()
+        if step >= total or self.last_preview is None or now - self.last_preview >= PREVIEW_EVERY_S:
+            self.state.assign_current_image(self.image())
+            self.last_preview = now
+        if self.state.interrupted or getattr(self.state, "stopping_generation", False):
+            raise StopTraining(f"interrupted in the webui at {step}/{total}")
+        if self.generator is not None and self.generator.stop_requested:
+            raise StopTraining(f"interrupted in the webui at {step}/{total} (while its images were drawn)")
+
+
+def _finished(kind: str, out: Path, progress: WebuiProgress, resumed: bool, stopped: bool, **numbers) -> tuple:
+    """(curve image, HTML summary): what the Train buttons show when a run ends or stops."""
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()
+                      if v is not None)
+    if stopped:
+        unit = "iteration" if kind == "PPO" else "step"
+        text = (f"{kind} interrupted at {unit} {progress.step}. Its latest checkpoint is in {out / 'checkpoints'}; press Train again with "
+                "the same save name to continue.")
+    else:
+        text = (f"{kind} {'resumed and finished' if resumed else 'finished'}: {shown}. Saved in {out}; choose "
+                f"'{out.name}' in Settings → Promptist → Optimizer model (press 🔄 to list it).")
+    return progress.image(), f"<p>{html.escape(text)}</p>"
+
+
+def _training(doing: str):
+    """Trainer errors (bad settings, files, models) as one PromptistError line for the UI."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def scope():
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # the webui may run under no_grad
+                yield
+        except PromptistError:
+            raise
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise as_user_error(e if str(e).strip() else ValueError(type(e).__name__), doing) from e
+
+    return scope()
+
+
+def train_sft_in_webui(state, models_root: Path, *, base: str, data_file: str, data_format: str = "auto",
+                       save_name: str, steps: int, lr: float = 5e-5, batch_size: int = 16,
+                       effective_batch_size: int = 256, seed: int = 0, save_every: int = 100,
+                       device: str | torch.device = "auto", models_dir: list[Path] | None = None) -> tuple:
+    """The Train SFT button: fine-tune `base` on pairs or a corpus into `models_root/<save name>`;
+    pressing it again with the same save name continues the run. Returns (curve image, HTML)."""
+    from promptist_core.optimizer import forget
+    from trainer.checkpoint import list_checkpoints
+    from trainer.progress import StopTraining
+    from trainer.runtime import local_runtime
+    from trainer.sft import SFTConfig, train_sft
+
+    out = run_folder(models_root, save_name)
+    data = input_file(data_file, "Pairs or corpus file")
+    pairs = data_format == "pairs" or (data_format == "auto" and is_pairs_file(data))
+    resume = bool(list_checkpoints(out))
+    steps, batch_size, effective_batch_size, save_every = int(steps), int(batch_size), int(effective_batch_size), int(save_every)
+    config = SFTConfig(pairs=str(data) if pairs else None, corpus=None if pairs else str(data), base=base or TRAIN_BASE,
+                       out=str(out), max_steps=steps, batch_size=batch_size, effective_batch_size=effective_batch_size,
+                       lr=float(lr), warmup_steps=min(100, steps // 10), seed=int(seed), save_every=save_every,
+                       eval_every=save_every, device=str(device), tensorboard=False)
+    progress = WebuiProgress(state, out, SFT_PANELS, "SFT")
+    state.job, state.job_count, state.textinfo = "Promptist SFT", steps, "Promptist SFT: loading"
+    stopped, result = False, None
+    with _training("training (SFT)"):
+        try:
+            result = train_sft(config, resume=resume, callback=progress, runtime=local_runtime(device),
+                               models_dir=models_dir or [Path(models_root)])
+        except StopTraining:
+            stopped = True
+        finally:
+            forget(out)  # the optimizer reloads the new weights
+    if result is None:
+        return _finished("SFT", out, progress, resume, stopped)
+    return _finished("SFT", out, progress, resume, False, steps=result.steps, loss=result.train_loss,
+                     valid_loss=result.valid_loss, selected=result.selected)
+
+
+def prompts_file_for_run(prompts: str, prompts_file: str, out: Path, resume: bool) -> str:
+    """The prompts file the run trains on: `prompts_file`, or the text kept in the run's folder (so that a
+    resumed run reads the same prompts)."""
+    if prompts_file and prompts_file.strip():
+        return str(input_file(prompts_file, "Prompts file"))
+    lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+    if not lines:
+        raise PromptistError("Prompts are empty: give plain prompts, one per line, or a prompts file", status_code=422)
+    text = "\n".join(lines) + "\n"
+    path = out / "prompts.txt"
+    if resume and path.is_file() and path.read_text(encoding="utf-8") != text:
+        raise PromptistError(f"The prompts differ from those of the run in {out} being continued; restore them or "
+                             "choose another save name for a new run", status_code=422)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def train_ppo_in_webui(state, generator: WebuiGenerator, scorer, models_root: Path, *, policy: str, prompts: str = "",
+                       prompts_file: str = "", save_name: str, iterations: int, batch_size: int = 4,
+                       images_per_prompt: int = 2, steps: int = 20, cfg: float = 7.0, width: int = 512,
+                       height: int = 512, preset: str = "promptist", lr: float = 5e-5, beta: float = 0.2,
+                       trainable_top_blocks: int = 2, seed: int = 0, save_every: int = 10,
+                       device: str | torch.device = "auto", models_dir: list[Path] | None = None) -> tuple:
+    """The Train PPO button: improve `policy` against images the webui draws with the loaded checkpoint,
+    scored by `scorer`; saved into `models_root/<save name>`, continued by pressing it again."""
+    from promptist_core.optimizer import forget
+    from trainer.checkpoint import list_checkpoints
+    from trainer.ppo import PPOConfig, train_ppo
+    from trainer.progress import StopTraining
+    from trainer.rewards import ImageReward
+    from trainer.runtime import local_runtime
+
+    if not policy or not policy.strip():
+        raise PromptistError("Policy is empty: choose the SFT policy to start from", status_code=422)
+    out = run_folder(models_root, save_name)
+    checkpoints = list_checkpoints(out)
+    resume = bool(checkpoints)
+    started_from = checkpoints[-1].state.get("config", {}).get("policy") if resume else None
+    if started_from not in (None, policy.strip()):
+        raise PromptistError(f"The run in {out} started from the policy {started_from!r}, not {policy.strip()!r}: "
+                             "choose it again to continue that run, or another save name for a new run",
+                             status_code=422)
+    with _training("training (PPO)"):
+        source = prompts_file_for_run(prompts, prompts_file, out, resume)
+        config = PPOConfig(prompts=source, policy=policy.strip(), out=str(out), iterations=int(iterations),
+                           batch_size=int(batch_size), lr=float(lr), beta=float(beta),
+                           trainable_top_blocks=int(trainable_top_blocks), seed=int(seed), save_every=int(save_every),
+                           sample_every=1, device=str(device), tensorboard=False, preset=preset,
+                           images_per_prompt=int(images_per_prompt), image_steps=int(steps), guidance=float(cfg),
+                           width=int(width), height=int(height))
+        reward = ImageReward(generator, scorer, preset=preset, images_per_prompt=int(images_per_prompt),
+                             steps=int(steps), guidance=float(cfg), size=(int(width), int(height)), seed=int(seed))
+    progress = WebuiProgress(state, out, PPO_PANELS, "PPO", generator)
+    state.job, state.job_count, state.textinfo = "Promptist PPO", int(iterations), "Promptist PPO: loading"
+    stopped, result = False, None
+    with _training("training (PPO)"):
+        try:
+            result = train_ppo(config, reward, resume=resume, callback=progress, runtime=local_runtime(device),
+                               models_dir=models_dir or [Path(models_root)], baseline_cache=reward.cache)
+        except StopTraining:
+            stopped = True
+        finally:
+            forget(out)
+    if result is None:
+        return _finished("PPO", out, progress, resume, stopped)
+    return _finished("PPO", out, progress, resume, False, iterations=result.iterations, reward=result.reward,
+                     kl=result.kl)
+
+
 # Settings: a "Promptist" page under the webui's "Stable Diffusion" category (not "Uncategorized").
 SETTINGS_SECTION = ("promptist", TITLE)
 SETTINGS_CATEGORY = "sd"
@@ -489,11 +839,134 @@ if scripts is not None:
         # The webui's call wrapper appends its timing HTML to the last output.
         return best, "\n".join(unique(clean_rewrite(c) for c in result.candidates)), f"<p>{html.escape(info)}</p>"
 
+    def _train_device():
+        return "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
+
+    def _train_root() -> Path:
+        return Path(shared.models_path) / "promptist"
+
+    def _train_sft(id_task, base, data_file, data_format, save_name, steps, lr, batch_size, effective_batch_size,
+                   seed, save_every):
+        return train_sft_in_webui(shared.state, _train_root(), base=base, data_file=data_file,
+                                  data_format=data_format, save_name=save_name, steps=steps, lr=lr,
+                                  batch_size=batch_size, effective_batch_size=effective_batch_size, seed=seed,
+                                  save_every=save_every, device=_train_device(),
+                                  models_dir=models_dirs(shared.models_path))
+
+    def _train_ppo(id_task, policy, prompts, prompts_file, save_name, iterations, batch_size, images_per_prompt,
+                   sampler_name, steps, cfg, width, height, negative, preset, lr, beta, trainable_top_blocks, seed,
+                   save_every):
+        from modules import processing
+
+        if not shared.sd_model:
+            raise PromptistError("No Stable Diffusion checkpoint is loaded: choose one at the top of the page")
+        checkpoint = getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "name_for_extra", "")
+        generator = WebuiGenerator(processing, shared.state, sampler_name=sampler_name, negative=negative or "",
+                                   schedule_steps=lambda n: _sampler_steps(sampler_name, n), checkpoint=checkpoint)
+        try:
+            scorer = _scorer(preset)
+        except Exception as e:
+            raise as_user_error(e, "loading the scoring models (Settings → Promptist → Score)") from e
+        return train_ppo_in_webui(shared.state, generator, scorer, _train_root(), policy=policy, prompts=prompts,
+                                  prompts_file=prompts_file, save_name=save_name, iterations=iterations,
+                                  batch_size=batch_size, images_per_prompt=images_per_prompt, steps=steps, cfg=cfg,
+                                  width=width, height=height, preset=preset, lr=lr, beta=beta,
+                                  trainable_top_blocks=trainable_top_blocks, seed=seed, save_every=save_every,
+                                  device=_train_device(), models_dir=models_dirs(shared.models_path))
+
+    def _train_outputs(kind: str):
+        """The curve (the live preview shows over it while training) and the progress/result text."""
+        with gr.Column():
+            gr.HTML(elem_id=f"promptist_{kind}_progress")
+            status = gr.HTML(elem_id=f"promptist_{kind}_output")
+            curve = gr.Image(label="Curves", type="pil", interactive=False, elem_id=f"promptist_{kind}_curve")
+        return curve, status
+
+    def _sft_section():
+        policies = policy_names(models_dirs(shared.models_path), (TRAIN_BASE, DEFAULT_OPTIMIZER_MODEL))
+        gr.HTML("<p>Fine-tunes a GPT-2 policy on (plain, engineered) prompt pairs (Promptist stage 1). The webui is "
+                "busy while training (txt2img waits). Interrupt saves a checkpoint; Train again with the same save "
+                "name continues.</p>")
+        with gr.Row():
+            with gr.Column():
+                task = gr.Textbox(visible=False)
+                base = gr.Dropdown(label="Base policy (a folder in models/promptist, or a Hub id)", choices=policies,
+                                   value=TRAIN_BASE, allow_custom_value=True)
+                data_file = gr.Textbox(label="Pairs (.jsonl from `python -m trainer pairs`) or corpus file (.txt, "
+                                             ".csv, .jsonl, .parquet): full path", placeholder="/path/to/pairs.jsonl")
+                data_format = gr.Radio(label="File holds", choices=["auto", "pairs", "corpus"], value="auto")
+                save_name = gr.Textbox(label="Save name (models/promptist/<save name>)", value="my-promptist")
+                with gr.Row():
+                    steps = gr.Number(label="Steps (paper: 15000)", value=1000, precision=0)
+                    lr = gr.Number(label="Learning rate", value=5e-5)
+                    seed = gr.Number(label="Seed", value=0, precision=0)
+                with gr.Row():
+                    batch = gr.Number(label="Batch size", value=16, precision=0)
+                    effective = gr.Number(label="Effective batch (paper: 256)", value=256, precision=0)
+                    save_every = gr.Number(label="Save every (steps)", value=100, precision=0)
+                with gr.Row():
+                    run = gr.Button("Train SFT", variant="primary", elem_id="promptist_sft_train")
+                    stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_sft_interrupt")
+            curve, status = _train_outputs("sft")
+        stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
+        run.click(wrap_gradio_gpu_call(_train_sft, extra_outputs=[None]), _js="promptistStartTraining_sft",
+                  inputs=[task, base, data_file, data_format, save_name, steps, lr, batch, effective, seed,
+                          save_every], outputs=[curve, status])
+
+    def _ppo_section():
+        from modules import sd_samplers
+
+        samplers = [s.name for s in sd_samplers.visible_samplers()] or ["Euler a"]
+        policies = policy_names(models_dirs(shared.models_path), (DEFAULT_OPTIMIZER_MODEL,))
+        gr.HTML("<p>Improves a policy by reinforcement learning against images drawn with the loaded checkpoint and "
+                "scored with the models of Settings → Promptist (Promptist stage 2). The webui is busy while training. "
+                "Interrupt finishes the iteration's images, saves and stops; Train again with the same save name "
+                "continues.</p>")
+        with gr.Row():
+            with gr.Column():
+                task = gr.Textbox(visible=False)
+                policy = gr.Dropdown(label="Policy to start from (an SFT policy)", choices=policies,
+                                     value=DEFAULT_OPTIMIZER_MODEL, allow_custom_value=True)
+                prompts = gr.Textbox(label="Plain prompts, one per line", lines=4,
+                                     value="a cat riding a bike\na red horse on the grass\na castle on a hill\n"
+                                           "a bowl of fruit")
+                prompts_file = gr.Textbox(label="Or a prompts file (.txt, .csv, .jsonl, .parquet): full path")
+                save_name = gr.Textbox(label="Save name (models/promptist/<save name>)", value="my-promptist-ppo")
+                with gr.Row():
+                    iterations = gr.Number(label="Iterations", value=100, precision=0)
+                    batch = gr.Number(label="Prompts per iteration", value=4, precision=0)
+                    images = gr.Number(label="Images per prompt", value=2, precision=0)
+                with gr.Row():
+                    sampler = gr.Dropdown(label="Sampler", choices=samplers, value=samplers[0])
+                    steps = gr.Number(label="Sampling steps", value=20, precision=0)
+                    cfg = gr.Number(label="CFG scale", value=7.0)
+                with gr.Row():
+                    width = gr.Number(label="Width", value=512, precision=0)
+                    height = gr.Number(label="Height", value=512, precision=0)
+                    preset = gr.Dropdown(label="Reward", choices=list(PRESET_NAMES), value="promptist")
+                negative = gr.Textbox(label="Negative prompt for every image", value="")
+                with gr.Row():
+                    lr = gr.Number(label="Learning rate", value=5e-5)
+                    beta = gr.Number(label="KL beta (higher: stay nearer the start)", value=0.2)
+                    top = gr.Number(label="Trainable top blocks (0: all)", value=2, precision=0)
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    save_every = gr.Number(label="Save every (iterations)", value=10, precision=0)
+                with gr.Row():
+                    run = gr.Button("Train PPO", variant="primary", elem_id="promptist_ppo_train")
+                    stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_ppo_interrupt")
+            curve, status = _train_outputs("ppo")
+        stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
+        run.click(wrap_gradio_gpu_call(_train_ppo, extra_outputs=[None]), _js="promptistStartTraining_ppo",
+                  inputs=[task, policy, prompts, prompts_file, save_name, iterations, batch, images, sampler, steps,
+                          cfg, width, height, negative, preset, lr, beta, top, seed, save_every],
+                  outputs=[curve, status])
+
     def on_ui_tabs():
         from modules import infotext_utils
 
-        with gr.Blocks(analytics_enabled=False) as tab:
-            with gr.Row():
+        with gr.Blocks(analytics_enabled=False) as tab, gr.Tabs():
+            with gr.Tab("Optimize"), gr.Row():
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a cat riding a bike")
                     with gr.Row():
@@ -506,6 +979,10 @@ if scripts is not None:
                     info = gr.HTML()
                     all_candidates = gr.Textbox(label="Candidates (best first)", lines=6, interactive=False)
                     buttons = infotext_utils.create_buttons(["txt2img", "img2img"])
+            with gr.Tab("Train SFT"):
+                _sft_section()
+            with gr.Tab("Train PPO"):
+                _ppo_section()
             for tabname, button in buttons.items():
                 infotext_utils.register_paste_params_button(
                     infotext_utils.ParamBinding(paste_button=button, tabname=tabname, source_text_component=best))
@@ -513,11 +990,20 @@ if scripts is not None:
                       inputs=[prompt, mode, candidates, seed], outputs=[best, all_candidates, info])
         return [(tab, TITLE, "promptist")]
 
+    def _policy_choices() -> dict:
+        """The optimizer model's dropdown: policy folders (a trained run is listed after 🔄) and the current value.
+        Only `choices`: the refresh button passes these to `gr.Dropdown.update`, which takes no more in gradio 3."""
+        current = shared.opts.data.get("promptist_model") or DEFAULT_OPTIMIZER_MODEL
+        return {"choices": policy_names(models_dirs(shared.models_path), (DEFAULT_OPTIMIZER_MODEL, current))}
+
     def on_ui_settings():
         for key, default, label, choices in SETTINGS:
-            component, args = (gr.Radio, {"choices": list(choices)}) if choices else (None, None)
-            shared.opts.add_option(key, shared.OptionInfo(default, label, component, args,
-                                                          section=SETTINGS_SECTION, category_id=SETTINGS_CATEGORY))
+            component, args, extra = (gr.Radio, {"choices": list(choices)}, {}) if choices else (None, None, {})
+            if key == "promptist_model":
+                component = functools.partial(gr.Dropdown, allow_custom_value=True)  # a Hub id may be typed
+                args, extra = _policy_choices, {"refresh": lambda: None}
+            shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SETTINGS_SECTION,
+                                                          category_id=SETTINGS_CATEGORY, **extra))
 
     def on_infotext_pasted(infotext: str, params: dict) -> None:
         restore_original_prompt(params)

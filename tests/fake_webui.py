@@ -28,7 +28,7 @@ class _Component:
 def fake_modules(models_path: Path, settings: dict) -> dict[str, types.ModuleType]:
     gradio = types.ModuleType("gradio")
     for name in ("Accordion", "Checkbox", "Dropdown", "Radio", "Textbox", "Slider", "Number", "Button", "HTML",
-                 "Row", "Column", "Blocks"):
+                 "Row", "Column", "Blocks", "Tabs", "Tab", "Image"):
         setattr(gradio, name, _Component)
 
     registered = {"ui_tabs": [], "ui_settings": [], "infotext_pasted": [], "options": {}}
@@ -49,6 +49,8 @@ def fake_modules(models_path: Path, settings: dict) -> dict[str, types.ModuleTyp
     shared = types.ModuleType("modules.shared")
     shared.models_path = str(models_path)
     shared.opts = SimpleNamespace(data=dict(settings), add_option=registered["options"].__setitem__)
+    shared.state = FakeState()
+    shared.sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(name_for_extra="tiny-sd15"))
     shared.OptionInfo = lambda default, label="", component=None, component_args=None, **kw: SimpleNamespace(
         default=default, label=label, component=component, component_args=component_args, **kw)
 
@@ -58,15 +60,18 @@ def fake_modules(models_path: Path, settings: dict) -> dict[str, types.ModuleTyp
     call_queue.wrap_gradio_gpu_call = lambda func, extra_outputs=None: func
     samplers = types.ModuleType("modules.sd_samplers")
     samplers.find_sampler_config = lambda name: None
+    processing = FakeProcessing(shared.state)
 
     package = types.ModuleType("modules")
     package.__path__ = []
     for name, module in (("script_callbacks", callbacks), ("scripts", scripts), ("shared", shared),
-                         ("devices", devices), ("call_queue", call_queue), ("sd_samplers", samplers)):
+                         ("devices", devices), ("call_queue", call_queue), ("sd_samplers", samplers),
+                         ("processing", processing)):
         setattr(package, name, module)
     mods = {f"modules.{n}": m for n, m in (("script_callbacks", callbacks), ("scripts", scripts),
                                              ("shared", shared), ("devices", devices),
-                                             ("call_queue", call_queue), ("sd_samplers", samplers))}
+                                             ("call_queue", call_queue), ("sd_samplers", samplers),
+                                             ("processing", processing))}
     return {"gradio": gradio, "modules": package, **mods}
 
 
@@ -116,3 +121,56 @@ def run_process_hook(script, p, *args) -> list[Exception]:
     p.setup_conds()
     p.sample()
     return logged
+
+
+class FakeState:
+    """`shared.state`: the fields the trainers' progress, preview and Interrupt use (A1111 1.10 names).
+
+    `interrupt_at_job_no`: Interrupt is pressed once the progress reaches that step (as a user would).
+    """
+
+    def __init__(self):
+        self.interrupt_at_job_no: int | None = None
+        self.job, self.job_no, self.job_count, self.textinfo = "", 0, 0, None
+        self.interrupted = self.stopping_generation = False
+        self.previews: list = []
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "job_no" and self.interrupt_at_job_no is not None and value >= self.interrupt_at_job_no:
+            super().__setattr__("interrupted", True)
+
+    def assign_current_image(self, image):
+        self.previews.append(image)
+
+
+class FakeProcessing(types.ModuleType):
+    """`modules.processing`: records each StableDiffusionProcessingTxt2Img and paints its images solid red
+    when the prompt says red, else blue. `interrupt_next`: the next job is interrupted mid-sampling (the
+    webui still returns its partial images)."""
+
+    def __init__(self, state: FakeState):
+        super().__init__("modules.processing")
+        self.state, self.jobs, self.interrupt_next = state, [], 0
+        processing = self
+
+        class StableDiffusionProcessingTxt2Img:
+            scripts = "the txt2img script runner"  # what a job would run unless told otherwise
+
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+                self.__dict__.update(kwargs)
+                processing.jobs.append(self)
+
+        self.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
+
+    def process_images(self, p):
+        from PIL import Image
+
+        self.state.job_no += 1  # the webui's state.nextjob()
+        self.state.job_count = 1
+        if self.interrupt_next:
+            self.interrupt_next -= 1
+            self.state.interrupted = True
+        colours = [(230, 25, 25) if "red" in t.replace(",", " ").split() else (25, 25, 230) for t in p.prompt]
+        return SimpleNamespace(images=[Image.new("RGB", (p.width, p.height), c) for c in colours])
