@@ -50,7 +50,8 @@ def build_pipeline(folder: Path, unet: str, dtype: torch.dtype, device: str):
 
         config = dict(UNet2DConditionModel.load_config(str(path / "unet")))
         config.update(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                      norm_num_groups=32)
+                      norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)  # the tiny text encoder's width
         UNet2DConditionModel.from_config(config).save_pretrained(str(path / "unet"))
     return load_diffusers_generator(str(path), device=device, dtype=dtype)
 

@@ -1,12 +1,12 @@
-"""A tiny untrained GPT-2 base (2 layers) with a byte-level BPE trained on real fixture prompts,
-saved like a Hub GPT-2 folder (safetensors, config, tokenizer.json, vocab.json + merges.txt)."""
+"""A tiny untrained GPT-2 base (2 layers) with a byte-level BPE trained on prompt-like text, saved like a
+Hub GPT-2 folder (safetensors, config, tokenizer.json, vocab.json + merges.txt). The BPE's text is built
+here, not read from ../shared, so the tiny models (and the learning tests on them) are the same wherever
+the tests run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-
-FIXTURE_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "prompts" / "diffusiondb_imagereward.txt"
 
 
 def build_tiny_gpt2_base(folder: Path, extra_texts: Sequence[str] = (), *, n_embd: int = 64, n_layer: int = 2,
@@ -16,9 +16,9 @@ def build_tiny_gpt2_base(folder: Path, extra_texts: Sequence[str] = (), *, n_emb
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    texts = list(extra_texts)
-    if FIXTURE_PROMPTS.is_file():
-        texts += FIXTURE_PROMPTS.read_text(encoding="utf-8").splitlines()[:2000]
+    from conftest import MODIFIERS, SUBJECTS
+
+    texts = list(extra_texts) + [f"{s}, {m}" for s in SUBJECTS for m in MODIFIERS]
     texts += [t + " Rephrase:" for t in extra_texts]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"],

@@ -81,7 +81,7 @@ def test_sft_learns_the_rule_and_generalises_to_held_out_combinations(rule_data,
     from promptist_core.optimizer import load_optimizer
 
     out = tmp_path / "policy"
-    config = _config(rule_data, out, max_steps=150, batch_size=19, effective_batch_size=19, warmup_steps=10,
+    config = _config(rule_data, out, max_steps=250, batch_size=19, effective_batch_size=19, warmup_steps=10,
                      save_every=50, eval_every=50, length_buckets=1, select="best")
     result = train_sft(config)
     losses = [float(r["loss"]) for r in _log(out)]
