@@ -102,11 +102,13 @@ def test_the_optimizer_of_a_folder_with_heads_prints_dfprompts_that_schedule(tin
     from promptist_core.policy_folder import save_policy_folder
     from trainer.sft import load_trainable_policy
 
+    torch.manual_seed(0)  # the heads built below draw from the global RNG: the same draws whatever ran before
     lm, tokenizer = load_trainable_policy(str(tiny_promptist_dir / "tiny-promptist"))
     heads = DFHeads(lm.config.n_embd)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: the draw must not depend on the tests run before
     with torch.no_grad():  # a bias-free head cannot be forced to one class for every input: scale it instead
-        heads.weight.weight.normal_(std=1.0)
-        heads.range.weight.normal_(std=1.0)
+        heads.weight.weight.copy_(torch.randn(heads.weight.weight.shape, generator=g))
+        heads.range.weight.copy_(torch.randn(heads.range.weight.shape, generator=g))
     folder = save_policy_folder(lm, tokenizer, tmp_path / "df-policy", dfprompt_heads=heads)
     assert (folder / HEADS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
 
