@@ -11,7 +11,6 @@ folder the loader lists at once.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -156,16 +155,9 @@ class TrainingProgress:
 
     def _history(self, before: int) -> dict[str, list[tuple[int, float]]]:
         """The resumed part of the curve: train_log.csv rows before the first step of this run."""
-        series = {k: [] for keys in self.panels.values() for k in keys}
-        path = self.out / "train_log.csv"
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    if int(row["step"]) < before:
-                        for k in series:
-                            if row.get(k) not in (None, ""):
-                                series[k].append((int(row["step"]), float(row[k])))
-        return series
+        from trainer.training_log import logged_series
+
+        return logged_series(self.out, [k for keys in self.panels.values() for k in keys], before)
 
     def image(self):
         from trainer.training_log import plot_curves

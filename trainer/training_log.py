@@ -73,6 +73,21 @@ class TrainingLog:
             self._tb.close()
 
 
+def logged_series(run_dir: Path, keys, before: int) -> dict[str, list[tuple[int, float]]]:
+    """The (step, value) series of `keys` in a run's train_log.csv, for steps before `before`: the part of
+    the curve a resumed run already drew (hosts prepend it to their live preview)."""
+    series: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
+    path = Path(run_dir) / LOG_FILE
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if int(row["step"]) < before:
+                    for k in series:
+                        if row.get(k) not in (None, ""):
+                            series[k].append((int(row["step"]), float(row[k])))
+    return series
+
+
 def _fmt(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
