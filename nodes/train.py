@@ -11,7 +11,6 @@ folder the loader lists at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import fields, replace
@@ -47,12 +46,9 @@ def save_name_problem(name: str | None) -> str | None:
     """Why `name` cannot be a folder name in models/promptist, or None."""
     if name is None:  # linked input: checked when the node runs
         return None
-    if not name.strip():
-        return "save_name is empty: give the run a folder name, e.g. my-promptist"
-    if "/" in name or "\\" in name or name.strip() in (".", "..") or name != name.strip():
-        return (f"save_name must be a plain folder name (no path separators, no leading or trailing spaces); "
-                f"got {name!r}")
-    return None
+    from trainer.checkpoint import save_name_problem as problem
+
+    return problem(name, "save_name")
 
 
 def run_folder(save_name: str) -> Path:
@@ -82,21 +78,6 @@ def input_file(path: str, what: str) -> Path:
         if c.is_file():
             return c.resolve()
     raise ValueError(f"{what}: no such file {path!r} (looked at {', '.join(str(c) for c in candidates)})")
-
-
-def is_pairs_file(path: Path) -> bool:
-    """A JSONL whose first record has `source` and `target` (what `python -m trainer pairs` writes)."""
-    if path.suffix.lower() != ".jsonl":
-        return False
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    return False
-                return isinstance(record, dict) and "source" in record and "target" in record
-    return False
 
 
 def training_device(device: str) -> torch.device:
@@ -297,6 +278,7 @@ class SFTTrain:
             seed: int = 0, save_every: int = 100, device: str = "auto",
             promptist_model: LoadedOptimizer | None = None):
         from trainer.checkpoint import list_checkpoints
+        from trainer.pairs import is_pairs_file
         from trainer.progress import StopTraining
         from trainer.runtime import local_runtime
         from trainer.sft import SFTConfig, train_sft

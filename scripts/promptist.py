@@ -375,11 +375,9 @@ PPO_PANELS = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "
 
 def save_name_problem(name: str) -> str | None:
     """Why `name` cannot be a folder name in models/promptist, or None."""
-    if not name or not name.strip():
-        return "Save name is empty: give the run a folder name, e.g. my-promptist"
-    if "/" in name or "\\" in name or name.strip() in (".", "..") or name != name.strip():
-        return f"Save name must be a plain folder name (no path separators, no leading or trailing spaces); got {name!r}"
-    return None
+    from trainer.checkpoint import save_name_problem as problem
+
+    return problem(name, "Save name")
 
 
 def run_folder(models_root: Path, save_name: str) -> Path:
@@ -405,23 +403,6 @@ def input_file(path: str, what: str) -> Path:
     if not file.is_file():
         raise PromptistError(f"{what}: no such file {str(file.resolve())!r}", status_code=422)
     return file.resolve()
-
-
-def is_pairs_file(path: Path) -> bool:
-    """A JSONL whose first record has `source` and `target` (what `python -m trainer pairs` writes)."""
-    import json
-
-    if path.suffix.lower() != ".jsonl":
-        return False
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    return False
-                return isinstance(record, dict) and "source" in record and "target" in record
-    return False
 
 
 def policy_names(dirs: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
@@ -603,6 +584,7 @@ def train_sft_in_webui(state, models_root: Path, *, base: str, data_file: str, d
     pressing it again with the same save name continues the run. Returns (curve image, HTML)."""
     from promptist_core.optimizer import forget
     from trainer.checkpoint import list_checkpoints
+    from trainer.pairs import is_pairs_file
     from trainer.progress import StopTraining
     from trainer.runtime import local_runtime
     from trainer.sft import SFTConfig, train_sft

@@ -257,6 +257,22 @@ def write_pairs(path: Path | str, pairs: Sequence[Pair]) -> Path:
     return path
 
 
+def is_pairs_file(path: Path) -> bool:
+    """A JSONL whose first record has `source` and `target` (what `python -m trainer pairs` writes), as
+    opposed to a corpus of prompts: how the hosts' train forms tell the two apart."""
+    if path.suffix.lower() != ".jsonl":
+        return False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return False
+                return isinstance(record, dict) and "source" in record and "target" in record
+    return False
+
+
 def read_pairs(path: Path | str, *, seed: int = 0, valid_fraction: float = 0.02) -> list[Pair]:
     """Pairs from JSONL (`source` and `target` required); records without a `split` are split by target."""
     path = Path(path)
