@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .beam_search import beam_search, fast_beam_search_supported
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .devices import pick_device, pick_dtype
 from .quiet import no_progress_bars
@@ -345,7 +346,12 @@ class PromptOptimizer:
 
             hooks = LogitsProcessorList([_StepHook(step_callback, max_new_tokens)])
 
-        if mode == "beam":
+        if mode == "beam" and self.cache_implementation == "beam" and fast_beam_search_supported(self.model):
+            sequences = beam_search(
+                self.model, input_ids, attention_mask, num_beams=num_beams, num_return_sequences=candidates,
+                length_penalty=length_penalty, step_callback=step_callback, **common,
+            )
+        elif mode == "beam":
             sequences = self.model.generate(
                 input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
                 num_return_sequences=candidates, length_penalty=length_penalty,
