@@ -124,13 +124,14 @@ if DynamicLayer is not None:
             self._live, self._spare = self._spare, self._live
             self._expose()
 
-        def copy_rows(self, src: torch.LongTensor, dst: torch.LongTensor) -> None:
-            """Rows `dst` become copies of rows `src` (disjoint sets): `beam_search` moves only the rows of
-            beams that changed parent."""
+        def copy_rows(self, src: list[int], dst: list[int], start: int = 0) -> None:
+            """Rows `dst` become copies of rows `src` (disjoint sets) from position `start` on (before it the
+            rows already agree: the prompt, shared by a prompt's beams). `beam_search` moves only the rows
+            of beams that changed parent."""
             n = self._length
-            for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            for s, d in zip(src, dst, strict=True):
                 for buffer in self._live:  # row by row: index_select on these strided views is far slower
-                    buffer[d, :, :n].copy_(buffer[s, :, :n])
+                    buffer[d, :, start:n].copy_(buffer[s, :, start:n])
 
         def crop(self, tokens_to_remove: int) -> None:
             if tokens_to_remove > 0:

@@ -210,9 +210,8 @@ def beam_search(
         # 8. beams into cache rows (copy only the rows of parents with several children), one forward
         new_slots, src, dst = _assign_slots(slot_of.tolist(), parents.tolist())
         slot_of = torch.tensor(new_slots, dtype=torch.long, device=device)
-        if src:
-            for layer in cache.layers:
-                layer.copy_rows(torch.tensor(src, device=device), torch.tensor(dst, device=device))
+        for layer in cache.layers:  # a prompt's beams share its prompt positions: copy the generated ones
+            layer.copy_rows(src, dst, start=prompt_len)
         tokens = torch.empty(row_mask.shape[0], dtype=torch.long, device=device)
         tokens[slot_of.view(-1)] = running_sequences[:, :, step].reshape(-1)
         row_mask = torch.cat([row_mask, row_mask.new_ones((row_mask.shape[0], 1))], dim=-1)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .beam_cache import cache_keyword, output_cache
+from .beam_cache import cache_keyword, make_beam_cache, output_cache
 
 StepCallback = Callable[[int, int], None]
 
@@ -196,14 +196,19 @@ def diverse_beam_search(
     forward_kwargs = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         forward_kwargs["logits_to_keep"] = 1
+    cache = make_beam_cache(model, max_new_tokens)  # preallocated rows: no torch.cat of the cache per step
+    if cache is not None:
+        forward_kwargs[cache_keyword(model)] = cache
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, **forward_kwargs)
+    forward_kwargs.pop(cache_keyword(model), None)
     cache = _repeat_cache(output_cache(out), num_beams)
     next_logits = out.logits[:, -1, :].float().repeat_interleave(num_beams, dim=0)  # [B*NB, V]
     del out
     sequences = input_ids.repeat_interleave(num_beams, dim=0)  # [B*NB, T]
     beam_mask = attention_mask.repeat_interleave(num_beams, dim=0)
     next_position = attention_mask.sum(-1, keepdim=True).repeat_interleave(num_beams, dim=0)  # [B*NB, 1]
+    identity = torch.arange(batch_size * num_beams, device=device)
 
     # 4. decoding loop
     for step in range(max_new_tokens):
@@ -278,7 +283,8 @@ def diverse_beam_search(
             break
 
         # 4e. one forward for the chosen tokens of all beams, on the cache reordered to their parents
-        cache = _reorder_cache(cache, reorder)  # one index_select per layer, all groups at once
+        if not bool((reorder == identity).all()):  # 1-beam groups (PPO's rollouts) never move
+            cache = _reorder_cache(cache, reorder)  # one index_select per layer, all groups at once
         beam_mask = torch.cat([beam_mask, beam_mask.new_ones((beam_mask.shape[0], 1))], dim=-1)
         out = model(input_ids=tokens.view(-1, 1), attention_mask=beam_mask, position_ids=next_position,
                     use_cache=True, **{cache_keyword(model): cache}, **forward_kwargs)
