@@ -311,3 +311,76 @@ def test_ppo_learns_the_rewarded_weight_and_range_while_a_large_token_beta_holds
     assert [s.first_step for s in dfprompt.schedule(text, 20)] == [0, 10]
     samples = [json.loads(line) for line in (tmp_path / "df" / "samples.jsonl").read_text().splitlines()]
     assert all(dfprompt.format_prompt(s["rewrite"]) == s["rewrite"] for s in samples)
+
+
+# --- resume and end to end ----------------------------------------------------------------------------
+
+def test_a_stopped_dfprompt_run_resumes_to_the_same_lm_heads_value_and_log(df_sft, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import list_checkpoints
+    from trainer.ppo import PPOConfig, train_ppo
+    from trainer.progress import StopTraining
+    from trainer.rewards import TextReward
+
+    def config(out):  # gae: the value model resumes too; minibatches: the heads' optimizer state matters
+        return PPOConfig(prompts=str(df_sft / "prompts.txt"), policy=str(df_sft / "sft"), out=str(out), dfprompt=True,
+                         iterations=4, batch_size=4, minibatch_size=2, num_beam_groups=4, min_new_tokens=10,
+                         max_new_tokens=20, head_lr=5e-3, trainable_top_blocks=1, save_every=2, tensorboard=False)
+
+    train_ppo(config(tmp_path / "full"), TextReward(dfprompt_reward))
+
+    def stop_at_3(step, total, metrics):
+        if step == 3:
+            raise StopTraining("test")
+
+    with pytest.raises(StopTraining):
+        train_ppo(config(tmp_path / "stopped"), TextReward(dfprompt_reward), callback=stop_at_3)
+    train_ppo(config(tmp_path / "stopped"), TextReward(dfprompt_reward), resume=True)
+    full, stopped = list_checkpoints(tmp_path / "full")[-1].folder, list_checkpoints(tmp_path / "stopped")[-1].folder
+    for name in ("model.safetensors", "value.safetensors", HEADS_FILE):
+        a, b = load_file(str(full / name)), load_file(str(stopped / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    heads_before = load_file(str(df_sft / "sft" / HEADS_FILE))
+    assert not torch.equal(heads_before["weight.weight"], load_file(str(full / HEADS_FILE))["weight.weight"])
+    assert _log(tmp_path / "full") == _log(tmp_path / "stopped")
+
+
+def test_ppo_dfprompt_cli_on_a_tiny_diffusers_pipeline_writes_a_policy_whose_dfprompts_schedule(
+        df_sft, tiny_sd_dir, tiny_clip_models_dir, tmp_path, capsys):
+    """`python -m trainer ppo --dfprompt` renders the DF-Prompts with the diffusers pipeline and scores them with
+    the pae preset; the trained folder makes `optimize` print DF-Prompts that `dfprompt` schedules."""
+    from promptist_core.cli import main as promptist_main
+    from trainer.checkpoint import list_checkpoints
+    from trainer.cli import main
+
+    args = ["ppo", "--dfprompt", "--prompts", str(df_sft / "prompts.txt"), "--policy", str(df_sft / "sft"),
+            "--sd", str(tiny_sd_dir), "--clip-model", "tiny-open-clip-hub", "--pick-model", "tiny-pick",
+            "--aesthetic-head", str(tiny_clip_models_dir / "tiny-head.safetensors"),
+            "--models-dir", str(tiny_clip_models_dir), "--image-steps", "2", "--width", "64", "--height", "64",
+            "--images-per-prompt", "1", "--out", str(tmp_path / "out"), "--batch-size", "2",
+            "--num-beam-groups", "2", "--max-new-tokens", "16", "--sample-every", "1", "--device", "cpu",
+            "--no-progress", "--tensorboard", "false"]
+    assert main([*args, "--iterations", "1"]) == 0
+    assert main([*args, "--iterations", "2", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 2
+    rows = _log(tmp_path / "out")
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert all(r["reward_pick"] != "" and r["modifiers"] != "" for r in rows)  # the pae preset: PickScore too
+    assert list_checkpoints(tmp_path / "out")[-1].state["config"]["dfprompt"] is True
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(dfprompt.format_prompt(s["rewrite"]) == s["rewrite"] for s in samples)
+    assert load_heads(tmp_path / "out") is not None
+
+    for seed in range(8):  # sampled heads: some modifier gets a block (the argmax after 2 iterations is the default)
+        assert promptist_main(["optimize", "--model", str(tmp_path / "out"), "--offline", "--device", "cpu",
+                               "--max-new-tokens", "16", "--num-beams", "1", "--head-choice", "sample",
+                               "--seed", str(seed), HELD_OUT[0]]) == 0
+        printed = capsys.readouterr().out.strip()
+        assert printed.startswith(HELD_OUT[0]) and dfprompt.format_prompt(printed) == printed
+        if dfprompt.parse(printed).modifiers:
+            break
+    assert dfprompt.parse(printed).modifiers, printed
+    assert promptist_main(["dfprompt", printed, "--steps", "20"]) == 0
+    schedule = capsys.readouterr().out
+    assert schedule.startswith("steps 0-") and schedule.count("steps ") == len(dfprompt.schedule(printed, 20))
