@@ -545,8 +545,11 @@ def train_ppo(
             save_checkpoint(out, model=policy, tokenizer=tokenizer, optimizer=optimizer, state=full,
                             keep=config.keep_checkpoints, extra={"value": value.state_dict()} if value else None,
                             dfprompt_heads=heads)
-            log.draw({"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
-                      "value loss": ("value_loss",)}, "PPO").save(out / CURVES_FILE)
+            panels = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
+                      "value loss": ("value_loss",)}
+            if heads is not None:
+                panels.update({"mean weight": ("mean_weight",), "head KL": ("kl_weight", "kl_range")})
+            log.draw(panels, "PPO").save(out / CURVES_FILE)
         runtime.barrier()
 
     saved_at, metrics = state["step"], {}
