@@ -930,7 +930,8 @@ if scripts is not None:
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     save_every = gr.Number(label="Save every (iterations)", value=10, precision=0)
                 dfprompt = gr.Checkbox(label="DF-Prompt policy: also learn each modifier's weight and time range "
-                                             "(PAE; reward pae; start from an SFT policy with DF-Prompt heads)",
+                                             "(PAE, whose reward is pae; start from an SFT policy with DF-Prompt "
+                                             "heads)",
                                        value=False, elem_id="promptist_ppo_dfprompt")
                 with gr.Row():
                     run = gr.Button("Train PPO", variant="primary", elem_id="promptist_ppo_train")
