@@ -313,6 +313,25 @@ def test_ppo_learns_the_rewarded_weight_and_range_while_a_large_token_beta_holds
     assert all(dfprompt.format_prompt(s["rewrite"]) == s["rewrite"] for s in samples)
 
 
+def test_each_heads_kl_to_the_reference_is_a_loss_that_holds_it_there(df_sft, tmp_path):
+    """With a reward that never varies, only the entropy bonus moves the heads (toward flatter choices); a
+    large beta_weight keeps the weight head at the reference, beta_range 0 lets the range head go. (As a
+    reward term the exact KL would not depend on the class drawn and could not hold a head back.)"""
+    from trainer.ppo import PPOConfig, train_ppo
+    from trainer.rewards import TextReward
+
+    config = PPOConfig(prompts=str(df_sft / "prompts.txt"), policy=str(df_sft / "sft"), out=str(tmp_path / "kl"),
+                       dfprompt=True, iterations=8, batch_size=2, advantage="rloo", rloo_samples=2, num_beam_groups=4,
+                       min_new_tokens=10, max_new_tokens=20, head_lr=5e-3, head_entropy=0.5, beta_weight=5.0,
+                       beta_range=0.0, trainable_top_blocks=1, save_every=8, tensorboard=False)
+    train_ppo(config, TextReward(lambda plains, rewrites: [0.0] * len(rewrites)))
+    rows = _log(tmp_path / "kl")
+    per_decision = [(float(r["kl_weight"]) / float(r["modifiers"]), float(r["kl_range"]) / float(r["modifiers"]))
+                    for r in rows]
+    assert per_decision[0] == (0.0, 0.0)
+    assert per_decision[-1][1] > 0.1 and per_decision[-1][0] < per_decision[-1][1] / 5, per_decision
+
+
 # --- resume and end to end ----------------------------------------------------------------------------
 
 def test_a_stopped_dfprompt_run_resumes_to_the_same_lm_heads_value_and_log(df_sft, tmp_path):
