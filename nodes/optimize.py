@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from promptist_core.devices import DEVICE_CHOICES, pick_dtype
+from promptist_core.dfprompt import to_plain
+from promptist_core.dfprompt_policy import HEAD_CHOICES
 from promptist_core.optimizer import MODES, PromptOptimizer, causal_lm_problem, load_optimizer
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
@@ -16,6 +18,7 @@ from .comfy_schema import comfy_node
 
 MODEL_TYPE = "PROMPTIST_MODEL"
 BATCH_SIZE = 16
+OUTPUTS = ("dfprompt", "plain")  # a DF-Prompt policy's rewrite: with its blocks, or as plain text
 
 
 @dataclass
@@ -81,23 +84,39 @@ class OptimizePrompt:
                                    "tooltip": "Longest rewrite, in GPT-2 tokens (the paper uses 75)."}),
         ("trim_to_clip", "BOOLEAN", {"default": False,
                                      "tooltip": "Cut the best rewrite at a comma to fit CLIP's 75-token window."}),
+        # A DF-Prompt policy only (a folder with dfprompt_heads.safetensors); last and optional, so saved graphs
+        # without them keep their widget values.
+        ("head_choice", list(HEAD_CHOICES), {"default": "argmax", "optional": True,
+                                             "tooltip": "DF-Prompt policy only: each modifier's weight and range "
+                                                        "are the heads' most likely (argmax) or drawn from them "
+                                                        "with the seed (sample)."}),
+        ("output", list(OUTPUTS), {"default": "dfprompt", "optional": True,
+                                   "tooltip": "DF-Prompt policy only. dfprompt: '[text:a-b:w]' blocks, for Promptist "
+                                              "DF-Prompt Encode. plain: the same modifiers without weights and "
+                                              "ranges, for CLIP Text Encode. A plain policy's rewrite is plain "
+                                              "either way."}),
     ]
-    OUTPUTS = [("STRING", "prompt", "The best rewrite (one per input line)."),
+    OUTPUTS = [("STRING", "prompt", "The best rewrite (one per input line); a DF-Prompt policy's is a DF-Prompt "
+                                    "(output: dfprompt), for Promptist DF-Prompt Encode."),
                ("STRING", "candidates", "All candidates, one per line, best first.")]
 
     @staticmethod
     def run(promptist_model: LoadedOptimizer, text: str, mode: str = "beam", candidates: int = 1, seed: int = 0,
-            max_new_tokens: int = 75, trim_to_clip: bool = False):
+            max_new_tokens: int = 75, trim_to_clip: bool = False, head_choice: str = "argmax",
+            output: str = "dfprompt"):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
         prompts = [line for line in text.splitlines() if line.strip()] or [text]
         generate_calls = len(prompts) if mode == "sample" else math.ceil(len(prompts) / BATCH_SIZE)
         promptist_model.managed.load()
         results = promptist_model.optimizer(
             prompts, mode=mode, candidates=candidates, num_beams=max(8, candidates), seed=seed,
             max_new_tokens=max_new_tokens, trim_to_clip_window=trim_to_clip, batch_size=BATCH_SIZE,
-            step_callback=step_progress(max_new_tokens * generate_calls),
+            step_callback=step_progress(max_new_tokens * generate_calls), head_choice=head_choice,
         )
-        best = "\n".join(r.prompt for r in results)
-        everything = "\n".join(c for r in results for c in r.candidates)
+        shown = to_plain if output == "plain" else str
+        best = "\n".join(shown(r.prompt) if r.dfprompt else r.prompt for r in results)
+        everything = "\n".join(shown(c) if r.dfprompt else c for r in results for c in r.candidates)
         return (best, everything)
 
 

@@ -33,6 +33,7 @@ from .rewards import REWARD_TYPE, LoadedRewardModel
 logger = logging.getLogger("promptist")
 
 SFT_BASE = "openai-community/gpt2"
+DF_PANELS = {"mean weight": ("mean_weight",), "head KL": ("kl_weight", "kl_range")}  # a DF-Prompt policy's heads
 PREVIEW_EVERY_S = 1.0  # the curve is redrawn and sent at most this often (and at the last step)
 ACTIVATION_RESERVE = 1 << 30  # bytes kept free for activations beside the learner's weights and Adam state
 
@@ -204,12 +205,13 @@ def trained_model(out: Path, device: str) -> LoadedOptimizer:
     may have rewritten a folder the optimizer cache holds)."""
     from transformers import AutoModelForCausalLM
 
+    from promptist_core.dfprompt_policy import load_heads
     from promptist_core.weights import load_tokenizer
 
     forget(out)
     compute = training_device(device)
     model = AutoModelForCausalLM.from_pretrained(str(out)).to("cpu", pick_dtype(compute))
-    optimizer = PromptOptimizer(model, load_tokenizer(out), name=out.name)
+    optimizer = PromptOptimizer(model, load_tokenizer(out), name=out.name, dfprompt_heads=load_heads(out))
     return LoadedOptimizer(optimizer, ManagedModel(model, compute, "PromptistPolicy"))
 
 
@@ -443,6 +445,12 @@ class PPOTrain:
                                    "tooltip": "Checkpoint every this many iterations (also on Cancel and at the end)."}),
             ("negative", "STRING", {"multiline": True, "default": "", "optional": True,
                                     "tooltip": "Negative prompt for every image."}),
+            ("dfprompt", "BOOLEAN", {"default": False, "optional": True,
+                                     "tooltip": "Train a DF-Prompt policy (PAE stage 2): at each modifier's end its "
+                                                "weight and range heads pick a weight (0.5-1.5) and a time range too, "
+                                                "and the images are drawn from that DF-Prompt. Start from a policy "
+                                                "with heads (SFT with dfprompt heads) or new ones are made; the pae "
+                                                "preset is PAE's reward. Keep it as it was to continue a run."}),
         ]
 
     @staticmethod
@@ -455,7 +463,7 @@ class PPOTrain:
             batch_size: int = 4, images_per_prompt: int = 2, sampler_name: str = "euler", scheduler: str = "normal",
             steps: int = 20, cfg: float = 7.5, width: int = 512, height: int = 512, preset: str = "promptist",
             lr: float = 5e-5, beta: float = 0.2, trainable_top_blocks: int = 2, seed: int = 0, save_every: int = 10,
-            negative: str | None = ""):
+            negative: str | None = "", dfprompt: bool = False):
         from trainer.checkpoint import list_checkpoints
         from trainer.ppo import PPOConfig, train_ppo
         from trainer.progress import StopTraining
@@ -472,7 +480,7 @@ class PPOTrain:
                            lr=lr, beta=beta, trainable_top_blocks=trainable_top_blocks, seed=seed,
                            save_every=save_every, sample_every=1, device=str(compute), tensorboard=False,
                            preset=preset, images_per_prompt=images_per_prompt, image_steps=steps, guidance=cfg,
-                           width=width, height=height)
+                           width=width, height=height, dfprompt=bool(dfprompt))
         # 2. the reward: images from the graph's models, scored by the reward model
         generator = _FinishImagesOnCancel(ComfyGenerator(model, clip, vae, sampler_name=sampler_name,
                                                          scheduler=scheduler, negative=negative or ""))
@@ -489,8 +497,10 @@ class PPOTrain:
 
         make_room(learner_bytes, compute)
         # 4. train outside inference mode
-        progress = TrainingProgress(out, {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"),
-                                          "KL": ("kl",)}, "PPO", generator)
+        panels = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl",)}
+        if dfprompt:
+            panels.update(DF_PANELS)
+        progress = TrainingProgress(out, panels, "PPO", generator)
         try:
             with torch.inference_mode(False):
                 result = train_ppo(config, reward_then_make_room, resume=resume, callback=progress,

@@ -62,8 +62,9 @@ class DFHeads(nn.Module):
         nn.init.normal_(self.range.weight, std=0.02)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and range logits (fp32) for hidden states [..., d]."""
-        hidden = hidden.to(self.weight.weight.dtype)
+        """Weight and range logits (fp32, on the heads' device) for hidden states [..., d]. The hidden states
+        may live elsewhere: a host's memory manager moves the LM, not these small heads."""
+        hidden = hidden.to(device=self.weight.weight.device, dtype=self.weight.weight.dtype)
         return self.weight(hidden).float(), self.range(hidden).float()
 
     def describe(self) -> dict:

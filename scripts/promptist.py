@@ -371,6 +371,7 @@ TRAIN_BASE = "openai-community/gpt2"
 PREVIEW_EVERY_S = 1.0  # the live curve is redrawn at most this often (and at the last step)
 SFT_PANELS = {"loss": ("loss", "valid_loss")}
 PPO_PANELS = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl",)}
+DF_PANELS = {"mean weight": ("mean_weight",), "head KL": ("kl_weight", "kl_range")}  # a DF-Prompt policy's heads
 
 
 def save_name_problem(name: str) -> str | None:
@@ -638,9 +639,12 @@ def train_ppo_in_webui(state, generator: WebuiGenerator, scorer, models_root: Pa
                        images_per_prompt: int = 2, steps: int = 20, cfg: float = 7.0, width: int = 512,
                        height: int = 512, preset: str = "promptist", lr: float = 5e-5, beta: float = 0.2,
                        trainable_top_blocks: int = 2, seed: int = 0, save_every: int = 10,
-                       device: str | torch.device = "auto", models_dir: list[Path] | None = None) -> tuple:
+                       device: str | torch.device = "auto", models_dir: list[Path] | None = None,
+                       dfprompt: bool = False) -> tuple:
     """The Train PPO button: improve `policy` against images the webui draws with the loaded checkpoint,
-    scored by `scorer`; saved into `models_root/<save name>`, continued by pressing it again."""
+    scored by `scorer`; saved into `models_root/<save name>`, continued by pressing it again. `dfprompt`
+    trains a DF-Prompt policy (weight and range heads; the images are drawn from its DF-Prompts, rendered
+    to the webui's prompt editing)."""
     from promptist_core.optimizer import forget
     from trainer.checkpoint import list_checkpoints
     from trainer.ppo import PPOConfig, train_ppo
@@ -665,10 +669,10 @@ def train_ppo_in_webui(state, generator: WebuiGenerator, scorer, models_root: Pa
                            trainable_top_blocks=int(trainable_top_blocks), seed=int(seed), save_every=int(save_every),
                            sample_every=1, device=str(device), tensorboard=False, preset=preset,
                            images_per_prompt=int(images_per_prompt), image_steps=int(steps), guidance=float(cfg),
-                           width=int(width), height=int(height))
+                           width=int(width), height=int(height), dfprompt=bool(dfprompt))
         reward = ImageReward(generator, scorer, preset=preset, images_per_prompt=int(images_per_prompt),
                              steps=int(steps), guidance=float(cfg), size=(int(width), int(height)), seed=int(seed))
-    progress = WebuiProgress(state, out, PPO_PANELS, "PPO", generator)
+    progress = WebuiProgress(state, out, {**PPO_PANELS, **(DF_PANELS if dfprompt else {})}, "PPO", generator)
     state.job, state.job_count, state.textinfo = "Promptist PPO", int(iterations), "Promptist PPO: loading"
     stopped, result = False, None
     with _training("training (PPO)"):
@@ -828,7 +832,7 @@ if scripts is not None:
 
     def _train_ppo(id_task, policy, prompts, prompts_file, save_name, iterations, batch_size, images_per_prompt,
                    sampler_name, steps, cfg, width, height, negative, preset, lr, beta, trainable_top_blocks, seed,
-                   save_every):
+                   save_every, dfprompt=False):
         from modules import processing
 
         if not shared.sd_model:
@@ -845,7 +849,7 @@ if scripts is not None:
                                   batch_size=batch_size, images_per_prompt=images_per_prompt, steps=steps, cfg=cfg,
                                   width=width, height=height, preset=preset, lr=lr, beta=beta,
                                   trainable_top_blocks=trainable_top_blocks, seed=seed, save_every=save_every,
-                                  device=_train_device(), models_dir=models_dirs(shared.models_path))
+                                  device=_train_device(), models_dir=models_dirs(shared.models_path), dfprompt=dfprompt)
 
     def _train_outputs(kind: str):
         """The curve (the live preview shows over it while training) and the progress/result text."""
@@ -925,6 +929,10 @@ if scripts is not None:
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     save_every = gr.Number(label="Save every (iterations)", value=10, precision=0)
+                dfprompt = gr.Checkbox(label="DF-Prompt policy: also learn each modifier's weight and time range "
+                                             "(PAE, whose reward is pae; start from an SFT policy with DF-Prompt "
+                                             "heads)",
+                                       value=False, elem_id="promptist_ppo_dfprompt")
                 with gr.Row():
                     run = gr.Button("Train PPO", variant="primary", elem_id="promptist_ppo_train")
                     stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_ppo_interrupt")
@@ -932,7 +940,7 @@ if scripts is not None:
         stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
         run.click(wrap_gradio_gpu_call(_train_ppo, extra_outputs=[None]), _js="promptistStartTraining_ppo",
                   inputs=[task, policy, prompts, prompts_file, save_name, iterations, batch, images, sampler, steps,
-                          cfg, width, height, negative, preset, lr, beta, top, seed, save_every],
+                          cfg, width, height, negative, preset, lr, beta, top, seed, save_every, dfprompt],
                   outputs=[curve, status])
 
     def on_ui_tabs():

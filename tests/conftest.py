@@ -104,6 +104,28 @@ def tiny_promptist_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dfprompt_dir(tiny_promptist_dir, tmp_path_factory) -> Path:
+    """A models folder holding `tiny-dfprompt/`: the tiny policy plus DF-Prompt weight and range heads (seeded
+    random weights of a scale that makes most modifiers a block), as a trained DF-Prompt policy is saved."""
+    import shutil
+
+    import torch
+
+    from promptist_core.dfprompt_policy import DFHeads, save_heads
+
+    models_dir = tmp_path_factory.mktemp("df-models")
+    folder = models_dir / "tiny-dfprompt"
+    shutil.copytree(tiny_promptist_dir / "tiny-promptist", folder)
+    heads = DFHeads(32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        heads.weight.weight.copy_(torch.randn(heads.weight.weight.shape, generator=g))
+        heads.range.weight.copy_(torch.randn(heads.range.weight.shape, generator=g))
+    save_heads(heads, folder)
+    return models_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_optimizer(tiny_promptist_dir):
     from promptist_core.optimizer import load_optimizer
 

@@ -127,3 +127,47 @@ def test_comfys_log_names_the_policy_it_loads(comfy_models_dir, monkeypatch):
     (model,) = ModelLoader.run(model_name="tiny-promptist", device="cpu")
     assert [type(h).__name__ for h in handed] == ["PromptistPolicy"]
     assert handed[0].module is model.optimizer.model
+
+
+class ScheduledCLIP:
+    """comfy.sd.CLIP as far as DF-Prompt Encode uses it: one conditioning entry per call, its text and range."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens, add_dict=None):
+        return [[None, {"text": tokens, **(add_dict or {})}]]
+
+
+def test_a_dfprompt_policy_writes_the_dfprompts_that_dfprompt_encode_schedules(tiny_dfprompt_dir, monkeypatch):
+    from nodes.dfprompt import DFPromptEncode
+    from promptist_core import dfprompt
+    from promptist_core.optimizer import load_optimizer
+
+    monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tiny_dfprompt_dir))
+    assert "tiny-dfprompt" in v1_node(ModelLoader).INPUT_TYPES()["required"]["model_name"][0]
+    (model,) = ModelLoader.run(model_name="tiny-dfprompt", device="cpu")
+    assert model.optimizer.is_dfprompt
+    source = "a cat riding a bike"
+    run = dict(promptist_model=model, text=source, mode="diverse", max_new_tokens=30)  # the tiny beam's best: no modifier
+    best, everything = OptimizePrompt.run(**run, candidates=2)
+    expected = load_optimizer(str(tiny_dfprompt_dir / "tiny-dfprompt"), device="cpu")(
+        source, mode="diverse", candidates=2, num_beams=8, max_new_tokens=30)[0]
+    assert best == expected.prompt and everything.splitlines() == expected.candidates
+    assert best.startswith(source + ", ") and dfprompt.parse(best).modifiers, best
+
+    # output plain: the same modifiers without DF syntax, for CLIP Text Encode; a plain policy ignores it
+    plain, _ = OptimizePrompt.run(**run, candidates=2, output="plain")
+    assert plain == dfprompt.to_plain(best) and not dfprompt.has_dfprompt(plain)
+    # head_choice sample: drawn from the heads with the seed, reproducibly
+    drawn = [OptimizePrompt.run(**run, head_choice="sample", seed=s)[0] for s in (1, 1, 2, 3, 4)]
+    assert drawn[0] == drawn[1] and len(set(drawn)) > 1 and all(dfprompt.to_plain(d) == dfprompt.to_plain(drawn[0])
+                                                                for d in drawn)
+
+    # the graph: Optimize Prompt's string into DF-Prompt Encode -> one conditioning entry per segment
+    (conditioning,) = DFPromptEncode.run(ScheduledCLIP(), best, timing="steps", steps=20)
+    segments = dfprompt.schedule(best, 20)
+    assert [c[1]["text"] for c in conditioning] == [s.weighted_text("comfy") for s in segments]
+    assert v1_node(DFPromptEncode).VALIDATE_INPUTS(text=best) is True
+    with pytest.raises(ValueError, match="output must be one of"):
+        OptimizePrompt.run(**run, output="a1111")

@@ -56,3 +56,16 @@ def test_another_package_named_trainer_is_reported_and_the_nodes_still_load(tmp_
     assert done.returncode == 0, done.stderr
     assert "training is unavailable: 'trainer' was imported from" in done.stderr
     assert "'PromptistModelLoader', 'PromptistOptimizePrompt'" in done.stdout
+
+
+def test_every_trainer_command_prints_its_help(capsys):
+    """argparse formats help text with %: a setting's doc saying "68%" once made `sft --help` crash."""
+    import pytest
+
+    from trainer.cli import main
+
+    for command in ("pairs", "sft", "ppo"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0, command
+        assert "usage: " in capsys.readouterr().out

@@ -120,3 +120,38 @@ def test_load_tokenizer_reads_a_folder_saved_by_transformers_5_in_4_30(tiny_prom
     old = json.loads(done.stdout.strip().splitlines()[-1])
     assert old["ids"] == tokenizer("a cat, highly detailed Rephrase:")["input_ids"]
     assert all(old["out"])
+
+
+# A DF-Prompt policy's choices for a given rewrite, through the real loader, as JSON.
+DFPROMPT_CHOICES = """
+import json, sys, transformers
+from promptist_core.optimizer import load_optimizer
+opt = load_optimizer(sys.argv[1], device="cpu")
+ids = opt._tokenize("a cat riding a bike Rephrase:")
+out = opt._dfprompt("a cat riding a bike", ids, "a cat riding a bike, sharp focus, 8k, concept art", "argmax", None, 0)
+print(json.dumps({"version": transformers.__version__, "dfprompt": opt.is_dfprompt, "out": out}))
+"""
+
+
+def test_a_dfprompt_policy_folder_chooses_the_same_blocks_in_transformers_4_30_and_5(tiny_promptist_dir, tmp_path,
+                                                                                   transformers430_python):
+    from promptist_core import dfprompt
+    from promptist_core.dfprompt_policy import DFHeads
+
+    model, tokenizer = transformers5_style_policy(tiny_promptist_dir)
+    heads = DFHeads(model.config.n_embd)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        heads.weight.weight.copy_(torch.randn(heads.weight.weight.shape, generator=g))
+        heads.range.weight.copy_(torch.randn(heads.range.weight.shape, generator=g))
+    folder = save_policy_folder(model, tokenizer, tmp_path / "df-policy", dfprompt_heads=heads)
+
+    done = transformers430_python.run(DFPROMPT_CHOICES, str(folder))
+    assert done.returncode == 0, done.stderr[-3000:]
+    old = json.loads(done.stdout.strip().splitlines()[-1])
+    assert old["version"].startswith("4.30.") and old["dfprompt"] is True
+    now = load_optimizer(str(folder), device="cpu")
+    ids = now._tokenize("a cat riding a bike Rephrase:")
+    assert old["out"] == now._dfprompt("a cat riding a bike", ids, "a cat riding a bike, sharp focus, 8k, concept art",
+                                       "argmax", None, 0)
+    assert dfprompt.parse(old["out"]).modifiers, old["out"]

@@ -307,6 +307,29 @@ def test_ppo_node_trains_on_the_graphs_models_and_saves_a_policy(models_dir, com
     assert any(m == ("patcher", m[1]) for m in comfy.loaded)  # the reward CLIP went through the memory manager
 
 
+def test_ppo_node_with_dfprompt_trains_heads_and_draws_each_rewrites_dfprompt_segments(models_dir, comfy):
+    from promptist_core import dfprompt
+    from promptist_core.dfprompt_policy import HEADS_FILE, load_heads
+
+    model, curves, summary = ppo(dfprompt=True, save_name="my-df")
+    out = models_dir / "my-df"
+    assert "PPO trained" in summary and (out / HEADS_FILE).is_file() and load_heads(out) is not None
+    assert list_checkpoints(out)[-1].state["config"]["dfprompt"] is True
+    assert model.optimizer.is_dfprompt  # the node's output is the DF-Prompt policy
+    text = OptimizePrompt.run(promptist_model=model, text="a cat", mode="diverse", max_new_tokens=20)[0]
+    assert text.startswith("a cat") and dfprompt.format_prompt(text) == text
+    # what the images were drawn from: each rewrite's DF-Prompt, one conditioning entry per segment
+    rewrites = [json.loads(line)["rewrite"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert any(dfprompt.parse(r).modifiers for r in rewrites), rewrites  # new heads: near uniform, blocks
+    positives = [[c[1]["text"] for c in s["positive"]] for s in comfy.samples]
+    for rewrite in rewrites:
+        segments = [s.weighted_text("comfy") for s in dfprompt.schedule(rewrite, 2)]
+        assert segments in positives, (rewrite, positives)
+    assert any(len(p) == 2 for p in positives)  # a range 0-0.5 or 0.5-1 block: the text switches mid-sampling
+    rows = (out / "train_log.csv").read_text().splitlines()
+    assert "mean_weight" in rows[0] and len(rows) == 3
+
+
 def test_cancel_during_ppo_images_finishes_the_iteration_saves_and_resumes(models_dir, comfy):
     # Cancel pressed while the first iteration's images are drawn: CLIP encoding raises the interrupt.
     clip = FakeCLIP()

@@ -162,7 +162,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + info.name.replace("_", "-")
         flag_only = {"nargs": "?", "const": "true"} if info.type is bool else {}  # `--dfprompt` = `--dfprompt true`
         group.add_argument(flag, dest=f"cfg_{info.name}", default=argparse.SUPPRESS, metavar=info.type.__name__.upper(),
-                           help=f"{info.doc} (default: {info.default})", **flag_only)
+                           help=f"{info.doc} (default: {info.default})".replace("%", "%%"),  # argparse formats help
+                           **flag_only)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

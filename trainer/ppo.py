@@ -134,6 +134,9 @@ class PPOConfig:
     beta_weight: float = option(0.02, "DF-Prompt: KL coefficient of the weight head toward the reference's "
                                 "(exact categorical KL; PAE: 0.02).")
     beta_range: float = option(0.02, "DF-Prompt: KL coefficient of the range head (PAE: 0.02).")
+    head_entropy: float = option(0.05, "DF-Prompt: bonus on the heads' entropy per decision (PAE: none). Their "
+                                 "advantages are whitened, so it means the same for any reward scale; without it "
+                                 "a head can settle on 1.25 before it ever draws 1.5 (the prior gives it 0.1%).")
     head_lr: float | None = option(None, "DF-Prompt: AdamW learning rate of the two heads (empty: `lr`); tiny "
                                    "linear maps may take a larger one than the LM.")
 
@@ -392,6 +395,22 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (k - 1)).reshape(-1)
 
 
+def head_advantages(scores: torch.Tensor, k: int, runtime: Runtime | None = None) -> torch.Tensor:
+    """Each rewrite's advantage for its weight and range choices [B]: the score alone, minus the mean score
+    of the prompt's other k - 1 rewrites (rloo) or of the whole batch of every rank (k = 1), then whitened
+    over the batch. A head's choice changes the DF-Prompt the reward sees and nothing else: no later token
+    or state depends on it, so the token KL penalties (often far larger than the score's spread) are no
+    part of its credit and would only add noise (that noise drowned the weight head's signal)."""
+    if k > 1:
+        centred = rloo_advantages(scores, k)
+    else:
+        stats = torch.stack([scores.sum(), torch.tensor(float(len(scores)), device=scores.device)]).double()
+        if runtime is not None:
+            runtime.all_reduce_sum(stats)
+        centred = scores - (stats[0] / stats[1]).float()
+    return masked_whiten(centred, torch.ones_like(centred), runtime)
+
+
 def adaptive_beta(beta: float, kl_per_rewrite: float, rewrites: int, target: float, horizon: int) -> float:
     """Ziegler et al.'s proportional controller, fed the KL to the reference (not the drift from the
     rollout policy, which LMOps' code passed)."""
@@ -421,8 +440,9 @@ def check_config(config: PPOConfig, runtime: Runtime) -> None:
         raise ConfigError(f"rloo_samples ({config.rloo_samples}) cannot exceed num_beam_groups ({config.num_beam_groups})")
     if config.lr <= 0 or config.beta < 0 or config.kl_target <= 0 or config.grad_clip < 0:
         raise ConfigError("need lr > 0, beta >= 0, kl_target > 0 and grad_clip >= 0")
-    if config.beta_weight < 0 or config.beta_range < 0 or (config.head_lr is not None and config.head_lr <= 0):
-        raise ConfigError("need beta_weight >= 0, beta_range >= 0 and head_lr > 0")
+    if config.beta_weight < 0 or config.beta_range < 0 or config.head_entropy < 0 or \
+            (config.head_lr is not None and config.head_lr <= 0):
+        raise ConfigError("need beta_weight >= 0, beta_range >= 0, head_entropy >= 0 and head_lr > 0")
 
 
 def load_prompts(config: PPOConfig) -> list[str]:
@@ -525,8 +545,11 @@ def train_ppo(
             save_checkpoint(out, model=policy, tokenizer=tokenizer, optimizer=optimizer, state=full,
                             keep=config.keep_checkpoints, extra={"value": value.state_dict()} if value else None,
                             dfprompt_heads=heads)
-            log.draw({"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
-                      "value loss": ("value_loss",)}, "PPO").save(out / CURVES_FILE)
+            panels = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
+                      "value loss": ("value_loss",)}
+            if heads is not None:
+                panels.update({"mean weight": ("mean_weight",), "head KL": ("kl_weight", "kl_range")})
+            log.draw(panels, "PPO").save(out / CURVES_FILE)
         runtime.barrier()
 
     saved_at, metrics = state["step"], {}
@@ -569,13 +592,13 @@ def train_ppo(
         clock = time.perf_counter()
         scores = torch.tensor(scored.total, dtype=torch.float32, device=runtime.device)
 
-        # 7. token rewards: -beta * KL to the reference (plus the heads' KLs at modifier ends); the score at the
-        #    last token (the eos). GAE on them, or (rloo) each rewrite's whole reward minus the mean of its
-        #    prompt's other rewrites
+        # 7. token rewards: -beta * KL to the reference; the score at the last token (the eos). GAE on them,
+        #    or (rloo) each rewrite's whole reward minus the mean of its prompt's other rewrites. The heads'
+        #    choices get the score's advantage only (`head_advantages`); their KLs are exact, in the loss
         kl_tokens = (old_logprobs - ref_logprobs) * mask
         kl_penalty = state["beta"] * kl_tokens
         if heads is not None:
-            kl_penalty = kl_penalty + config.beta_weight * kl_weight + config.beta_range * kl_range
+            head_adv = head_advantages(scores, k, runtime)[:, None] * acts.decisions
         if config.advantage == "gae":
             token_rewards = -kl_penalty
             last = mask.sum(1).long() - 1
@@ -602,12 +625,22 @@ def train_ppo(
                 policy_loss, value_loss, stats = ppo_losses(
                     logprobs, old_logprobs[rows], advantages[rows], values, old_values[rows], returns[rows], sub_mask,
                     clip_range=config.clip_range, value_clip_range=config.value_clip_range, normalizer=normalizer)
-                if heads is not None:  # the joint action's other two parts: each ratio clipped on its own
-                    for head, classes, old in ((logits[0], acts.weights, old_w), (logits[1], acts.ranges, old_r)):
+                if heads is not None:  # the joint action's other two parts: each ratio clipped on its own, and
+                    # each head's exact KL to the reference's at the same decisions (its gradient is exact; as a
+                    # reward term it would not depend on the class drawn and would not hold the head back)
+                    decisions = acts.decisions[rows]
+                    per_decision = max(runtime.all_reduce_sum(decisions.sum().detach().clone()).item()
+                                       / runtime.world_size, 1.0)
+                    for head, classes, old, ref, beta in (
+                            (logits[0], acts.weights, old_w, ref_w_logits, config.beta_weight),
+                            (logits[1], acts.ranges, old_r, ref_r_logits, config.beta_range)):
                         head_loss, _ = clipped_surrogate(
-                            head_logprobs(head, classes[rows], acts.decisions[rows]), old[rows], advantages[rows],
-                            acts.decisions[rows], clip_range=config.clip_range, normalizer=normalizer)
-                        policy_loss = policy_loss + head_loss
+                            head_logprobs(head, classes[rows], decisions), old[rows], head_adv[rows], decisions,
+                            clip_range=config.clip_range, normalizer=per_decision)
+                        kl_loss = (categorical_kl(head, ref[rows]) * decisions).sum() / per_decision
+                        logp = F.log_softmax(head.float(), -1)
+                        entropy_ = (-(logp.exp() * logp).sum(-1) * decisions).sum() / per_decision
+                        policy_loss = policy_loss + head_loss + beta * kl_loss - config.head_entropy * entropy_
                 (policy_loss + config.vf_coef * value_loss).backward()
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
