@@ -326,7 +326,7 @@ def test_cli_trains_a_lora_from_images_and_resumes(tmp_path, tiny_sd_dir, capsys
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 2 and Path(report["out"]) == out and out.is_file()
     assert len(list((data / "latents").glob("*-64.safetensors"))) == 1  # the VAE ran once, its latents are cached
-    assert (tmp_path / "loras" / "tiny_tpo-tpo-run" / "checkpoints").is_dir()
+    assert (data / "runs" / "tiny_tpo" / "checkpoints").is_dir() and list((tmp_path / "loras").iterdir()) == [out]
     assert main([*args, "--max-steps", "3", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
 

@@ -148,9 +148,17 @@ class DiffusersDenoiser:
             raise ValueError("this denoiser has no VAE: give latents, not images")
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be float [B, H, W, 3] in 0..1; got shape {tuple(images.shape)}")
-        pixels = images.permute(0, 3, 1, 2).to(self.device, self.vae.dtype) * 2 - 1
-        # The distribution's mean, not a sample: latents are cached once and must not depend on a draw.
-        latents = self.vae.encode(pixels).latent_dist.mean.float()
+        dtype = self.vae.dtype
+        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)  # SDXL's VAE overflows
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            pixels = images.permute(0, 3, 1, 2).to(self.device, self.vae.dtype) * 2 - 1
+            # The distribution's mean, not a sample: latents are cached once and must not depend on a draw.
+            latents = self.vae.encode(pixels).latent_dist.mean.float()
+        finally:
+            if upcast:
+                self.vae.to(dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 

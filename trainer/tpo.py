@@ -71,7 +71,8 @@ class TPOConfig:
     out: str | None = option(None, "The LoRA file to write (.safetensors, kohya format: ComfyUI LoraLoader, "
                              "A1111 <lora:name:0.8>, diffusers load_lora_weights).")
     run_dir: str | None = option(None, "Folder for checkpoints/, train_log.csv and curves.png. Empty: "
-                                 "<out without .safetensors>-tpo-run beside the LoRA file.")
+                                 "DATA/runs/<LoRA file name> (not beside the LoRA: a loras folder would list "
+                                 "the checkpoint files as LoRAs).")
     loss: str = option("tdpo", "tdpo (Diffusion-DPO on caption pairs) or tkto (Diffusion-KTO: (x, c_w) "
                        "desirable, (x, c_l) undesirable).", choices=LOSSES)
     beta: float | None = option(None, "Strength of the preference (inverse temperature). TDPO uses Salesforce "
@@ -305,9 +306,12 @@ def lr_at(step: int, config: TPOConfig) -> float:
 
 
 def run_dir_for(config: TPOConfig) -> Path:
+    """`run_dir`, else DATA/runs/<out's name>, else (training on latents in hand) <out>-tpo-run beside it."""
     if config.run_dir:
         return Path(config.run_dir).expanduser()
     out = Path(config.out).expanduser()
+    if config.data:
+        return Path(config.data).expanduser() / "runs" / out.stem
     return out.with_name(out.stem + "-tpo-run")
 
 
@@ -403,7 +407,7 @@ def train_tpo(
                "valid_accuracy", "valid_d_chosen", "valid_d_rejected"]
     log = TrainingLog(run_dir, columns, tensorboard=config.tensorboard,
                       resume_step=state["step"] if checkpoint else None)
-    stream = micro_batches([1] * len(data.train), config.batch_size, config.seed, 1, state["cursor"])
+    stream = micro_batches([1] * len(data.train), config.batch_size, config.seed, 1, state["cursor"], drop_last=True)
 
     def save(step: int) -> None:
         full = {**state, "config": config_to_dict(config), "scaler": scaler.state_dict() if scaler else None}
