@@ -38,6 +38,7 @@ HELD_OUT = ("car", "boat")
 COLOURS = {"red": 1.0, "blue": -1.0}
 SIZE = 8  # latents are [4, 8, 8]
 T_RANGE = (500, 999)  # where the colour is not yet readable from x_t, so the caption carries it
+BASE_T_MIN = 400  # the base model is trained where TPO works on it
 
 
 # --- the task ------------------------------------------------------------------------------------
@@ -72,7 +73,8 @@ def text_parts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_state(text_parts):
-    """The base model: the tiny UNet trained 80 steps as a denoiser with colour-blind captions."""
+    """The base model: the tiny UNet trained 80 steps as a denoiser (timesteps 400-999) with colour-blind
+    captions."""
     from diffusers import DDPMScheduler
 
     tokenizer, text_encoder = text_parts
@@ -88,7 +90,7 @@ def base_state(text_parts):
         signs = torch.randint(0, 2, (32,), generator=g) * 2.0 - 1
         x0 = torch.randn(32, 4, SIZE, SIZE, generator=g) * 0.3
         x0[:, 0] += signs.view(-1, 1, 1)
-        noise, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (32,), generator=g)
+        noise, t = torch.randn(x0.shape, generator=g), torch.randint(BASE_T_MIN, 1000, (32,), generator=g)
         cond = states[torch.randint(0, len(captions), (32,), generator=g)]  # the colour word says nothing
         loss = (unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample - noise).pow(2).mean()
         optimizer.zero_grad()
@@ -107,15 +109,15 @@ def make_denoiser(text_parts, base_state, rank: int = 4) -> DiffusersDenoiser:
 
 
 def tpo_config(tmp_path: Path, **overrides) -> TPOConfig:
-    settings = {"out": str(tmp_path / "colour.safetensors"), "lr": 6e-3, "warmup_steps": 0, "batch_size": 8,
+    settings = {"out": str(tmp_path / "colour.safetensors"), "lr": 6e-3, "warmup_steps": 0, "batch_size": 12,
                 "grad_accum": 1, "max_steps": 60, "timestep_min": T_RANGE[0], "timestep_max": T_RANGE[1],
                 "eval_every": 15, "save_every": 0, "log_every": 10, "tensorboard": False, "rank": 4,
                 "lora_precision": "fp32", "beta": 100.0}
     return TPOConfig(**{**settings, **overrides})
 
 
-def fresh_accuracy(denoiser, data: LatentPairs, pairs, seeds=(101, 202, 303)) -> float:
-    """Implicit accuracy on noise and timesteps never seen in training (three draws per pair)."""
+def fresh_accuracy(denoiser, data: LatentPairs, pairs, seeds=(101, 202, 303, 404, 505)) -> float:
+    """Implicit accuracy on noise and timesteps never seen in training (five draws per pair)."""
     scores = [evaluate_pairs(denoiser, data.latents, pairs, seed=s, t_range=T_RANGE)["valid_accuracy"] for s in seeds]
     return sum(scores) / len(scores)
 
@@ -325,10 +327,13 @@ def test_cli_trains_a_lora_from_images_and_resumes(tmp_path, tiny_sd_dir, capsys
     assert main([*args, "--max-steps", "2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 2 and Path(report["out"]) == out and out.is_file()
-    assert len(list((data / "latents").glob("*-64.safetensors"))) == 1  # the VAE ran once, its latents are cached
+    cache = list((data / "latents").glob("*-64.safetensors"))
+    assert len(cache) == 1  # the VAE ran once, its latents are cached
+    cached_at = cache[0].stat().st_mtime_ns
     assert (data / "runs" / "tiny_tpo" / "checkpoints").is_dir() and list((tmp_path / "loras").iterdir()) == [out]
     assert main([*args, "--max-steps", "3", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+    assert cache[0].stat().st_mtime_ns == cached_at  # the resumed run read the cache, the VAE did not run
 
     from builders_sd import load_tiny_sd
 
@@ -346,6 +351,10 @@ def test_cli_bad_input_is_one_line_and_exit_code(tmp_path, tiny_sd_dir, capsys):
     assert main(["tpo", "--data", str(data), "--sd", str(tiny_sd_dir), "--out", str(tmp_path / "x.ckpt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len([line for line in err if line.startswith("error:")]) == 2 and ".safetensors" in err[-1]
+    (data / "1.png").write_bytes(b"not a png")
+    assert main(["tpo", "--data", str(data), "--sd", str(tiny_sd_dir), "--out", str(tmp_path / "x.safetensors"),
+                 "--device", "cpu", "--resolution", "64", "--no-progress"]) == 2
+    assert "1.png: cannot read this image" in capsys.readouterr().err
     assert main(["tpo", "--print-config", "--loss", "tkto"]) == 0
     assert 'loss = "tkto"' in capsys.readouterr().out
 
