@@ -293,9 +293,10 @@ def content_edits(text: str, rng: random.Random) -> list[Edit]:
     edits += _count_edits(text, rng)
     objects = _OBJECTS.find(text)
     present = {f.base for _, f in objects}
+    heads = [(m, f) for m, f in objects if not text.startswith("'", m.end())]  # not "the woman's hat"
     extra = rng.choice([w for g in OBJECTS.values() for w in g if w not in present])
-    if objects:  # add: "a cat on a couch" -> "a cat and a dog on a couch"; "a cat is" -> "... are"
-        m, _form = objects[0]
+    if heads:  # add: "a cat on a couch" -> "a cat and a dog on a couch"; "a cat is" -> "... are"
+        m, _form = heads[0]
         after, tail = _agreement(text, m.end())
         edits.append((m.end(), after, f" and {article_for(extra)} {extra}" + tail))
     else:  # nothing we know: add to the main content (the first comma item)
@@ -370,10 +371,9 @@ def spatial_edits(text: str, rng: random.Random) -> list[Edit]:
     if edits:
         return edits
     # no relation to flip: place the first object somewhere, or turn the whole picture around
-    objects = _OBJECTS.find(text)
-    if objects:
-        m, _form = objects[0]
-        edits.append((m.end(), m.end(), " " + rng.choice(_PLACEMENTS)))
+    heads = [m for m, _form in _OBJECTS.find(text) if not text.startswith("'", m.end())]
+    if heads:
+        edits.append((heads[0].end(), heads[0].end(), " " + rng.choice(_PLACEMENTS)))
     else:
         end = len(text.rstrip(" .!;,"))
         edits.append((end, end, ", " + rng.choice([v for v in _VIEWS if v.split()[-1] not in text.lower()])))
