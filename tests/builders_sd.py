@@ -130,3 +130,16 @@ def build_tiny_sdxl(tokenizer_dir: Path, *, seed: int = 0):
                                      scheduler=DDIMScheduler(clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_unet(*, seed: int = 0, cross_attention_dim: int = TEXT_DIM, channels: tuple[int, int] = (4, 8)):
+    """The tiny SD 1.x-architecture UNet alone (latent-space tests need no VAE or tokenizer)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=channels, layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=2, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
