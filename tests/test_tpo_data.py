@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FIXTURES
 from PIL import Image
 
@@ -352,3 +353,71 @@ def test_clip_filter_keeps_only_negatives_ranked_below_the_caption(tmp_path, tin
         assert list(got) == wanted
         expected_kept += len(wanted)
     assert dropped == 12 - expected_kept and 0 < dropped < 12
+
+
+# --- tpo-eval on the tiny pipeline and the tiny scorer -----------------------------------------------
+
+def _kohya_lora(tiny_sd_dir: Path, path: Path, *, scale: float) -> Path:
+    """A LoRA for the tiny UNet: zero (scale 0: the base model exactly) or random."""
+    from builders_sd import load_tiny_sd
+
+    from trainer.lora import attach_lora, save_kohya_lora
+
+    unet = load_tiny_sd(tiny_sd_dir).unet
+    loras = attach_lora(unet, rank=2, alpha=2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.weight.copy_(torch.randn(lora.up.weight.shape, generator=generator) * scale)
+    return save_kohya_lora(path, loras, dtype=torch.float32)
+
+
+def test_tpo_eval_compares_base_and_lora_images_of_shared_seeds(tmp_path, tiny_sd_dir, tiny_clip_models_dir, capsys):
+    from promptist_core.generators import load_diffusers_generator
+    from promptist_core.rewards import load_scorer
+    from trainer.tpo_eval import evaluation_seeds
+
+    prompts = tmp_path / "held_out.txt"
+    prompts.write_text("a red car on a street\na cat on a couch\na house at night\n")
+    common = ["tpo-eval", "--sd", str(tiny_sd_dir), "--prompts", str(prompts), "--n", "2", "--images-per-prompt",
+              "2", "--seed", "3", "--steps", "2", "--size", "64", "--clip-model", "tiny-open-clip-hub",
+              "--aesthetic-head", "tiny-head.safetensors", "--pick-model", "tiny-pick", "--models-dir",
+              str(tiny_clip_models_dir), "--device", "cpu"]
+    # a zero LoRA is the base model: every pair identical, every comparison a tie
+    zero = _kohya_lora(tiny_sd_dir, tmp_path / "zero.safetensors", scale=0.0)
+    code, report = _run([*common, "--lora", str(zero)], capsys)
+    assert code == 0 and report["pairs"] == 4 and report["identical_pairs"] == 4
+    assert report["pickscore"]["ties"] == 4 and report["pickscore"]["win_rate"] == 0.5
+    assert report["aesthetic"]["win_rate"] == 0.5
+    assert report["clip_relevance"]["base_mean"] == report["clip_relevance"]["lora_mean"]
+    # a real LoRA changes every image; the base side is still the plain model's images for the same seeds
+    lora = _kohya_lora(tiny_sd_dir, tmp_path / "lora.safetensors", scale=3.0)
+    code, report = _run([*common, "--lora", str(lora), "--out", str(tmp_path / "eval.json"),
+                         "--save-images", str(tmp_path / "pairs")], capsys)
+    assert code == 0 and report["identical_pairs"] == 0
+    assert json.loads((tmp_path / "eval.json").read_text()) == report
+    assert len(list((tmp_path / "pairs").glob("*_lora.png"))) == 4
+    texts, seeds = evaluation_seeds(["a red car on a street", "a cat on a couch"], 2, 3)
+    plain = load_diffusers_generator(str(tiny_sd_dir), device="cpu")
+    images = plain.generate(texts, seeds, steps=2, guidance=7.5, size=(64, 64))
+    scorer = load_scorer("tiny-open-clip-hub", "tiny-head.safetensors", pick_model="tiny-pick",
+                         models_dir=tiny_clip_models_dir, device="cpu")
+    terms = scorer.rewards(images, texts)
+    assert report["clip_relevance"]["base_mean"] == pytest.approx(float(terms.clip_cosine.mean()), abs=1e-5)
+    assert report["pickscore"]["base_mean"] == pytest.approx(float(terms.pick.mean()), abs=1e-4)
+    assert report["aesthetic"]["base_mean"] == pytest.approx(float(terms.aesthetic.mean()), abs=1e-5)
+    pick = report["pickscore"]
+    assert pick["wins"] + pick["ties"] + pick["losses"] == 4
+    assert pick["win_rate"] == (pick["wins"] + pick["ties"] / 2) / 4
+
+
+def test_tpo_eval_errors_are_one_line_before_any_model_loads(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "lora.safetensors").write_bytes(b"")
+    base = ["tpo-eval", "--sd", str(tmp_path / "no-model"), "--prompts", str(tmp_path / "p.txt"), "--device", "cpu"]
+    code, err = _run([*base, "--lora", str(tmp_path / "none.safetensors")], capsys)
+    assert code == 2 and "none.safetensors: no such LoRA file" in err and "\n" not in err
+    code, err = _run([*base, "--lora", str(tmp_path / "lora.safetensors"), "--size", "big"], capsys)
+    assert code == 2 and "--size must be WIDTH or WIDTHxHEIGHT" in err and "\n" not in err
+    code, err = _run([*base, "--lora", str(tmp_path / "lora.safetensors"), "--prompts", str(tmp_path)], capsys)
+    assert code == 2 and "no TPO data file" in err

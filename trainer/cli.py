@@ -155,6 +155,63 @@ def _run_tpo_data(args) -> int:
     return 0
 
 
+def _add_tpo_eval(sub) -> None:
+    p = sub.add_parser("tpo-eval", help="win rates of a TPO LoRA against its base model on held-out prompts",
+                       description="Draw images from the base model and from base + LoRA with shared seeds and "
+                                   "score them (PickScore and aesthetic win rate of the LoRA, mean CLIP relevance "
+                                   "of each). Prints one JSON object (and writes it to --out).")
+    p.add_argument("--sd", required=True, help="base Stable Diffusion model (diffusers folder, Hub id or .safetensors)")
+    p.add_argument("--sd-config", help="diffusers folder of the architecture, for a single-file --sd offline")
+    p.add_argument("--lora", required=True, help="kohya-format LoRA file (.safetensors) trained on --sd")
+    p.add_argument("--prompts", required=True, help="held-out prompt file, or a TPO data folder (its valid captions)")
+    p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
+    p.add_argument("--n", type=int, help="evaluate on the first N prompts (default: all)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="seeds per prompt (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image seeds (default: 0)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    p.add_argument("--size", default="512", help="WIDTH or WIDTHxHEIGHT (default: 512)")
+    p.add_argument("--clip-model", default="ViT-L-14/openai", help="CLIP for relevance and aesthetics")
+    p.add_argument("--aesthetic-head", default="improved", help="LAION aesthetic head: improved, laion-v1, or a file")
+    p.add_argument("--pick-model", default="yuvalkirstain/PickScore_v1", help="PickScore model, or 'none'")
+    p.add_argument("--models-dir", help="folder of model folders (CLIP, aesthetic heads, PickScore)")
+    p.add_argument("--device", default="auto", help="device (default: auto)")
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.add_argument("--save-images", help="folder for the image pairs (NNNN_base.png, NNNN_lora.png)")
+    p.set_defaults(run=_run_tpo_eval)
+
+
+def _run_tpo_eval(args) -> int:
+    from promptist_core.generators import load_diffusers_generator
+    from promptist_core.rewards import load_scorer
+
+    from .lora import load_kohya_lora
+    from .tpo_eval import compare_lora, held_out_prompts, parse_size
+
+    size = parse_size(args.size)
+    if not Path(args.lora).expanduser().is_file():
+        raise ValueError(f"{args.lora}: no such LoRA file (give a kohya-format .safetensors LoRA)")
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be at least 1; got {args.n}")
+    prompts = held_out_prompts(args.prompts, column=args.column, limit=args.n)
+    pick = None if args.pick_model.lower() in ("", "none") else args.pick_model
+    scorer = load_scorer(args.clip_model, args.aesthetic_head, pick_model=pick, models_dir=args.models_dir,
+                         device=args.device)
+    generator = load_diffusers_generator(args.sd, device=args.device, config_folder=args.sd_config)
+    loras = load_kohya_lora(generator.pipe.unet, args.lora)
+    report = compare_lora(generator, loras, scorer, prompts, images_per_prompt=args.images_per_prompt,
+                          seed=args.seed, steps=args.steps, guidance=args.guidance, size=size,
+                          save_images=Path(args.save_images) if args.save_images else None)
+    report = {"sd": args.sd, "lora": args.lora, "prompts_file": args.prompts, **report}
+    text = json.dumps(report, indent=None)
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
 def _add_sft(sub) -> None:
     from .sft import SFTConfig
 
@@ -282,7 +339,7 @@ def _run_ppo(args) -> int:
     return 0
 
 
-COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo_data)
+COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo_data, _add_tpo_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
