@@ -22,7 +22,8 @@ peak of Python allocations). Ratios are against `ours`. Prints one JSON object.
 
     python bench/tpo.py                                   # tiny UNet/VAE/text encoder, 64 px, batch 4
     python bench/tpo.py --unet sd15 --size 512 --batch-size 4 --device cuda --dtype fp16
-    python bench/tpo.py --unet sd15 --size 256 --batch-size 1 --steps 2 --repeats 1   # CPU, slow
+    python bench/tpo.py --unet sd15 --size 256 --batch-size 1 --steps 1 --warmup 0 --repeats 1   # CPU: ~8 min
+    python bench/tpo.py --quick
 """
 
 from __future__ import annotations
@@ -338,7 +339,11 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
-    print(json.dumps(run(parser.parse_args()), indent=2))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny UNet, batch 2, 1 step, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.unet, args.batch_size, args.steps, args.warmup, args.repeats = "tiny", 2, 1, 0, 1
+    print(json.dumps(run(args), indent=2))
 
 
 if __name__ == "__main__":
