@@ -421,3 +421,34 @@ def test_tpo_eval_errors_are_one_line_before_any_model_loads(tmp_path, capsys):
     assert code == 2 and "--size must be WIDTH or WIDTHxHEIGHT" in err and "\n" not in err
     code, err = _run([*base, "--lora", str(tmp_path / "lora.safetensors"), "--prompts", str(tmp_path)], capsys)
     assert code == 2 and "no TPO data file" in err
+
+
+def test_llm_editor_asks_a_local_lm_for_each_edit_type(tiny_promptist_dir):
+    from trainer.caption_edits import LLM_INSTRUCTION, kinds_for
+
+    # the tiny LM has 128 positions: a short instruction here (the default one is checked below)
+    editor = editor_from_spec(f"llm:{tiny_promptist_dir / 'tiny-promptist'}", seed=0, instruction="Edit:")
+    captions = ["a cat riding a bike", "a castle on a hill", "a fox in the snow"]
+    out = editor(captions, 2)
+    assert len(out) == 3
+    kept = sum(len(n) for n in out)
+    assert kept >= 3 and kept + sum(editor.dropped.values()) == 6  # every answer kept or counted as dropped
+    for caption, negatives in zip(captions, out, strict=True):
+        assert {n.type for n in negatives} <= set(kinds_for(caption, 2, 0))  # the kind each answer was asked for
+        assert all(caption_key(n.text) != caption_key(caption) and "\n" not in n.text for n in negatives)
+    assert all(kind in LLM_INSTRUCTION for kind in EDIT_TYPES)
+
+
+def test_clip_filter_through_the_command(tmp_path, tiny_clip_models_dir, capsys):
+    _png(tmp_path / "set" / "a.png", (250, 10, 10), size=(32, 32))
+    (tmp_path / "set" / "a.txt").write_text("a red square on a table at night")
+    _png(tmp_path / "set" / "b.png", (10, 10, 250), size=(32, 32))
+    (tmp_path / "set" / "b.txt").write_text("a blue circle next to a dog")
+    base = ["tpo-data", "--images", str(tmp_path / "set"), "--negatives-per-caption", "4"]
+    code, plain = _run([*base, "--out", str(tmp_path / "plain")], capsys)
+    code, filtered = _run([*base, "--out", str(tmp_path / "filtered"), "--clip-filter", "tiny-hf-clip",
+                           "--models-dir", str(tiny_clip_models_dir), "--device", "cpu"], capsys)
+    assert code == 0 and plain["negatives"] == 8
+    summary = json.loads((tmp_path / "filtered" / "tpo_data.json").read_text())
+    assert summary["clip_filter"] == "tiny-hf-clip"
+    assert filtered["negatives"] == 8 - summary["dropped_negatives"]["ranked wrong by CLIP"]
