@@ -110,8 +110,8 @@ def save_name_problem(name: str | None, label: str = "save name") -> str | None:
 def save_checkpoint(
     run_dir: Path,
     *,
-    model,
-    tokenizer,
+    model=None,
+    tokenizer=None,
     optimizer: torch.optim.Optimizer,
     state: dict,
     keep: int = 2,
@@ -124,7 +124,8 @@ def save_checkpoint(
     `state` must hold `step`; it is saved as trainer_state.json with the RNG's Python state. `extra`
     maps a name to a state dict saved as `<name>.safetensors` (read back with `load_extra`).
     `dfprompt_heads` (a DF-Prompt policy's heads) are part of the model folder, so they are published
-    with it.
+    with it. Without `model` (TPO: the trainable part is a LoRA) no model folder is written; the
+    trainable tensors then go in `extra`.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,10 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_policy_folder(model, tokenizer, tmp, dfprompt_heads=dfprompt_heads)
+        if model is not None:
+            save_policy_folder(model, tokenizer, tmp, dfprompt_heads=dfprompt_heads)
+        else:
+            tmp.mkdir(parents=True)
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""`python -m trainer pairs|sft|ppo|tpo-data|tpo-eval`: the headless trainers and their data.
+"""`python -m trainer pairs|sft|ppo|tpo|tpo-data|tpo-eval`: the headless trainers and their data.
 
 Exit codes: 0 done, 2 bad input (flags, config, corpus: one line on stderr), 3 missing or broken
 weights, 130 stopped by Ctrl-C after saving a checkpoint (`--resume` continues it).
@@ -272,13 +272,20 @@ def _add_ppo(sub) -> None:
     p.set_defaults(run=_run_ppo)
 
 
-def _settings(cls, args) -> object:
-    """Defaults, then the resumed run's settings, then --config, then flags."""
+def _settings(cls, args, run_dir_of=None) -> object:
+    """Defaults, then the resumed run's settings, then --config, then flags. `run_dir_of(config)`: where a
+    trainer keeps its checkpoints when that is not `out` itself (TPO: `out` is the LoRA file)."""
     from .checkpoint import latest_checkpoint
 
     layers = []
-    out = overrides_from_args(args).get("out")
-    checkpoint = latest_checkpoint(Path(out)) if (args.resume and out) else None
+    flags = overrides_from_args(args)
+    if run_dir_of is not None and args.resume:
+        probe = build_config(cls, *([(args.config, read_config_file(args.config))] if args.config else []),
+                             ("command line", flags))
+        run_dir = run_dir_of(probe) if (probe.out or probe.run_dir) else None
+    else:
+        run_dir = Path(flags["out"]) if flags.get("out") else None
+    checkpoint = latest_checkpoint(run_dir) if (args.resume and run_dir) else None
     if checkpoint is not None:
         layers.append((f"{checkpoint.folder}/trainer_state.json", checkpoint.state["config"]))
     if args.config:
@@ -339,7 +346,59 @@ def _run_ppo(args) -> int:
     return 0
 
 
-COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo_data, _add_tpo_eval)
+def _add_tpo(sub) -> None:
+    from .tpo import TPOConfig
+
+    p = sub.add_parser("tpo", help="TPO (TDPO/TKTO): a LoRA for a Stable Diffusion model from caption pairs",
+                       description="Train a LoRA on (image, caption, edited caption) triples so the model follows "
+                                   "captions more closely: --data from `python -m trainer tpo-data`, --sd the base "
+                                   "model, --out the LoRA file (kohya format). Settings also come from --config FILE.")
+    p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in the run folder exactly")
+    p.add_argument("--print-config", action="store_true", help="print every setting with its doc and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_config_arguments(p, TPOConfig)
+    p.set_defaults(run=_run_tpo)
+
+
+def _run_tpo(args) -> int:
+    from .checkpoint import latest_checkpoint
+    from .denoiser import load_diffusers_denoiser
+    from .progress import ConsoleProgress, StopTraining
+    from .runtime import local_runtime
+    from .tpo import TPOConfig, run_dir_for, train_tpo
+
+    config = _settings(TPOConfig, args, run_dir_of=run_dir_for)
+    if args.print_config:
+        print(format_config(config), end="")
+        return 0
+    missing = [name for name in ("data", "sd", "out") if not getattr(config, name)]
+    if missing:
+        raise ValueError(f"tpo needs {', '.join('--' + m for m in missing)} (the data folder, the base model, "
+                         "the LoRA file to write)")
+    if not Path(config.data).expanduser().exists():
+        raise ValueError(f"data folder {config.data} does not exist; build one with: python -m trainer tpo-data")
+    runtime = local_runtime(config.device, config.precision)
+    denoiser = load_diffusers_denoiser(
+        config.sd, device=runtime.device, dtype=None if config.precision == "auto" else config.precision,
+        config_folder=config.sd_config, rank=config.rank, alpha=config.alpha,
+        targets=[t.strip() for t in config.targets.split(",") if t.strip()],
+        gradient_checkpointing=config.gradient_checkpointing)
+    checkpoint = latest_checkpoint(run_dir_for(config)) if args.resume else None
+    progress = ConsoleProgress(config.max_steps, initial=checkpoint.step if checkpoint else 0, desc="tpo",
+                               enabled=not args.no_progress, shown=("loss", "accuracy", "valid_accuracy"))
+    try:
+        with progress:
+            result = train_tpo(config, denoiser, callback=progress, resume=args.resume, runtime=runtime)
+    except StopTraining as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
+    print(json.dumps({"out": str(result.lora), "run_dir": str(result.run_dir), "steps": result.steps,
+                      "loss": result.loss, "accuracy": result.accuracy, "valid_accuracy": result.valid_accuracy}))
+    return 0
+
+
+COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo, _add_tpo_data, _add_tpo_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

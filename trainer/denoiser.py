@@ -61,8 +61,9 @@ class Denoiser(Protocol):
         """Context manager: inside, predictions use the LoRA (True) or the base model (False, the reference)."""
         ...
 
-    def save_lora(self, path: Path | str, metadata: dict) -> Path:
-        """Write the LoRA as a kohya-format .safetensors file (atomically); `metadata` joins the file's own."""
+    def save_lora(self, path: Path | str, metadata: dict, *, dtype: torch.dtype = torch.float16) -> Path:
+        """Write the LoRA as a kohya-format .safetensors file (atomically) with tensors in `dtype` (fp16 as
+        kohya, or fp32); `metadata` joins the file's own."""
         ...
 
 
@@ -84,8 +85,7 @@ class DiffusersDenoiser:
 
     def __init__(self, unet, noise_scheduler, text_encoder, tokenizer, *, vae=None, text_encoder_2=None,
                  tokenizer_2=None, rank: int = 8, alpha: float | None = None,
-                 targets: Iterable[str] = DEFAULT_TARGETS, gradient_checkpointing: bool = False,
-                 lora_dtype: torch.dtype = torch.float16, base_model: str = "",
+                 targets: Iterable[str] = DEFAULT_TARGETS, gradient_checkpointing: bool = False, base_model: str = "",
                  base_hash: Callable[[], str | None] | None = None):
         self.unet, self.vae = unet, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -116,7 +116,6 @@ class DiffusersDenoiser:
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()  # diffusers checkpoints only in training mode; SD UNets have no dropout
-        self.lora_dtype = lora_dtype
         self.base_model = base_model
         self._base_hash = base_hash
         self._latents_fingerprint: str | None = None
@@ -179,16 +178,16 @@ class DiffusersDenoiser:
     def adapters(self, enabled: bool) -> contextlib.AbstractContextManager:
         return adapters_enabled(self.loras, enabled)
 
-    def save_lora(self, path: Path | str, metadata: dict) -> Path:
-        return save_kohya_lora(path, self.loras, {**self.base_metadata(), **metadata}, dtype=self.lora_dtype)
+    def save_lora(self, path: Path | str, metadata: dict, *, dtype: torch.dtype = torch.float16) -> Path:
+        return save_kohya_lora(path, self.loras, {**self.base_metadata(), **metadata}, dtype=dtype)
 
     @property
     def latents_fingerprint(self) -> str:
         """sha256 (16 hex digits) of the VAE's class, config and weights: a cache of latents is reused only
-        for the same encoder."""
+        for the same encoder ("no-vae" without one: such a denoiser takes latents, never images)."""
+        if self.vae is None:
+            return "no-vae"
         if self._latents_fingerprint is None:
-            if self.vae is None:
-                raise ValueError("this denoiser has no VAE, so no latents to cache")
             h = hashlib.sha256(type(self.vae).__name__.encode())
             h.update(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
             for name, tensor in sorted(self.vae.state_dict().items()):
@@ -240,7 +239,7 @@ def load_diffusers_denoiser(spec: str, *, device: str | torch.device | None = "a
                             allow_download: bool | None = None, **kwargs) -> DiffusersDenoiser:
     """A `DiffusersDenoiser` from a diffusers folder, a Hub id or a single-file .safetensors checkpoint,
     loaded by the same code as the image generators (`promptist_core.generators.load_diffusers_generator`);
-    `kwargs` go to `DiffusersDenoiser` (rank, alpha, targets, gradient_checkpointing, lora_dtype)."""
+    `kwargs` go to `DiffusersDenoiser` (rank, alpha, targets, gradient_checkpointing)."""
     from promptist_core.generators import load_diffusers_generator
 
     pipe = load_diffusers_generator(spec, device=device, dtype=dtype, config_folder=config_folder,
