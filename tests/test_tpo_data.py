@@ -311,9 +311,9 @@ def test_prompts_source_draws_each_image_once_with_the_users_model(tmp_path, tin
     assert code == 0 and stats["items"] == 2
     items = read_tpo_data(out)
     assert [i.caption for i in items] == ["a red car on a street", "a blue house at night"]
-    assert [i.image for i in items] == [(out / "images" / "p000000.png").resolve(),
-                                        (out / "images" / "p000001.png").resolve()]
-    assert json.loads((out / PAIRS_FILE).read_text().splitlines()[0])["image"] == "images/p000000.png"
+    assert [i.image.parent for i in items] == [(out / "images").resolve()] * 2
+    assert [i.image.name[:8] for i in items] == ["p000000-", "p000001-"]
+    assert json.loads((out / PAIRS_FILE).read_text().splitlines()[0])["image"] == f"images/{items[0].image.name}"
     with Image.open(items[0].image) as image:
         assert image.size == (64, 64)
     pixels = [items[0].image.read_bytes(), items[1].image.read_bytes()]
@@ -327,7 +327,13 @@ def test_prompts_source_draws_each_image_once_with_the_users_model(tmp_path, tin
     assert [i.image.read_bytes() for i in read_tpo_data(out)] == pixels
     # the same seed draws the same image in a fresh folder
     code, _ = _run([*args[:6], str(tmp_path / "again"), *args[7:]], capsys)
-    assert (tmp_path / "again" / "images" / "p000000.png").read_bytes() == pixels[0]
+    assert (tmp_path / "again" / "images" / items[0].image.name).read_bytes() == pixels[0]
+    # an edited prompt file: the changed prompt is drawn anew, the unchanged one reused
+    prompts.write_text("a red car on a street\na green house at night\n")
+    code, _ = _run(args, capsys)
+    summary = json.loads((out / "tpo_data.json").read_text())
+    assert code == 0 and summary["source"]["drawn"] == 1 and summary["source"]["reused"] == 1
+    assert read_tpo_data(out)[1].caption == "a green house at night"
 
 
 def test_clip_filter_keeps_only_negatives_ranked_below_the_caption(tmp_path, tiny_clip_models_dir):

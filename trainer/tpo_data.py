@@ -14,6 +14,7 @@ longer describes x is the losing text. `python -m trainer tpo-data` writes a dat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -290,7 +291,9 @@ def gather_prompts(prompts: Sequence[str], generator, images_dir: Path, *, seed:
                    source: dict | None = None, progress=None) -> Gathered:
     """One image per prompt drawn by the user's model (an `ImageGenerator`), saved as PNG under
     `images_dir`, seeded by (prompt, seed). Images already there from an earlier run are kept, so an
-    interrupted build continues where it stopped and the model draws every image once."""
+    interrupted build continues where it stopped and the model draws every image once. A file's name
+    holds a hash of what drew it (model, prompt, seed, steps, guidance, size): an edited prompt file or
+    other settings never reuse an image of something else."""
     import torch
     from PIL import Image
 
@@ -305,7 +308,9 @@ def gather_prompts(prompts: Sequence[str], generator, images_dir: Path, *, seed:
         if not caption:
             gathered.skip(f"prompt {i + 1}", "empty caption")
             continue
-        item = Captioned(f"p{i:06d}", (images_dir / f"p{i:06d}.png").resolve(), caption)
+        drawn_by = f"{(source or {}).get('sd', '')}\0{caption}\0{seed}\0{steps}\0{guidance:g}\0{size[0]}x{size[1]}"
+        key = hashlib.sha256(drawn_by.encode()).hexdigest()[:12]
+        item = Captioned(f"p{i:06d}", (images_dir / f"p{i:06d}-{key}.png").resolve(), caption)
         gathered.items.append(item)
         if not item.image.is_file() or image_problem(item.image):
             todo.append((item, image_seed(caption, 0, seed)))
