@@ -98,6 +98,23 @@ def _legacy_tokenizer_json(path: Path) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` so that a reader (or a crash) sees the old file or the whole new one:
+    a temporary file beside it, fsynced, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shlex
 import subprocess
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from promptist_core.policy_folder import write_text_atomic
 
 from .corpus import CorpusError, jsonl_objects, normalize_prompt
 
@@ -242,19 +242,7 @@ def rewriter_from_spec(spec: str, *, instruction: str | None = None) -> RewriteH
 def write_pairs(path: Path | str, pairs: Sequence[Pair]) -> Path:
     """JSONL, one `{"source", "target", "kind", "split"}` per line, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for p in pairs:
-                f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs))
 
 
 def is_pairs_file(path: Path) -> bool:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from promptist_core.policy_folder import write_text_atomic
 
 from .corpus import CorpusError, jsonl_objects, normalize_prompt
 
@@ -138,8 +139,8 @@ def write_tpo_data(folder: Path | str, items: Sequence[TPOItem], summary: dict) 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(item.to_record(folder), ensure_ascii=False) + "\n" for item in items)
-    _write_atomic(folder / PAIRS_FILE, lines)
-    _write_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(folder / PAIRS_FILE, lines)
+    write_text_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return folder / PAIRS_FILE
 
 
@@ -152,19 +153,6 @@ def read_summary(folder: Path | str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise CorpusError(path, f"invalid JSON ({e})") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- building a data folder from what users have -----------------------------------------------------
