@@ -212,15 +212,20 @@ def _run_tpo_eval(args) -> int:
     return 0
 
 
+def _add_run_options(p: argparse.ArgumentParser, checkpoints_in: str) -> None:
+    """The options every trainer has besides its config fields."""
+    p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
+    p.add_argument("--resume", action="store_true", help=f"continue the newest checkpoint in {checkpoints_in} exactly")
+    p.add_argument("--print-config", action="store_true", help="print every setting with its doc and exit")
+
+
 def _add_sft(sub) -> None:
     from .sft import SFTConfig
 
     p = sub.add_parser("sft", help="supervised fine-tuning of a prompt policy on pairs (Promptist stage 1)",
                        description="Fine-tune a causal LM on 'source Rephrase: target' pairs. Every setting below "
                                    "can also come from --config FILE (TOML, YAML or JSON); flags win.")
-    p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
-    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
-    p.add_argument("--print-config", action="store_true", help="print every setting with its doc and exit")
+    _add_run_options(p, "--out")
     p.add_argument("--models-dir", help="folder of model folders for --base names (default: $PROMPTIST_MODELS_DIR "
                                         "or ./models/promptist)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -263,9 +268,7 @@ def _add_ppo(sub) -> None:
                        description="Improve an SFT policy by PPO: rewrites are rendered by Stable Diffusion (--sd) "
                                    "and scored (aesthetics + relevance), or scored by a Python function "
                                    "(--text-reward module:function). Settings also come from --config FILE.")
-    p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
-    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
-    p.add_argument("--print-config", action="store_true", help="print every setting with its doc and exit")
+    _add_run_options(p, "--out")
     p.add_argument("--models-dir", help="folder of model folders (policy names, CLIP, aesthetic heads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     add_config_arguments(p, PPOConfig)
@@ -353,9 +356,7 @@ def _add_tpo(sub) -> None:
                        description="Train a LoRA on (image, caption, edited caption) triples so the model follows "
                                    "captions more closely: --data from `python -m trainer tpo-data`, --sd the base "
                                    "model, --out the LoRA file (kohya format). Settings also come from --config FILE.")
-    p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
-    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in the run folder exactly")
-    p.add_argument("--print-config", action="store_true", help="print every setting with its doc and exit")
+    _add_run_options(p, "the run folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     add_config_arguments(p, TPOConfig)
     p.set_defaults(run=_run_tpo)
