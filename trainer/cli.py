@@ -1,4 +1,4 @@
-"""`python -m trainer pairs|sft|ppo|tpo`: the headless trainers.
+"""`python -m trainer pairs|sft|ppo|tpo|tpo-data|tpo-eval`: the headless trainers and their data.
 
 Exit codes: 0 done, 2 bad input (flags, config, corpus: one line on stderr), 3 missing or broken
 weights, 130 stopped by Ctrl-C after saving a checkpoint (`--resume` continues it).
@@ -52,6 +52,163 @@ def _run_pairs(args) -> int:
         raise ValueError(f"{args.corpus}: no prompt has modifiers to make pairs from ({stats['skipped']})")
     write_pairs(args.out, pairs)
     print(json.dumps({"out": args.out, **corpus.stats(), **stats}))
+    return 0
+
+
+def _add_tpo_data(sub) -> None:
+    p = sub.add_parser("tpo-data", help="build TPO data: images, their captions and edited (negative) captions",
+                       description="Gather (image, caption) items from an image folder with same-name .txt captions, "
+                                   "a JSONL of {image, caption}, or prompts drawn once by your model (--prompts "
+                                   "with --sd); write DATA/tpo_pairs.jsonl with negative captions and "
+                                   "DATA/tpo_data.json (counts, skipped items and why).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images (png/jpg/jpeg/webp) with same-name .txt captions "
+                                         "(kohya / ComfyUI layout; subfolders one level down too)")
+    source.add_argument("--jsonl", help="JSONL of {\"image\", \"caption\"} (image paths relative to the file)")
+    source.add_argument("--prompts", help="prompt file (.txt/.csv/.tsv/.jsonl/.parquet); images drawn by --sd")
+    p.add_argument("--out", required=True, help="data folder to write (tpo_pairs.jsonl, tpo_data.json, images/)")
+    p.add_argument("--editor", default="rules", help="rules (default, offline), llm:<local causal LM folder> or "
+                                                      "command:<program> (stdin: captions; stdout: negatives)")
+    p.add_argument("--editor-instruction", help="instruction for --editor llm:... (default names the four edit types)")
+    p.add_argument("--negatives-per-caption", type=int, default=2, help="negatives per caption, one edit type each "
+                                                                        "where possible (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the edits, the split and drawn images (default: 0)")
+    p.add_argument("--valid-fraction", type=float, default=0.05, help="captions held out for validation, by "
+                                                                      "caption hash (default: 0.05)")
+    p.add_argument("--clip-filter", metavar="MODEL", help="keep only negatives this CLIP ranks below the caption "
+                                                          "for the image (e.g. ViT-L-14/openai)")
+    p.add_argument("--models-dir", help="folder of model folders (CLIP, editor LM)")
+    p.add_argument("--column", default="prompt", help="--prompts: csv/tsv column, jsonl field or parquet column")
+    p.add_argument("--limit", type=int, help="--prompts: use at most this many prompts")
+    p.add_argument("--sd", help="--prompts: Stable Diffusion model (diffusers folder, Hub id or .safetensors file)")
+    p.add_argument("--sd-config", help="--prompts: diffusers folder of the architecture, for a single-file --sd offline")
+    p.add_argument("--steps", type=int, default=25, help="--prompts: sampling steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="--prompts: guidance scale (default: 7.5)")
+    p.add_argument("--width", type=int, default=512, help="--prompts: image width (default: 512)")
+    p.add_argument("--height", type=int, default=512, help="--prompts: image height (default: 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="--prompts: images per generator call (default: 4)")
+    p.add_argument("--device", default="auto", help="device for --sd, --clip-filter and llm: editors (default: auto)")
+    p.set_defaults(run=_run_tpo_data)
+
+
+def _run_tpo_data(args) -> int:
+    from .caption_edits import editor_from_spec
+    from .tpo_data import (
+        build_tpo_items,
+        clip_ranked,
+        data_summary,
+        gather_folder,
+        gather_jsonl,
+        gather_prompts,
+        write_tpo_data,
+    )
+
+    out = Path(args.out).expanduser()
+    editor = editor_from_spec(args.editor, seed=args.seed, instruction=args.editor_instruction)
+    if args.prompts and not args.sd:
+        raise ValueError("--prompts needs --sd MODEL to draw the images from")
+    if args.sd and not args.prompts:
+        raise ValueError("--sd draws images for --prompts; --images and --jsonl bring their own images")
+    # 1. gather (image, caption) items
+    if args.images:
+        gathered = gather_folder(args.images)
+    elif args.jsonl:
+        gathered = gather_jsonl(args.jsonl)
+    else:
+        from promptist_core.generators import load_diffusers_generator
+
+        from .corpus import read_corpus
+
+        corpus = read_corpus(args.prompts, column=args.column, limit=args.limit)
+        generator = load_diffusers_generator(args.sd, device=args.device, config_folder=args.sd_config,
+                                             batch_size=args.batch_size)
+        gathered = gather_prompts(corpus.prompts, generator, out / "images", seed=args.seed, steps=args.steps,
+                                  guidance=args.guidance, size=(args.width, args.height), batch_size=args.batch_size,
+                                  source={"kind": "prompts", "path": args.prompts, "sd": args.sd})
+    if not gathered.items:
+        reasons = ", ".join(f"{n} {r}" for r, n in data_summary(
+            gathered, [], editor=args.editor, seed=args.seed, negatives_per_caption=args.negatives_per_caption,
+            valid_fraction=args.valid_fraction, dropped_negatives={})["skipped"]["reasons"].items())
+        raise ValueError(f"{gathered.source['path']}: no usable image with a caption ({gathered.read} read; "
+                         f"skipped: {reasons})")
+    # 2. negatives, split, and the optional CLIP check
+    items = build_tpo_items(gathered, editor, negatives_per_caption=args.negatives_per_caption, seed=args.seed,
+                            valid_fraction=args.valid_fraction)
+    dropped = dict(editor.dropped)
+    if args.clip_filter and items:
+        from promptist_core.clip_models import load_clip
+
+        clip = load_clip(args.clip_filter, models_dir=args.models_dir, device=args.device)
+        before = {i.id for i in items}
+        items, dropped["ranked wrong by CLIP"] = clip_ranked(items, clip)
+        for item_id in sorted(before - {i.id for i in items}):
+            gathered.skip(item_id, "no negative", "CLIP ranked every negative at or above the caption")
+    if not items:
+        raise ValueError(f"{gathered.source['path']}: no item has a usable negative caption "
+                         f"(editor {args.editor}; dropped: {dropped or 'none'})")
+    # 3. write
+    summary = data_summary(gathered, items, editor=args.editor, seed=args.seed,
+                           negatives_per_caption=args.negatives_per_caption, valid_fraction=args.valid_fraction,
+                           dropped_negatives=dropped, clip_filter=args.clip_filter)
+    write_tpo_data(out, items, summary)
+    print(json.dumps({"out": str(out), **summary["counts"], "skipped_reasons": summary["skipped"]["reasons"]}))
+    return 0
+
+
+def _add_tpo_eval(sub) -> None:
+    p = sub.add_parser("tpo-eval", help="win rates of a TPO LoRA against its base model on held-out prompts",
+                       description="Draw images from the base model and from base + LoRA with shared seeds and "
+                                   "score them (PickScore and aesthetic win rate of the LoRA, mean CLIP relevance "
+                                   "of each). Prints one JSON object (and writes it to --out).")
+    p.add_argument("--sd", required=True, help="base Stable Diffusion model (diffusers folder, Hub id or .safetensors)")
+    p.add_argument("--sd-config", help="diffusers folder of the architecture, for a single-file --sd offline")
+    p.add_argument("--lora", required=True, help="kohya-format LoRA file (.safetensors) trained on --sd")
+    p.add_argument("--prompts", required=True, help="held-out prompt file, or a TPO data folder (its valid captions)")
+    p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
+    p.add_argument("--n", type=int, help="evaluate on the first N prompts (default: all)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="seeds per prompt (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image seeds (default: 0)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    p.add_argument("--size", default="512", help="WIDTH or WIDTHxHEIGHT (default: 512)")
+    p.add_argument("--clip-model", default="ViT-L-14/openai", help="CLIP for relevance and aesthetics")
+    p.add_argument("--aesthetic-head", default="improved", help="LAION aesthetic head: improved, laion-v1, or a file")
+    p.add_argument("--pick-model", default="yuvalkirstain/PickScore_v1", help="PickScore model, or 'none'")
+    p.add_argument("--models-dir", help="folder of model folders (CLIP, aesthetic heads, PickScore)")
+    p.add_argument("--device", default="auto", help="device (default: auto)")
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.add_argument("--save-images", help="folder for the image pairs (NNNN_base.png, NNNN_lora.png)")
+    p.set_defaults(run=_run_tpo_eval)
+
+
+def _run_tpo_eval(args) -> int:
+    from promptist_core.generators import load_diffusers_generator
+    from promptist_core.rewards import load_scorer
+
+    from .lora import load_kohya_lora
+    from .tpo_eval import compare_lora, held_out_prompts, parse_size
+
+    size = parse_size(args.size)
+    if not Path(args.lora).expanduser().is_file():
+        raise ValueError(f"{args.lora}: no such LoRA file (give a kohya-format .safetensors LoRA)")
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be at least 1; got {args.n}")
+    prompts = held_out_prompts(args.prompts, column=args.column, limit=args.n)
+    pick = None if args.pick_model.lower() in ("", "none") else args.pick_model
+    scorer = load_scorer(args.clip_model, args.aesthetic_head, pick_model=pick, models_dir=args.models_dir,
+                         device=args.device)
+    generator = load_diffusers_generator(args.sd, device=args.device, config_folder=args.sd_config)
+    loras = load_kohya_lora(generator.pipe.unet, args.lora)
+    report = compare_lora(generator, loras, scorer, prompts, images_per_prompt=args.images_per_prompt,
+                          seed=args.seed, steps=args.steps, guidance=args.guidance, size=size,
+                          save_images=Path(args.save_images) if args.save_images else None)
+    report = {"sd": args.sd, "lora": args.lora, "prompts_file": args.prompts, **report}
+    text = json.dumps(report, indent=None)
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(text)
     return 0
 
 
@@ -241,7 +398,7 @@ def _run_tpo(args) -> int:
     return 0
 
 
-COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo)
+COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo, _add_tpo_data, _add_tpo_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
