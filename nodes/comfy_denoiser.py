@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.lora import DEFAULT_TARGETS, adapters_enabled, save_kohya_lora
-
 from . import comfy_host
 
+# trainer.* is imported where used: a foreign package named `trainer` must not stop the pack from loading
+# (the entry point then reports training as unavailable).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # = trainer.lora.DEFAULT_TARGETS
 TEXT_CACHE_LIMIT = 65536  # encoded captions kept (77 x 768 floats each for SD 1.x)
 
 
@@ -182,9 +183,13 @@ class ComfyDenoiser:
         return [p for _, lora in sorted(self.loras.items()) for p in (lora.down.weight, lora.up.weight)]
 
     def adapters(self, enabled: bool) -> contextlib.AbstractContextManager:
+        from trainer.lora import adapters_enabled
+
         return adapters_enabled(self.loras, enabled)
 
     def save_lora(self, path: Path | str, metadata: dict, *, dtype: torch.dtype = torch.float16) -> Path:
+        from trainer.lora import save_kohya_lora
+
         return save_kohya_lora(path, self.loras, {**self.base_metadata(), **metadata}, dtype=dtype)
 
     @property

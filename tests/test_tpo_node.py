@@ -239,3 +239,10 @@ def test_tpo_node_runs_on_every_queue_and_returns_model_lora_name_and_curves():
     node = v1_node(TPOTrain)
     assert node.NOT_IDEMPOTENT is True and math.isnan(node.IS_CHANGED(save_name="x"))
     assert node.RETURN_TYPES == ("MODEL", "STRING", "IMAGE", "STRING")
+
+
+def test_denoiser_targets_are_the_trainers():
+    from nodes import comfy_denoiser
+    from trainer.lora import DEFAULT_TARGETS
+
+    assert comfy_denoiser.DEFAULT_TARGETS == DEFAULT_TARGETS
