@@ -87,6 +87,25 @@ def _lcm_length(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.repeat(1, common // t.shape[1], 1) for t in tensors]
 
 
+def trainable_copies(module: nn.Module) -> int:
+    """Swap every inference tensor among `module`'s parameters and buffers for a normal copy; returns how
+    many. ComfyUI loads models while executing a prompt, i.e. under `torch.inference_mode()`, and such
+    tensors cannot be saved for backward: every layer norm, conv and linear of the UNet would fail in the
+    LoRA's backward pass. (TrainLoraNode avoids this only because it wraps every weight and bias.) Call
+    outside inference mode, after the model is on its device."""
+    swapped = 0
+    for child in module.modules():
+        for name, p in list(child._parameters.items()):
+            if p is not None and p.is_inference():
+                child._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                swapped += 1
+        for name, b in list(child._buffers.items()):
+            if b is not None and b.is_inference():
+                child._buffers[name] = b.clone()
+                swapped += 1
+    return swapped
+
+
 class ComfyDenoiser:
     """A clone of ComfyUI's MODEL with our LoRA on its attention projections, as a TPO `Denoiser`."""
 
@@ -101,7 +120,7 @@ class ComfyDenoiser:
             raise ValueError(f"TPO trains SD 1.x, 2.x and SDXL (discrete-timestep UNet) models; this MODEL samples "
                              f"with {type(sampling).__name__}, which has no discrete noise schedule")
         self.device = device or comfy_host.load_device()
-        self._sigmas = sigmas.detach().float().to(self.device)
+        self._sigmas = sigmas.detach().float().to(self.device).clone()
         self._alphas_cumprod = 1.0 / (1.0 + self._sigmas ** 2)
         self.num_train_timesteps = len(self._sigmas)
         names = diffusers_module_names(self.base)
@@ -132,6 +151,7 @@ class ComfyDenoiser:
         mm = comfy_host.model_management
         if mm is not None:
             mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        trainable_copies(self.base)
 
     def encode_captions(self, texts: Iterable[str]) -> None:
         """Encode every caption once up front: CLIP then never has to be loaded (and the UNet moved out

@@ -131,9 +131,11 @@ def graph(comfy, base_state, text_parts, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tmp_path / "models" / "promptist"))
     comfy.utils.unet_to_diffusers = lambda unet_config: unet_config["diffusers_map"]
     comfy.mm.load_models_gpu = lambda models, **k: [comfy.loaded.append(m) or m.patch() for m in models]
-    unet = build_tiny_unet(channels=(8, 16))
-    unet.load_state_dict(base_state)
-    return FakeModelPatcher(FakeBaseModel(unet)), FakeCLIP(*text_parts), FakeVAE()
+    with torch.inference_mode():  # ComfyUI loads checkpoints while executing a prompt
+        unet = build_tiny_unet(channels=(8, 16))
+        unet.load_state_dict(base_state)
+        model = FakeModelPatcher(FakeBaseModel(unet))
+    return model, FakeCLIP(*text_parts), FakeVAE()
 
 
 def train(graph, **overrides):
@@ -143,7 +145,8 @@ def train(graph, **overrides):
                 "save_name": "colour", "steps": 60, "rank": 4, "beta": 100.0, "learning_rate": 6e-3,
                 "batch_size": 12, "grad_accum": 1, "resolution": SIZE, "seed": 0, "save_every": 30,
                 "negatives_per_caption": 1, "valid_fraction": 0.25}
-    return TPOTrain.run(model, clip, vae, **{**settings, **overrides})
+    with torch.inference_mode():  # as ComfyUI executes every node
+        return TPOTrain.run(model, clip, vae, **{**settings, **overrides})
 
 
 def test_node_trains_the_graphs_model_and_held_out_accuracy_rises(graph, tmp_path, comfy):  # noqa: F811
