@@ -135,6 +135,17 @@ def build_data(folder: Path, gathered, editor, *, editor_name: str, negatives_pe
     return len(items)
 
 
+def model_with_lora(model, path: Path):
+    """MODEL with the saved LoRA file applied by ComfyUI's own LoRA loading (what LoraLoaderModelOnly does):
+    the output is exactly what users get from the file, and samples at ComfyUI's normal speed (the
+    training clone's per-forward weight wrappers made sampling several times slower)."""
+    import comfy.sd
+    import comfy.utils
+
+    return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0,
+                                         0.0)[0]
+
+
 class TPOTrain:
     """Align the graph's diffusion model with its captions by TDPO / TKTO; outputs the model with the LoRA."""
 
@@ -276,11 +287,9 @@ class TPOTrain:
             raise _interrupted(e) from None
         finally:
             release_memory()
-        for lora in denoiser.loras.values():
-            lora.requires_grad_(False)
         summary = _summary("TPO", out, resume, steps=result.steps, items=count, loss=result.loss,
                            accuracy=result.accuracy, valid_accuracy=result.valid_accuracy, lora=str(lora_path))
-        return (denoiser.patcher, lora_path.name, curves_tensor(out, progress), summary)
+        return (model_with_lora(model, lora_path), lora_path.name, curves_tensor(out, progress), summary)
 
 
 NODES = [comfy_node(TPOTrain)]
