@@ -41,7 +41,8 @@ def test_only_example_workflows_holds_workflows_the_template_browser_lists():
         assert not list((ROOT / folder).glob("*.json")), f"{folder}/ is scanned by the template browser"
     names = {f.stem for f in UI_FILES}
     assert names == {"promptist_optimize_prompt", "promptist_dfprompt_encode", "promptist_score_images",
-                     "promptist_sft_train", "promptist_ppo_train", "promptist_dfprompt_policy"}
+                     "promptist_sft_train", "promptist_ppo_train", "promptist_dfprompt_policy",
+                     "promptist_tpo_train"}
     used = {n["type"] for f in UI_FILES for n in json.loads(f.read_text())["nodes"]}
     assert set(OURS) <= used  # every node of the pack appears in an example
 

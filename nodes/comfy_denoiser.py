@@ -1,0 +1,252 @@
+"""The TPO `Denoiser` over a ComfyUI graph's MODEL, CLIP and VAE.
+
+Inside ComfyUI the trainer never owns the UNet: it trains a clone of the graph's MODEL (a ModelPatcher)
+that carries our LoRA as weight wrappers (`ModelPatcher.add_weight_wrapper`, as ComfyUI's own
+TrainLoraNode does). ComfyUI applies a wrapper to a Linear's weight at every forward
+(W + up @ down * alpha / rank), only on the clone that holds it, and keeps managing the model's memory
+as usual; the original MODEL is untouched.
+
+Noise follows the DDPM schedule the model was trained with (alpha_bar = 1 / (1 + sigma^2) from
+`model_sampling.sigmas`); predictions go through `model.apply_model`, which returns the denoised
+latent for EPS and v-prediction models alike, and are converted back to epsilon, so the errors match
+the diffusers path. The LoRA is saved under kohya names of the *diffusers* module paths
+(`comfy.utils.unet_to_diffusers` maps ComfyUI's ldm paths), the one key format ComfyUI, A1111 and
+diffusers all load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import comfy_host
+
+# trainer.* is imported where used: a foreign package named `trainer` must not stop the pack from loading
+# (the entry point then reports training as unavailable).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # = trainer.lora.DEFAULT_TARGETS
+TEXT_CACHE_LIMIT = 65536  # encoded captions kept (77 x 768 floats each for SD 1.x)
+
+
+class WeightLoRA(nn.Module):
+    """A LoRA as a weight function: `weight -> weight + up @ down * alpha / rank` (fp32 factors, cast to
+    the weight's type). Same parameters, initialisation and kohya tensors as trainer.lora.LoRALinear."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device: torch.device):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1; got {rank}")
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.up = nn.Linear(rank, out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        delta = (self.up.weight.to(weight.device) @ self.down.weight.to(weight.device)) * (self.alpha / self.rank)
+        return weight + delta.to(weight.dtype)
+
+
+@dataclass
+class ComfyCond:
+    """Token states [B, L, D] of each caption and, for models that take it (SDXL), the pooled embedding."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None
+
+
+def diffusers_module_names(base_model) -> dict[str, str]:
+    """ComfyUI ldm module path (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`) -> diffusers path
+    (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), from `comfy.utils.unet_to_diffusers`."""
+    import comfy.utils
+
+    unet_config = base_model.model_config.unet_config
+    names = {}
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(unet_config).items():
+        if diffusers_key.endswith(".weight") and ldm_key.endswith(".weight"):
+            names[ldm_key[:-len(".weight")]] = diffusers_key[:-len(".weight")]
+    return names
+
+
+def _lcm_length(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Token states of different lengths (prompts over 75 tokens) repeated to a common length, as
+    ComfyUI's CONDCrossAttn.concat does, so a batch can be stacked."""
+    lengths = {t.shape[1] for t in tensors}
+    if len(lengths) == 1:
+        return tensors
+    common = math.lcm(*lengths)
+    return [t.repeat(1, common // t.shape[1], 1) for t in tensors]
+
+
+def trainable_copies(module: nn.Module) -> int:
+    """Swap every inference tensor among `module`'s parameters and buffers for a normal copy; returns how
+    many. ComfyUI loads models while executing a prompt, i.e. under `torch.inference_mode()`, and such
+    tensors cannot be saved for backward: every layer norm, conv and linear of the UNet would fail in the
+    LoRA's backward pass. (TrainLoraNode avoids this only because it wraps every weight and bias.) Call
+    outside inference mode, after the model is on its device."""
+    swapped = 0
+    for child in module.modules():
+        for name, p in list(child._parameters.items()):
+            if p is not None and p.is_inference():
+                child._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                swapped += 1
+        for name, b in list(child._buffers.items()):
+            if b is not None and b.is_inference():
+                child._buffers[name] = b.clone()
+                swapped += 1
+    return swapped
+
+
+class ComfyDenoiser:
+    """A clone of ComfyUI's MODEL with our LoRA on its attention projections, as a TPO `Denoiser`."""
+
+    def __init__(self, model, clip, vae, *, rank: int = 8, alpha: float | None = None,
+                 targets: Iterable[str] = DEFAULT_TARGETS, device: torch.device | None = None):
+        self.patcher = model.clone()
+        self.clip, self.vae = clip, vae
+        self.base = self.patcher.model
+        sampling = self.base.model_sampling
+        sigmas = getattr(sampling, "sigmas", None)
+        if sigmas is None or sigmas.ndim != 1 or len(sigmas) < 2:
+            raise ValueError(f"TPO trains SD 1.x, 2.x and SDXL (discrete-timestep UNet) models; this MODEL samples "
+                             f"with {type(sampling).__name__}, which has no discrete noise schedule")
+        self.device = device or comfy_host.load_device()
+        self._sigmas = sigmas.detach().float().to(self.device).clone()
+        self._alphas_cumprod = 1.0 / (1.0 + self._sigmas ** 2)
+        self.num_train_timesteps = len(self._sigmas)
+        names = diffusers_module_names(self.base)
+        if not names:
+            raise ValueError(f"{type(self.base).__name__} is not a UNet model (SD 1.x, 2.x, SDXL): TPO's LoRA "
+                             "targets its attention projections")
+        targets = tuple(targets)
+        alpha = float(alpha if alpha is not None else rank)
+        self.base.requires_grad_(False)
+        self.loras: dict[str, WeightLoRA] = {}  # diffusers path -> LoRA
+        for path, module in self.base.diffusion_model.named_modules():
+            if not isinstance(module, nn.Linear) or not any(path == t or path.endswith("." + t) for t in targets):
+                continue
+            if path not in names:
+                raise ValueError(f"no diffusers name for ComfyUI module {path}: cannot save a LoRA for it that "
+                                 "A1111 and diffusers load")
+            lora = WeightLoRA(module.out_features, module.in_features, rank, alpha, self.device)
+            self.patcher.add_weight_wrapper(f"diffusion_model.{path}.weight", lora)
+            self.loras[names[path]] = lora
+        if not self.loras:
+            raise ValueError(f"no Linear layer of the diffusion model ends with any of {', '.join(targets)}")
+        self._texts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._latents_fingerprint: str | None = None
+
+    def load(self) -> None:
+        """Put the clone on the compute device with its wrappers in place (evicting other models: training
+        needs the whole UNet resident, as TrainLoraNode asks)."""
+        mm = comfy_host.model_management
+        if mm is not None:
+            mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
+        trainable_copies(self.base)
+
+    def encode_captions(self, texts: Iterable[str]) -> None:
+        """Encode every caption once up front: CLIP then never has to be loaded (and the UNet moved out
+        of the way) in mid-training."""
+        self.encode_text(list(dict.fromkeys(texts)))
+
+    # --- the Denoiser protocol -----------------------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> ComfyCond:
+        hidden, pooled = [], []
+        for text in texts:
+            if text not in self._texts:
+                with torch.no_grad():
+                    cond, pool = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+                if len(self._texts) >= TEXT_CACHE_LIMIT:
+                    self._texts.clear()
+                self._texts[text] = (cond.detach().float().cpu(), None if pool is None else pool.detach().float().cpu())
+            cond, pool = self._texts[text]
+            hidden.append(cond)
+            pooled.append(pool)
+        hidden = torch.cat(_lcm_length(hidden)).to(self.device)
+        pooled = torch.cat(pooled).to(self.device) if all(p is not None for p in pooled) else None
+        return ComfyCond(hidden, pooled)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be float [B, H, W, 3] in 0..1; got shape {tuple(images.shape)}")
+        latents = self.vae.encode(images.float().cpu())
+        return self.base.process_latent_in(latents.float()).to(self.device)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        a = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: ComfyCond) -> torch.Tensor:
+        # ComfyUI's models take x = x_0 + sigma * eps (the DDPM x_t times sqrt(1 + sigma^2)) and the sigma,
+        # and return the denoised x_0 whatever they predict; eps = (x - x_0) / sigma.
+        sigma = self._sigmas[timesteps]
+        x = noisy.float() * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
+        extra = {}
+        adm = self._adm(cond, noisy)
+        if adm is not None:
+            extra["y"] = adm
+        denoised = self.base.apply_model(x, sigma, c_crossattn=cond.hidden, **extra)
+        return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, lora in sorted(self.loras.items()) for p in (lora.down.weight, lora.up.weight)]
+
+    def adapters(self, enabled: bool) -> contextlib.AbstractContextManager:
+        from trainer.lora import adapters_enabled
+
+        return adapters_enabled(self.loras, enabled)
+
+    def save_lora(self, path: Path | str, metadata: dict, *, dtype: torch.dtype = torch.float16) -> Path:
+        from trainer.lora import save_kohya_lora
+
+        return save_kohya_lora(path, self.loras, {**self.base_metadata(), **metadata}, dtype=dtype)
+
+    @property
+    def latents_fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the VAE's class and weights and of the model's latent scaling: cached
+        latents are reused only for the same encoder."""
+        if self._latents_fingerprint is None:
+            first_stage = getattr(self.vae, "first_stage_model", None)
+            h = hashlib.sha256(type(self.vae).__name__.encode())
+            h.update(type(getattr(self.base, "latent_format", None)).__name__.encode())
+            if isinstance(first_stage, nn.Module):
+                for name, tensor in sorted(first_stage.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(tensor.detach().float().cpu().numpy().tobytes())
+            self._latents_fingerprint = h.hexdigest()[:16]
+        return self._latents_fingerprint
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _adm(self, cond: ComfyCond, noisy: torch.Tensor) -> torch.Tensor | None:
+        """SDXL's vector conditioning (pooled text + size/crop ids at the latents' size); None for SD 1.x/2.x."""
+        encode_adm = getattr(self.base, "encode_adm", None)
+        if cond.pooled is None or encode_adm is None:
+            return None
+        height, width = (s * 8 for s in noisy.shape[-2:])
+        rows = [encode_adm(pooled_output=p[None], width=width, height=height, target_width=width,
+                           target_height=height, crop_w=0, crop_h=0, device=noisy.device) for p in cond.pooled]
+        if any(r is None for r in rows):
+            return None
+        return torch.cat(rows).to(noisy.device)
+
+    def base_metadata(self) -> dict[str, str]:
+        """kohya/modelspec metadata naming the kind of base model (SD 1.x, 2.x, SDXL) by its text width."""
+        width = self.base.model_config.unet_config.get("context_dim")
+        sdxl = width == 2048
+        version = "sdxl_base_v1-0" if sdxl else ("sd_v2" if width == 1024 else "sd_v1")
+        arch = "stable-diffusion-xl-v1-base" if sdxl else ("stable-diffusion-v2" if width == 1024 else
+                                                           "stable-diffusion-v1")
+        return {"ss_base_model_version": version, "ss_v2": str(width == 1024), "modelspec.architecture": f"{arch}/lora",
+                "modelspec.sai_model_spec": "1.0.0"}
