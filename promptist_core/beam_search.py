@@ -23,8 +23,11 @@ API (see `beam_cache.make_beam_cache`) with no logits processors configured; any
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -59,6 +62,43 @@ def fast_beam_search_supported(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+class InPlaceNewGELU(torch.nn.Module):
+    """transformers' `NewGELUActivation` (GPT-2's gelu_new), the same float operations in the same order but
+    written in place: the same bits, without six fresh [rows, 4 x width] tensors per call (at batch 16 x 8
+    beams on a CPU those allocations cost GPT-2 small ~8% of a decoding step). Inference only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # 0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))
+        inner = torch.pow(x, 3.0).mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
+        return (0.5 * x).mul_(inner)
+
+
+@contextlib.contextmanager
+def inplace_activations(model: torch.nn.Module) -> Iterator[None]:
+    """Swap the model's `NewGELUActivation` modules for `InPlaceNewGELU` during a search, then put them back."""
+    swapped = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child).__name__ == "NewGELUActivation" and type(child).__module__.startswith("transformers."):
+                swapped.append((parent, name, child))
+    try:
+        for parent, name, _ in swapped:
+            setattr(parent, name, InPlaceNewGELU())
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def with_inplace_activations(search: Callable) -> Callable:
+    """Run `search(model, ...)` inside `inplace_activations(model)`."""
+    @functools.wraps(search)
+    def run(model, *args, **kwargs):
+        with inplace_activations(model):
+            return search(model, *args, **kwargs)
+    return run
+
+
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows `index` [A, K] of `tensor` [A, N, ...] per item (transformers' `_gather_beams`)."""
     while index.dim() < tensor.dim():
@@ -91,6 +131,7 @@ def _assign_slots(slot_of: list[list[int]], parents: list[list[int]]) -> tuple[l
 
 
 @torch.inference_mode()
+@with_inplace_activations
 def beam_search(
     model,
     input_ids: torch.LongTensor,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .beam_cache import cache_keyword, make_beam_cache, output_cache
+from .beam_search import with_inplace_activations
 
 StepCallback = Callable[[int, int], None]
 
@@ -118,6 +119,7 @@ def _reorder_cache(cache, index: torch.LongTensor):
 
 
 @torch.inference_mode()
+@with_inplace_activations
 def diverse_beam_search(
     model,
     input_ids: torch.LongTensor,

@@ -110,3 +110,32 @@ def test_a_model_whose_generation_config_adds_logits_processors_is_left_to_gener
         assert tiny_optimizer("a cat", max_new_tokens=10)[0].prompt
     finally:
         model.generation_config.repetition_penalty = old
+
+
+def test_the_in_place_gelu_gives_transformers_gelu_new_bit_for_bit():
+    from transformers.activations import NewGELUActivation
+
+    from promptist_core.beam_search import InPlaceNewGELU
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(64, 3072, generator=generator) * scale for scale in (1e-3, 1.0, 5.0, 100.0)])
+    x[0, :4] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
+    with torch.inference_mode():
+        ours, theirs = InPlaceNewGELU()(x.clone()), NewGELUActivation()(x)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))  # bits, so -inf's NaN compares too
+
+
+def test_the_models_own_activations_are_back_after_a_search_even_an_interrupted_one(tiny_optimizer):
+    model, tokenizer = tiny_optimizer.model, tiny_optimizer.tokenizer
+    before = [type(block.mlp.act) for block in model.transformer.h]
+    assert before[0].__name__ == "NewGELUActivation"
+    batch = tokenizer(["a cat Rephrase:"], return_tensors="pt")
+
+    def interrupt(step, total):
+        assert type(model.transformer.h[0].mlp.act).__name__ == "InPlaceNewGELU"  # swapped during the search
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        beam_search(model, batch["input_ids"], batch["attention_mask"], num_beams=4, max_new_tokens=5,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, step_callback=interrupt)
+    assert [type(block.mlp.act) for block in model.transformer.h] == before
