@@ -102,6 +102,24 @@ def adamw(groups, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, params, scaler: torch.amp.GradScaler | None, lr: float,
+                   grad_clip: float | None) -> float:
+    """One update after the gradients are accumulated: unscale (fp16), clip to `grad_clip` (None or 0: no
+    clipping, the norm is still measured), set `lr`, step, clear the gradients. Returns the gradient norm."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf")).item()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def local_runtime(device: str | torch.device = "auto", precision: str = "auto") -> Runtime:
     """One process on one device: the hosts' runtime, and headless without a launcher."""
     target = pick_device(device)

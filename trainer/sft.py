@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import ConfigError, config_to_dict, option
 from .pairs import Pair, make_pairs, read_pairs
 from .progress import StepCallback, StopTraining, stop_requested
-from .runtime import PRECISIONS, Runtime, adamw, local_runtime
+from .runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
 from .training_log import CURVES_FILE, TrainingLog
 
 logger = logging.getLogger(__name__)
@@ -453,17 +453,7 @@ def train_sft(
                 loss = summed * (runtime.world_size / n_tokens)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += summed.detach().double()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf")).item()
-        for group_ in optimizer.param_groups:
-            group_["lr"] = lr_at(step, config)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, params, scaler, lr_at(step, config), config.grad_clip)
         state["step"] = step = step + 1
         train_loss = (runtime.all_reduce_sum(loss_sum) / n_tokens).item()
 

@@ -42,7 +42,7 @@ from .checkpoint import (
 from .config import ConfigError, config_to_dict, option
 from .denoiser import Denoiser
 from .progress import StepCallback, StopTraining, stop_requested
-from .runtime import PRECISIONS, Runtime, adamw, local_runtime
+from .runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
 from .sft import micro_batches
 from .training_log import CURVES_FILE, TrainingLog
 
@@ -450,17 +450,7 @@ def train_tpo(
                     losses.sum(), implicit_accuracy(terms.d_chosen, terms.d_rejected).sum(), terms.d_chosen.sum(),
                     terms.d_rejected.sum(), (terms.model_w + terms.model_l).sum() / 2,
                     (terms.ref_w + terms.ref_l).sum() / 2, torch.tensor(float(len(batch)))]).double().cpu()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf")).item()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, params, scaler, lr_at(step, config), config.grad_clip)
         state["step"] = step = step + 1
 
         n = sums[6].item()
