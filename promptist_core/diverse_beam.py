@@ -199,11 +199,9 @@ def diverse_beam_search(
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         forward_kwargs["logits_to_keep"] = 1
     cache = make_beam_cache(model, max_new_tokens)  # preallocated rows: no torch.cat of the cache per step
-    if cache is not None:
-        forward_kwargs[cache_keyword(model)] = cache
+    prefill_cache = {} if cache is None else {cache_keyword(model): cache}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, **forward_kwargs)
-    forward_kwargs.pop(cache_keyword(model), None)
+                use_cache=True, **forward_kwargs, **prefill_cache)
     cache = _repeat_cache(output_cache(out), num_beams)
     next_logits = out.logits[:, -1, :].float().repeat_interleave(num_beams, dim=0)  # [B*NB, V]
     del out
