@@ -99,7 +99,7 @@ class FlopCounter:
         self.attention_flops = 4 * config.n_layer * config.n_embd  # per token and context position
         self.flops = 0
         self.tokens = 0
-        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -15,6 +15,7 @@ any moment leaves the previous checkpoint intact. accelerate's `save_state` pick
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -72,6 +73,13 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def counter_generator(*counters: int) -> torch.Generator:
+    """A generator seeded by (seed, step or iteration, rank, ...): a trainer that draws from it makes the same
+    draws after a resume, without restoring any generator state."""
+    digest = hashlib.sha256(":".join(map(str, counters)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

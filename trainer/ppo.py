@@ -18,7 +18,6 @@ option) is fed the KL to the reference, and every random choice comes from (seed
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from torch import nn
 from promptist_core.optimizer import REPHRASE_SUFFIX
 
 from .checkpoint import (
+    counter_generator,
     list_checkpoints,
     load_extra,
     publish_model_files,
@@ -235,12 +235,6 @@ class Learner(nn.Module):
 
 
 # --- rollouts ------------------------------------------------------------------------------------
-
-def counter_generator(*counters: int) -> torch.Generator:
-    """A generator seeded by (seed, iteration, rank, ...): the same draws after a resume."""
-    digest = hashlib.sha256(":".join(map(str, counters)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
-
 
 @dataclass
 class Rollout:

@@ -22,7 +22,6 @@ step callback) -> the LoRA file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from .checkpoint import (
     Checkpoint,
+    counter_generator,
     list_checkpoints,
     load_extra,
     restore_training_state,
@@ -264,13 +264,6 @@ def tkto_loss(d_chosen: torch.Tensor, d_rejected: torch.Tensor, beta: float,
 def implicit_accuracy(d_chosen: torch.Tensor, d_rejected: torch.Tensor) -> torch.Tensor:
     """Per pair: 1 where D(c_w) < D(c_l), 0 where above, 1/2 for a tie (a fresh zero LoRA scores 0.5)."""
     return (d_chosen < d_rejected).float() + 0.5 * (d_chosen == d_rejected).float()
-
-
-# Copied from trainer.ppo.counter_generator
-def counter_generator(*counters) -> torch.Generator:
-    """A generator seeded by (seed, step, ...): the same draws after a resume."""
-    digest = hashlib.sha256(":".join(map(str, counters)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
 
 
 def draw_noise(latents: torch.Tensor, t_range: tuple[int, int], *counters) -> tuple[torch.Tensor, torch.Tensor]:
