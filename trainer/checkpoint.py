@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from promptist_core.policy_folder import fsync_dir, fsync_tree, save_policy_folder
 
+from .config import ConfigError
+
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
 TRAINING_FILES = (STATE_FILE, "optimizer.safetensors", "optimizer.json", "rng.safetensors")
@@ -201,6 +203,16 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def check_resume_settings(config, checkpoint: Checkpoint, fixed: tuple[str, ...]) -> None:
+    """Refuse to resume `checkpoint` when a setting in `fixed` (seed, data, batch sizes: what decides the run's
+    draws and data order) differs from the run that wrote it: the result would no longer be that run's."""
+    saved = checkpoint.state.get("config", {})
+    changed = [k for k in fixed if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {', '.join(changed)} differ from the run "
+                          f"being resumed ({', '.join(f'{k}={saved[k]!r}' for k in changed)})")
 
 
 def restore_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:

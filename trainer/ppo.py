@@ -31,6 +31,7 @@ from torch import nn
 from promptist_core.optimizer import REPHRASE_SUFFIX
 
 from .checkpoint import (
+    check_resume_settings,
     counter_generator,
     list_checkpoints,
     load_extra,
@@ -466,10 +467,7 @@ def train_ppo(
                           "to continue it, or choose another output folder")
     checkpoint = checkpoints[-1] if (resume and checkpoints) else None
     if checkpoint is not None:
-        saved = checkpoint.state.get("config", {})
-        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
-        if changed:
-            raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {', '.join(changed)} differ")
+        check_resume_settings(config, checkpoint, RESUME_FIXED)
 
     # 1. prompts
     prompts = load_prompts(config)

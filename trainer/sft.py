@@ -25,7 +25,7 @@ from promptist_core.optimizer import REPHRASE_SUFFIX
 from promptist_core.policy_folder import save_policy_folder
 
 from .checkpoint import (
-    Checkpoint,
+    check_resume_settings,
     list_checkpoints,
     publish_model_files,
     restore_training_state,
@@ -333,14 +333,6 @@ def check_config(config: SFTConfig, runtime: Runtime) -> int:
     return config.effective_batch_size // per_step
 
 
-def _check_resume(config: SFTConfig, checkpoint: Checkpoint) -> None:
-    saved = checkpoint.state.get("config", {})
-    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
-    if changed:
-        raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {', '.join(changed)} differ from the run "
-                          f"being resumed ({', '.join(f'{k}={saved[k]!r}' for k in changed)})")
-
-
 def train_sft(
     config: SFTConfig,
     *,
@@ -360,7 +352,7 @@ def train_sft(
                           "continue it, or choose another output folder")
     checkpoint = checkpoints[-1] if (resume and checkpoints) else None
     if checkpoint is not None:
-        _check_resume(config, checkpoint)
+        check_resume_settings(config, checkpoint, RESUME_FIXED)
         logger.info("resuming %s from step %d", out, checkpoint.step)
 
     # 1. data

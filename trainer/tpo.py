@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import (
-    Checkpoint,
+    check_resume_settings,
     counter_generator,
     list_checkpoints,
     load_extra,
@@ -338,14 +338,6 @@ def check_config(config: TPOConfig, num_train_timesteps: int) -> tuple[int, int]
     return config.timestep_min, high
 
 
-def _check_resume(config: TPOConfig, checkpoint: Checkpoint) -> None:
-    saved = checkpoint.state.get("config", {})
-    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
-    if changed:
-        raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {', '.join(changed)} differ from the run "
-                          f"being resumed ({', '.join(f'{k}={saved[k]!r}' for k in changed)})")
-
-
 def train_tpo(
     config: TPOConfig,
     denoiser: Denoiser,
@@ -371,7 +363,7 @@ def train_tpo(
                           "continue it, or choose another output")
     checkpoint = checkpoints[-1] if (resume and checkpoints) else None
     if checkpoint is not None:
-        _check_resume(config, checkpoint)
+        check_resume_settings(config, checkpoint, RESUME_FIXED)
         logger.info("resuming %s from step %d", run_dir, checkpoint.step)
 
     # 1. data: latents once (cached beside the data), caption pairs
