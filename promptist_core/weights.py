@@ -9,6 +9,7 @@ the Hugging Face cache -> download (only when allowed; pinned sha256 where known
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -538,12 +539,21 @@ def _gpt2_tokenizer_from_vocab(folder: Path, **kwargs):
         if isinstance(value, dict):  # {"content": "<|endoftext|>", ...} (AddedToken as saved)
             settings[key] = value.get("content")
     settings.update(kwargs)
-    files = {"vocab_file": str(folder / "vocab.json"), "merges_file": str(folder / "merges.txt")}
     try:
-        return GPT2TokenizerFast(**files, **settings)
+        return GPT2TokenizerFast(**_vocab_files(GPT2TokenizerFast, folder), **settings)
     except Exception as e:  # no converter for this tokenizers version: the slow tokenizer still reads them
         logger.warning("fast GPT-2 tokenizer from %s failed (%s); using the slow one", folder, e)
-        return GPT2Tokenizer(**files, **settings)
+        return GPT2Tokenizer(**_vocab_files(GPT2Tokenizer, folder), **settings)
+
+
+def _vocab_files(tokenizer_class, folder: Path) -> dict[str, str]:
+    """The keywords that hand `tokenizer_class` the folder's vocab.json + merges.txt: `vocab_file`/`merges_file`
+    in transformers 4.x; transformers 5 takes `vocab`/`merges` (a path or the data) and silently builds an
+    empty tokenizer from the old names, so the class's own signature decides."""
+    vocab, merges = str(folder / "vocab.json"), str(folder / "merges.txt")
+    if "vocab_file" in inspect.signature(tokenizer_class.__init__).parameters:
+        return {"vocab_file": vocab, "merges_file": merges}
+    return {"vocab": vocab, "merges": merges}
 
 
 _TOKENIZER_SETTINGS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "add_prefix_space",

@@ -155,3 +155,41 @@ def test_a_dfprompt_policy_folder_chooses_the_same_blocks_in_transformers_4_30_a
     assert old["out"] == now._dfprompt("a cat riding a bike", ids, "a cat riding a bike, sharp focus, 8k, concept art",
                                        "argmax", None, 0)
     assert dfprompt.parse(old["out"]).modifiers, old["out"]
+
+
+# The ids a folder's tokenizer gives, through the real loader, as JSON.
+TOKENIZER_IDS = """
+import json, sys
+from pathlib import Path
+from promptist_core.weights import load_tokenizer
+tok = load_tokenizer(Path(sys.argv[1]))
+print(json.dumps(tok("a cat riding a bike, highly detailed Rephrase:")["input_ids"]))
+"""
+
+
+def vocab_only_folder(tiny_promptist_dir, tmp_path):
+    """The layout README documents for models/promptist/gpt2/: only GPT-2's vocab.json + merges.txt."""
+    import shutil
+
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tiny_promptist_dir / "tiny-promptist" / name, folder / name)
+    return folder
+
+
+def test_a_folder_of_only_vocab_and_merges_tokenizes_like_the_full_tokenizer(tiny_promptist_dir, tmp_path):
+    """transformers 5 builds an empty tokenizer from `vocab_file=`/`merges_file=`; the loader must not."""
+    full = load_tokenizer(tiny_promptist_dir / "tiny-promptist")
+    text = "a cat riding a bike, highly detailed Rephrase:"
+    tokenizer = load_tokenizer(vocab_only_folder(tiny_promptist_dir, tmp_path))
+    assert tokenizer(text)["input_ids"] == full(text)["input_ids"]
+    assert tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_a_folder_of_only_vocab_and_merges_tokenizes_the_same_in_transformers_4_30(tiny_promptist_dir, tmp_path,
+                                                                                  transformers430_python):
+    full = load_tokenizer(tiny_promptist_dir / "tiny-promptist")
+    done = transformers430_python.run(TOKENIZER_IDS, str(vocab_only_folder(tiny_promptist_dir, tmp_path)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == full("a cat riding a bike, highly detailed Rephrase:")["input_ids"]
