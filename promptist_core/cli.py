@@ -30,15 +30,16 @@ def read_prompts(args_prompts: Sequence[str], file: str | None) -> list[str]:
 
 
 def _add_optimize(sub) -> None:
-    from .optimizer import MODES
-    from .weights import DEFAULT_OPTIMIZER_MODEL
+    from .optimizer import MAX_NGRAM, MODES
+    from .weights import BUNDLED_POLICY, DEFAULT_OPTIMIZER_MODEL
 
     p = sub.add_parser("optimize", help="rewrite prompts with the Promptist policy",
                        description="Rewrite plain prompts into Stable-Diffusion-friendly ones.")
     p.add_argument("prompts", nargs="*", help="prompts to optimize ('-' or none: read stdin, one per line)")
     p.add_argument("--file", help="read prompts from this file, one per line")
-    p.add_argument("--model", default=DEFAULT_OPTIMIZER_MODEL,
-                   help="Hugging Face id, folder name under --models-dir, or a path (default: %(default)s)")
+    p.add_argument("--model", help=f"Hugging Face id, folder name under --models-dir, or a path (default: "
+                                   f"{DEFAULT_OPTIMIZER_MODEL} when it is here or can be downloaded, else "
+                                   f"{BUNDLED_POLICY}, the policy bundled with promptist)")
     p.add_argument("--models-dir", help="folder holding model folders (default: $PROMPTIST_MODELS_DIR "
                                         "or ./models/promptist)")
     p.add_argument("--candidates", type=int, default=1, help="rewrites per prompt (default: 1)")
@@ -60,6 +61,15 @@ def _add_optimize(sub) -> None:
                    help="DF-Prompt policies: print the DF-Prompt, its A1111 prompt-editing form (exact with "
                         "--steps), or plain text without weights and ranges (default: %(default)s)")
     p.add_argument("--steps", type=int, help="sampling steps for --render a1111")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep-prompt", dest="keep_prompt", action="store_true", default=None,
+                      help="start every rewrite with the prompt verbatim; the policy writes what follows "
+                           "(default: the policy's own setting: on for the bundled policy)")
+    keep.add_argument("--no-keep-prompt", dest="keep_prompt", action="store_false",
+                      help="let the policy rewrite the prompt itself (microsoft/Promptist's recipe)")
+    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+                   help=f"ban repeating any N tokens of the rewrite, 0 = off, at most {MAX_NGRAM} (default: the "
+                        "policy's own: 3 for the bundled policy, off for microsoft/Promptist)")
     p.add_argument("--device", default="auto", help="auto, gpu, cpu or a torch device (default: auto)")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -67,7 +77,7 @@ def _add_optimize(sub) -> None:
 
 
 def _run_optimize(args) -> int:
-    from .optimizer import PromptOptimizer, check_prompts, load_optimizer
+    from .optimizer import MAX_NGRAM, PromptOptimizer, check_prompts, load_optimizer
 
     # Fail before loading the model: bad prompts, and sizes out of range (max_new_tokens against the
     # policy's context is checked once it is loaded).
@@ -75,13 +85,23 @@ def _run_optimize(args) -> int:
     PromptOptimizer._check_options(args.mode, args.candidates, args.num_beams, args.max_new_tokens,
                                    args.num_beam_groups, args.diversity_penalty, args.temperature, args.top_k,
                                    args.top_p, args.batch_size, args.seed)
-    optimizer = load_optimizer(args.model, models_dir=args.models_dir, device=args.device,
-                               allow_download=False if args.offline else None)
+    allow_download = False if args.offline else None
+    name = args.model
+    if name is None:
+        from .weights import choose_default_policy
+
+        name, note = choose_default_policy(models_dir=args.models_dir, allow_download=allow_download)
+        if note:
+            print(note, file=sys.stderr)
+    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= MAX_NGRAM:
+        raise ValueError(f"--no-repeat-ngram must be between 0 and {MAX_NGRAM}; got {args.no_repeat_ngram}")
+    optimizer = load_optimizer(name, models_dir=args.models_dir, device=args.device, allow_download=allow_download)
     results = optimizer(
         prompts, mode=args.mode, candidates=args.candidates, num_beams=args.num_beams,
         num_beam_groups=args.num_beam_groups, diversity_penalty=args.diversity_penalty,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, batch_size=args.batch_size, trim_to_clip_window=args.trim, head_choice=args.head_choice,
+        keep_prompt=args.keep_prompt, no_repeat_ngram_size=args.no_repeat_ngram,
     )
     if args.render != "dfprompt" and optimizer.is_dfprompt:
         from .dfprompt import to_text

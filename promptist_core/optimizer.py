@@ -26,8 +26,9 @@ import torch
 from .beam_search import beam_search, fast_beam_search_supported
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .devices import pick_device, pick_dtype
+from .policy_folder import DecodingDefaults, read_decoding_defaults
 from .quiet import no_progress_bars
-from .weights import DEFAULT_OPTIMIZER_MODEL, load_tokenizer, reading_weights, resolve, resolve_tokenizer
+from .weights import choose_default_policy, load_tokenizer, reading_weights, resolve, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ MAX_BEAMS = 64
 MAX_NEW_TOKENS = 512
 MAX_BATCH_SIZE = 256
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+MAX_NGRAM = 16
 
 StepCallback = Callable[[int, int], None]
 
@@ -109,7 +111,8 @@ class _StepHook:
 class PromptOptimizer:
     """A causal LM + tokenizer that rewrite prompts. Build with `load_optimizer` (cached)."""
 
-    def __init__(self, model, tokenizer, name: str = "", dfprompt_heads=None):
+    def __init__(self, model, tokenizer, name: str = "", dfprompt_heads=None, *,
+                 decoding: DecodingDefaults | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -126,6 +129,8 @@ class PromptOptimizer:
         # falls back to the default where unsupported), None or "dynamic" = transformers' default,
         # "static" = transformers' preallocated cache (slower on CPU).
         self.cache_implementation: str | None = "beam"
+        # What `keep_prompt` and `no_repeat_ngram_size` mean when a call leaves them unset (the policy's own).
+        self.decoding = decoding or DecodingDefaults()
         # One generate at a time per model: HF generate is not re-entrant on a shared cache.
         self._lock = threading.Lock()
 
@@ -157,6 +162,8 @@ class PromptOptimizer:
         trim_to_clip_window: bool = False,
         step_callback: StepCallback | None = None,
         head_choice: str = "argmax",
+        keep_prompt: bool | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> list[OptimizedPrompt]:
         """Rewrite each prompt; returns one OptimizedPrompt per input, in input order.
 
@@ -174,6 +181,11 @@ class PromptOptimizer:
                 heads' most likely class, reproducible) or `sample` (drawn from the heads, with `seed`).
                 Results are then DF-Prompts: the prompt verbatim, then the modifiers (`[text:a-b:w]`
                 unless weight 1.0 over 0-1); render them with `dfprompt.to_text` for a host without DF.
+            keep_prompt: True forces the rewrite to start with the prompt verbatim (the policy writes only
+                what follows it: "don't change my subject"); None takes the policy's default (`decoding`;
+                the bundled policy keeps, microsoft/Promptist, the reference, does not).
+            no_repeat_ngram_size: > 0 bans repeating any n-gram of the written tokens (no modifier loops);
+                None takes the policy's default, 0 bans nothing (the reference).
         """
         # 1. check inputs
         sources = check_prompts(prompts)
@@ -181,28 +193,35 @@ class PromptOptimizer:
             raise ValueError(f"head_choice must be argmax or sample; got {head_choice!r}")
         self._check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
                             temperature, top_k, top_p, batch_size, seed)
+        keep = self.decoding.keep_prompt if keep_prompt is None else bool(keep_prompt)
+        ngram = self.decoding.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
+        if not isinstance(ngram, int) or not 0 <= ngram <= MAX_NGRAM:
+            raise ValueError(f"no_repeat_ngram_size must be between 0 and {MAX_NGRAM}; got {ngram!r}")
 
-        # 2. tokenize: "x Rephrase:"; max_new_tokens must fit the policy's context; cut an over-long prompt
+        # 2. tokenize: "x Rephrase:" (then " x" when the prompt is kept: the policy writes what follows);
+        #    max_new_tokens must fit the policy's context; cut an over-long prompt
         encoded, truncated = zip(*(self._encode(s, max_new_tokens, _which(i, len(sources)))
                                    for i, s in enumerate(sources)), strict=True)
+        queries = [self._keep(ids, s, max_new_tokens) if keep else ids for ids, s in zip(encoded, sources, strict=True)]
 
         # 3. generate, in batches of similar length (less padding), or per prompt when sampling
         texts: list[list[str]] = [[] for _ in sources]
         if mode == "sample":
             groups = [[i] for i in range(len(sources))]
         else:
-            order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+            order = sorted(range(len(sources)), key=lambda i: len(queries[i]))
             groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         with self._lock, torch.inference_mode():
             for group in groups:
                 outputs = self._generate(
-                    [encoded[i] for i in group], mode=mode, candidates=candidates, num_beams=num_beams,
+                    [queries[i] for i in group], mode=mode, candidates=candidates, num_beams=num_beams,
                     max_new_tokens=max_new_tokens, length_penalty=length_penalty,
                     num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, step_callback=step_callback,
+                    no_repeat_ngram_size=ngram,
                 )
                 for i, out in zip(group, outputs, strict=True):
-                    texts[i] = out
+                    texts[i] = [_join(_kept(sources[i]), o) for o in out] if queries[i] is not encoded[i] else out
 
         # 4. strip the input prefix (decode only new tokens), never return an empty rewrite; a DF-Prompt
         #    policy's heads then choose each modifier's weight and range
@@ -320,6 +339,21 @@ class PromptOptimizer:
                        "it is truncated", len(ids), room)
         return body[: max(room - len(suffix), 1)] + suffix, True
 
+    def _keep(self, ids: list[int], source: str, max_new_tokens: int) -> list[int]:
+        """The query with the prompt forced as the start of the rewrite: "x Rephrase:" + " x" (x without a
+        closing full stop, `_kept`). When both do
+        not fit the context the prompt's first copy is cut (the forced copy is what the user reads); a
+        prompt too long even for that is not forced (returned as is: `ids` itself)."""
+        forced = self._tokenize(" " + _kept(source))
+        room = self.context_length - max_new_tokens
+        if len(ids) + len(forced) <= room:
+            return ids + forced
+        suffix = self._tokenize(REPHRASE_SUFFIX)
+        head = room - len(forced) - len(suffix)
+        if head < 1:
+            return ids
+        return self._tokenize(source)[:head] + suffix + forced
+
     def _cache_kwargs(self, max_new_tokens: int) -> dict:
         """The `generate` arguments that pick the KV cache for beam search (see `cache_implementation`)."""
         if self.cache_implementation in (None, "dynamic"):
@@ -333,7 +367,7 @@ class PromptOptimizer:
 
     def _generate(self, batch: list[list[int]], *, mode, candidates, num_beams, max_new_tokens, length_penalty,
                   num_beam_groups, diversity_penalty, temperature, top_k, top_p, seed,
-                  step_callback) -> list[list[str]]:
+                  step_callback, no_repeat_ngram_size=0) -> list[list[str]]:
         # Left padding with eos as pad, exactly what the tokenizer does in the reference.
         padded = self.tokenizer.pad({"input_ids": batch}, padding=True, return_tensors="pt")
         input_ids = padded["input_ids"].to(self.device)
@@ -341,15 +375,20 @@ class PromptOptimizer:
         common = dict(max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
                       pad_token_id=self.eos_token_id)
         hooks = None
-        if step_callback is not None:
+        if step_callback is not None or no_repeat_ngram_size:
             from transformers import LogitsProcessorList
 
-            hooks = LogitsProcessorList([_StepHook(step_callback, max_new_tokens)])
+            from .repeat_blocking import RepeatedNgramBlocker
+
+            hooks = LogitsProcessorList(
+                ([RepeatedNgramBlocker(no_repeat_ngram_size, input_ids.shape[1])] if no_repeat_ngram_size else [])
+                + ([_StepHook(step_callback, max_new_tokens)] if step_callback is not None else []))
 
         if mode == "beam" and self.cache_implementation == "beam" and fast_beam_search_supported(self.model):
             sequences = beam_search(
                 self.model, input_ids, attention_mask, num_beams=num_beams, num_return_sequences=candidates,
-                length_penalty=length_penalty, step_callback=step_callback, **common,
+                length_penalty=length_penalty, step_callback=step_callback,
+                no_repeat_ngram_size=no_repeat_ngram_size, **common,
             )
         elif mode == "beam":
             sequences = self.model.generate(
@@ -364,7 +403,7 @@ class PromptOptimizer:
                 self.model, input_ids, attention_mask, num_beams=num_beams,
                 num_beam_groups=num_beam_groups or num_beams, diversity_penalty=diversity_penalty,
                 num_return_sequences=candidates, length_penalty=length_penalty,
-                step_callback=step_callback, **common,
+                step_callback=step_callback, no_repeat_ngram_size=no_repeat_ngram_size, **common,
             ).sequences
         else:
             devices = [self.device] if self.device.type == "cuda" else []
@@ -382,19 +421,37 @@ class PromptOptimizer:
         return [decoded[i * per_prompt:(i + 1) * per_prompt] for i in range(len(batch))]
 
 
+def _kept(source: str) -> str:
+    """The prompt as the start of its rewrite: without a closing full stop, so modifiers can follow it."""
+    return source.rstrip(" .;:!?,") or source
+
+
+def _join(source: str, written: str) -> str:
+    """The kept prompt and what the policy wrote after it, as one rewrite."""
+    written = written.strip()
+    if not written:
+        return source
+    return source + (written if written[0] in ",.;:!?" else " " + written)
+
+
 _CACHE: dict[tuple, PromptOptimizer] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def load_optimizer(
-    name: str = DEFAULT_OPTIMIZER_MODEL,
+    name: str | None = None,
     *,
     models_dir: Path | str | Sequence[Path | str] | None = None,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     allow_download: bool | None = None,
 ) -> PromptOptimizer:
-    """Resolve `name` to files (weights.resolve), load the policy once, and reuse it across calls."""
+    """Resolve `name` to files (weights.resolve), load the policy once, and reuse it across calls. No name:
+    microsoft/Promptist where it can be had, else the bundled policy, said in one warning line."""
+    if name is None:
+        name, note = choose_default_policy(models_dir=models_dir, allow_download=allow_download)
+        if note:
+            logger.warning(note)
     folder = resolve(name, models_dir=models_dir, allow_download=allow_download)
     problem = causal_lm_problem(folder)
     if problem:
@@ -448,7 +505,7 @@ def _load(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: tor
     heads = load_heads(folder)  # a DF-Prompt policy when the folder holds weight and range heads
     if heads is not None:
         heads.to(device=device, dtype=dtype)
-    return PromptOptimizer(model, tokenizer, name=name, dfprompt_heads=heads)
+    return PromptOptimizer(model, tokenizer, name=name, dfprompt_heads=heads, decoding=read_decoding_defaults(folder))
 
 
 def forget(folder: Path | str) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # What transformers 4.30 maps a byte-level BPE (GPT-2 style) tokenizer to; 5.x reads it too.
@@ -22,12 +23,47 @@ GPT2_TOKENIZER_CLASS = "GPT2Tokenizer"
 _STALE_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only", "auto_map")
 
 
-def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=None) -> Path:
+# A policy's own decoding defaults (what the optimizer does when a call leaves them unset).
+DECODING_FILE = "promptist.json"
+
+
+@dataclass(frozen=True)
+class DecodingDefaults:
+    """keep_prompt: the rewrite starts with the user's prompt verbatim (the policy writes what follows).
+    no_repeat_ngram_size: > 0 bans repeating an n-gram of the written tokens. Both off is the reference
+    recipe (microsoft/Promptist); a folder's `promptist.json` ({"decoding": {...}}) sets its own."""
+
+    keep_prompt: bool = False
+    no_repeat_ngram_size: int = 0
+
+    def to_dict(self) -> dict:
+        return {"keep_prompt": self.keep_prompt, "no_repeat_ngram_size": self.no_repeat_ngram_size}
+
+
+def read_decoding_defaults(folder: Path | str) -> DecodingDefaults:
+    """The folder's `promptist.json` decoding defaults; the reference's when it has none. A broken file is
+    an error naming it (a silently different decoding would be worse)."""
+    path = Path(folder) / DECODING_FILE
+    if not path.is_file():
+        return DecodingDefaults()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")).get("decoding", {})
+        keep, ngram = data.get("keep_prompt", False), data.get("no_repeat_ngram_size", 0)
+        if not isinstance(keep, bool) or not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
+            raise ValueError("keep_prompt must be true/false and no_repeat_ngram_size an integer >= 0")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); fix or delete it") from None
+    return DecodingDefaults(keep, ngram)
+
+
+def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=None,
+                       decoding: DecodingDefaults | None = None) -> Path:
     """Save `model` + `tokenizer` as a policy folder for `promptist_core.optimizer.load_optimizer`.
 
     Writes config.json, model.safetensors, generation_config.json (if the model has one) and the
     tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json with a class
-    transformers 4.30 knows), and a DF-Prompt policy's heads when given (`dfprompt_policy.save_heads`).
+    transformers 4.30 knows), a DF-Prompt policy's heads when given (`dfprompt_policy.save_heads`), and
+    the policy's decoding defaults when they are not the reference's (`promptist.json`).
     An existing folder is replaced only once the new one is complete.
     Returns the folder.
     """
@@ -42,6 +78,9 @@ def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=N
             from .dfprompt_policy import save_heads
 
             save_heads(dfprompt_heads, tmp)
+        if decoding is not None and decoding != DecodingDefaults():
+            (tmp / DECODING_FILE).write_text(json.dumps({"decoding": decoding.to_dict()}, indent=2) + "\n",
+                                             encoding="utf-8")
         fsync_tree(tmp)
         _replace_folder(tmp, folder)
     except BaseException:

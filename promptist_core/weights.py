@@ -28,6 +28,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER_MODEL = "microsoft/Promptist"
+# The small SFT policy that ships inside the package (recipes/bundled_policy.py rebuilds it): found by this
+# name with nothing downloaded or copied, and the optimizer's fallback when Promptist cannot be had.
+BUNDLED_POLICY = "promptist-mini"
+BUNDLED_POLICY_DIR = Path(__file__).resolve().parent / "policies" / BUNDLED_POLICY
 
 # Environment switches that forbid any download.
 OFFLINE_ENV_VARS = ("PROMPTIST_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -346,7 +350,13 @@ def resolve(
             if _folder_has(folder, required):
                 return folder
 
-    # 3. the Hugging Face cache (only for names that look like Hub ids)
+    # 3. the policy that ships with promptist (a user's own folder of that name, found above, wins)
+    if name == BUNDLED_POLICY:
+        log.add("bundled with promptist", BUNDLED_POLICY_DIR)
+        if _folder_has(BUNDLED_POLICY_DIR, required):
+            return BUNDLED_POLICY_DIR
+
+    # 4. the Hugging Face cache (only for names that look like Hub ids)
     is_hub_id = name.count("/") == 1
     if is_hub_id:
         for cache_dir in hf_cache_dirs():
@@ -355,7 +365,7 @@ def resolve(
             if folder is not None:
                 return folder
 
-    # 4. download
+    # 5. download
     allowed = downloads_allowed(allow_download)
     target = dirs[0] / local_folder_name(name)
     why = "downloads are disabled (PROMPTIST_OFFLINE / HF_HUB_OFFLINE)" if is_hub_id else (
@@ -378,6 +388,24 @@ def resolve(
         + (f"\n(download them from https://huggingface.co/{name})" if is_hub_id else "")
         + (f"\n{OFFLINE_HINT}" if tried else "")
     )
+
+
+def choose_default_policy(*, models_dir=None, allow_download: bool | None = None) -> tuple[str, str | None]:
+    """The policy to use when the user names none: microsoft/Promptist where it is in a models folder or the
+    HF cache or can be downloaded, else the bundled policy. Returns (name, None) or (BUNDLED_POLICY, the one
+    line that says which model, why and how to get Promptist). Decides in seconds offline (the Hub is
+    probed once, briefly). A broken Promptist folder is an error, not a reason to switch."""
+    try:
+        resolve(DEFAULT_OPTIMIZER_MODEL, models_dir=models_dir, allow_download=allow_download)
+        return DEFAULT_OPTIMIZER_MODEL, None
+    except UnreadableWeightsError:
+        raise
+    except WeightsNotFoundError as e:
+        why = str(e).splitlines()[0].split(" was not found and ", 1)[-1].rstrip(".")
+        target = _as_dirs(models_dir)[0] / local_folder_name(DEFAULT_OPTIMIZER_MODEL)
+        return BUNDLED_POLICY, (f"promptist: using the bundled policy {BUNDLED_POLICY} (small, SFT only): "
+                                f"{DEFAULT_OPTIMIZER_MODEL} is not here and {why}; for the paper's RL policy, "
+                                f"run once online or put its files in {target}")
 
 
 def resolve_tokenizer(model_folder: Path, name: str, *, models_dir=None, allow_download: bool | None = None) -> Path:

@@ -1,7 +1,7 @@
-"""Rebuild the policy that ships with promptist (`promptist_core/bundled/promptist-mini/`) from this repository.
+"""Rebuild the policy that ships with promptist (`promptist_core/policies/promptist-mini/`) from this repository.
 
     python recipes/bundled_policy.py            # ~60 min on a 2-core CPU; writes build/bundled-policy/
-    python recipes/bundled_policy.py --publish  # then copies the result into promptist_core/bundled/
+    python recipes/bundled_policy.py --publish  # then copies the result into promptist_core/policies/
 
 Every step is one of ours, on the CC0 DiffusionDB prompts in `data/diffusiondb/prompts.txt`:
 1. a byte-level BPE tokenizer (8k merges, `tokenizers`) trained on the corpus,
@@ -26,12 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "diffusiondb" / "prompts.txt"
 RECIPE = ROOT / "recipes" / "bundled-policy.toml"
-SHIPPED = ROOT / "promptist_core" / "bundled" / "promptist-mini"
+SHIPPED = ROOT / "promptist_core" / "policies" / "promptist-mini"
 MANIFEST = "manifest.json"
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 8192
 ARCHITECTURE = {"n_layer": 4, "n_embd": 256, "n_head": 8, "n_positions": 256}
 SEED = 0
+# The decoding the shipped folder asks for (its promptist.json), chosen by bench/policy_quality.py on
+# held-out COCO captions: the prompt kept verbatim (the policy writes the modifiers after it) and no
+# 3-token repeat (no modifier loops).
+DECODING = {"keep_prompt": True, "no_repeat_ngram_size": 3}
 
 
 def sha256_of(path: Path) -> str:
@@ -86,9 +90,10 @@ def export_fp16(trained: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
     tensors = {k: v.half().contiguous() for k, v in load_file(str(trained / "model.safetensors")).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "promptist.json").write_text(json.dumps({"decoding": DECODING}, indent=2) + "\n", encoding="utf-8")
     files = {p.name: sha256_of(p) for p in sorted(out.iterdir()) if p.is_file()}
     manifest = {"name": out.name, "recipe": RECIPE.relative_to(ROOT).as_posix(), "recipe_sha256": sha256_of(RECIPE),
-                "corpus_sha256": sha256_of(CORPUS), "architecture": ARCHITECTURE, "vocab_size": VOCAB_SIZE,
+                "corpus_sha256": sha256_of(CORPUS), "architecture": ARCHITECTURE, "vocab_size": VOCAB_SIZE, "decoding": DECODING,
                 "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
@@ -107,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer("pairs", "--corpus", str(CORPUS), "--out", str(work / "pairs.jsonl"), "--seed", str(SEED),
                 "--mcm-per-target", "2")
     resume = ["--resume"] if any((work / "sft" / "checkpoints").glob("step-*")) else []  # a stopped build goes on
-    trainer("sft", "--config", str(RECIPE), "--pairs", str(work / "pairs.jsonl"), "--base", str(work / "base"),
-            "--out", str(work / "sft"), *resume)
+    if not (work / "sft" / "model.safetensors").is_file():  # published when the run finished
+        trainer("sft", "--config", str(RECIPE), "--pairs", str(work / "pairs.jsonl"), "--base", str(work / "base"),
+                "--out", str(work / "sft"), *resume)
     export_fp16(work / "sft", work / SHIPPED.name)
     print(f"wrote {work / SHIPPED.name}", flush=True)
     if args.publish:
