@@ -40,8 +40,11 @@ def models_dirs() -> list[Path]:
 
 
 def list_model_folders(default: str, accept: Callable[[Path], bool]) -> list[str]:
-    """`default` first, then every sub-folder of the models folders that `accept` takes."""
-    names = [default]
+    """`default` first, then the policy bundled with promptist (usable with nothing copied or downloaded), then
+    every sub-folder of the models folders that `accept` takes."""
+    from promptist_core.weights import BUNDLED_POLICY
+
+    names = list(dict.fromkeys([default, BUNDLED_POLICY]))
     for d in models_dirs():
         if d.is_dir():
             names += sorted(p.name for p in d.iterdir() if p.is_dir() and p.name not in names and accept(p))

@@ -19,6 +19,7 @@ from .comfy_schema import comfy_node
 MODEL_TYPE = "PROMPTIST_MODEL"
 BATCH_SIZE = 16
 OUTPUTS = ("dfprompt", "plain")  # a DF-Prompt policy's rewrite: with its blocks, or as plain text
+KEEP_PROMPT = {"policy default": None, "keep": True, "rewrite": False}
 
 
 @dataclass
@@ -34,8 +35,9 @@ class ModelLoader:
 
     NODE_ID = "PromptistModelLoader"
     DISPLAY_NAME = "Promptist Model Loader"
-    DESCRIPTION = ("Loads a prompt-optimizer policy. Put model folders (config.json, model.safetensors, "
-                   "tokenizer files) in ComfyUI/models/promptist/, or use microsoft/Promptist.")
+    DESCRIPTION = ("Loads a prompt-optimizer policy: microsoft/Promptist (the paper's, downloaded once), "
+                   "promptist-mini (bundled: small, offline, keeps your prompt and adds modifiers), or a model "
+                   "folder (config.json, model.safetensors, tokenizer files) in ComfyUI/models/promptist/.")
     OUTPUTS = [(MODEL_TYPE, "promptist_model", "The loaded policy, for Promptist Optimize Prompt.")]
 
     @classmethod
@@ -44,8 +46,9 @@ class ModelLoader:
         return [
             ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL, lambda p: causal_lm_problem(p) is None),
              {"default": DEFAULT_OPTIMIZER_MODEL,
-              "tooltip": "A causal-LM folder in models/promptist, or microsoft/Promptist (from models/promptist/Promptist, "
-                         "the Hugging Face cache, or downloaded once unless offline)."}),
+              "tooltip": "microsoft/Promptist (from models/promptist/Promptist, the Hugging Face cache, or downloaded "
+                         "once unless offline), promptist-mini (bundled with the pack, works offline), or a "
+                         "causal-LM folder in models/promptist."}),
             ("device", list(DEVICE_CHOICES),
              {"default": "auto",
               "tooltip": "auto/gpu: ComfyUI's device, offloaded when VRAM is needed; cpu: stay on CPU."}),
@@ -95,6 +98,11 @@ class OptimizePrompt:
                                               "DF-Prompt Encode. plain: the same modifiers without weights and "
                                               "ranges, for CLIP Text Encode. A plain policy's rewrite is plain "
                                               "either way."}),
+        ("keep_prompt", list(KEEP_PROMPT), {"default": "policy default", "optional": True,
+                                            "tooltip": "keep: every rewrite starts with your prompt verbatim and the "
+                                                       "policy only adds to it. rewrite: the policy may reword it "
+                                                       "(microsoft/Promptist's recipe). policy default: keep for "
+                                                       "promptist-mini, rewrite for microsoft/Promptist."}),
     ]
     OUTPUTS = [("STRING", "prompt", "The best rewrite (one per input line); a DF-Prompt policy's is a DF-Prompt "
                                     "(output: dfprompt), for Promptist DF-Prompt Encode."),
@@ -103,9 +111,11 @@ class OptimizePrompt:
     @staticmethod
     def run(promptist_model: LoadedOptimizer, text: str, mode: str = "beam", candidates: int = 1, seed: int = 0,
             max_new_tokens: int = 75, trim_to_clip: bool = False, head_choice: str = "argmax",
-            output: str = "dfprompt"):
+            output: str = "dfprompt", keep_prompt: str = "policy default"):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+        if keep_prompt not in KEEP_PROMPT:
+            raise ValueError(f"keep_prompt must be one of {', '.join(KEEP_PROMPT)}; got {keep_prompt!r}")
         prompts = [line for line in text.splitlines() if line.strip()] or [text]
         generate_calls = len(prompts) if mode == "sample" else math.ceil(len(prompts) / BATCH_SIZE)
         promptist_model.managed.load()
@@ -113,6 +123,7 @@ class OptimizePrompt:
             prompts, mode=mode, candidates=candidates, num_beams=max(8, candidates), seed=seed,
             max_new_tokens=max_new_tokens, trim_to_clip_window=trim_to_clip, batch_size=BATCH_SIZE,
             step_callback=step_progress(max_new_tokens * generate_calls), head_choice=head_choice,
+            keep_prompt=KEEP_PROMPT[keep_prompt],
         )
         shown = to_plain if output == "plain" else str
         best = "\n".join(shown(r.prompt) if r.dfprompt else r.prompt for r in results)

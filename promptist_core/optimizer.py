@@ -221,7 +221,7 @@ class PromptOptimizer:
                     no_repeat_ngram_size=ngram,
                 )
                 for i, out in zip(group, outputs, strict=True):
-                    texts[i] = [_join(_kept(sources[i]), o) for o in out] if queries[i] is not encoded[i] else out
+                    texts[i] = [join_kept(kept_prompt(sources[i]), o) for o in out] if queries[i] is not encoded[i] else out
 
         # 4. strip the input prefix (decode only new tokens), never return an empty rewrite; a DF-Prompt
         #    policy's heads then choose each modifier's weight and range
@@ -341,10 +341,10 @@ class PromptOptimizer:
 
     def _keep(self, ids: list[int], source: str, max_new_tokens: int) -> list[int]:
         """The query with the prompt forced as the start of the rewrite: "x Rephrase:" + " x" (x without a
-        closing full stop, `_kept`). When both do
+        closing full stop, `kept_prompt`). When both do
         not fit the context the prompt's first copy is cut (the forced copy is what the user reads); a
         prompt too long even for that is not forced (returned as is: `ids` itself)."""
-        forced = self._tokenize(" " + _kept(source))
+        forced = self._tokenize(" " + kept_prompt(source))
         room = self.context_length - max_new_tokens
         if len(ids) + len(forced) <= room:
             return ids + forced
@@ -421,12 +421,12 @@ class PromptOptimizer:
         return [decoded[i * per_prompt:(i + 1) * per_prompt] for i in range(len(batch))]
 
 
-def _kept(source: str) -> str:
+def kept_prompt(source: str) -> str:
     """The prompt as the start of its rewrite: without a closing full stop, so modifiers can follow it."""
     return source.rstrip(" .;:!?,") or source
 
 
-def _join(source: str, written: str) -> str:
+def join_kept(source: str, written: str) -> str:
     """The kept prompt and what the policy wrote after it, as one rewrite."""
     written = written.strip()
     if not written:

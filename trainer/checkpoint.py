@@ -128,13 +128,14 @@ def save_checkpoint(
     protect: tuple[int, ...] = (),
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
     dfprompt_heads=None,
+    decoding=None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-<step>/` atomically and keep the newest `keep` (plus `protect`ed steps).
 
     `state` must hold `step`; it is saved as trainer_state.json with the RNG's Python state. `extra`
     maps a name to a state dict saved as `<name>.safetensors` (read back with `load_extra`).
     `dfprompt_heads` (a DF-Prompt policy's heads) are part of the model folder, so they are published
-    with it. Without `model` (TPO: the trainable part is a LoRA) no model folder is written; the
+    with it, as are the policy's `decoding` defaults (`policy_folder.DecodingDefaults`). Without `model` (TPO: the trainable part is a LoRA) no model folder is written; the
     trainable tensors then go in `extra`.
     """
     root = Path(run_dir) / "checkpoints"
@@ -144,7 +145,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if model is not None:
-            save_policy_folder(model, tokenizer, tmp, dfprompt_heads=dfprompt_heads)
+            save_policy_folder(model, tokenizer, tmp, dfprompt_heads=dfprompt_heads, decoding=decoding)
         else:
             tmp.mkdir(parents=True)
         opt_tensors, opt_meta = optimizer_to_files(optimizer)

@@ -54,7 +54,7 @@ KL_CONTROLLERS = ("fixed", "adaptive")
 LOG_COLUMNS = ("reward", "reward_aes", "reward_rel", "reward_pick", "kl", "beta", "approx_kl", "clip_frac",
                "entropy", "policy_loss", "value_loss", "explained_var", "response_len", "baseline_hits")
 DF_COLUMNS = ("kl_weight", "kl_range", "modifiers", "mean_weight")
-RESUME_FIXED = ("prompts", "policy", "seed", "batch_size", "column", "dfprompt")
+RESUME_FIXED = ("prompts", "policy", "seed", "batch_size", "column", "dfprompt", "keep_prompt", "no_repeat_ngram_size")
 PRESETS = ("auto", "promptist", "pae")
 
 
@@ -100,6 +100,11 @@ class PPOConfig:
     top_p: float = option(1.0, "Sample rollouts: nucleus probability.")
     min_new_tokens: int = option(15, "Rewrite length limit is drawn per batch from [min_new_tokens, max_new_tokens].")
     max_new_tokens: int = option(75, "Upper end of the per-batch length limit (reference: 75).")
+    keep_prompt: bool | None = option(None, "Rollouts start with the plain prompt verbatim and the policy writes only "
+                                      "what follows (trained and KL-penalised on those tokens alone); empty: the "
+                                      "policy's own setting (on for the bundled policy, off for microsoft/Promptist).")
+    no_repeat_ngram_size: int | None = option(None, "Rollouts never repeat an n-gram of the written tokens (0 = off); "
+                                              "empty: the policy's own setting (3 for the bundled policy).")
     reference_device: str = option("same", "Where the frozen reference runs: same (as the policy) or cpu (saves VRAM).",
                                    choices=("same", "cpu"))
     save_every: int = option(50, "Checkpoint every this many iterations (and at the end and on stop).")
@@ -249,13 +254,22 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
             rank: int, per_prompt: int = 1) -> Rollout:
     """`per_prompt` rewrites of each prompt (consecutive), drawn the reference's way (distinct diverse-beam
     candidates at random) or sampled, with their token ids."""
+    from transformers import LogitsProcessorList
+
     from promptist_core.diverse_beam import diverse_beam_search
+    from promptist_core.optimizer import join_kept, kept_prompt
+    from promptist_core.repeat_blocking import RepeatedNgramBlocker
 
     g = counter_generator(config.seed, iteration, rank)
     max_new = int(torch.randint(config.min_new_tokens, config.max_new_tokens + 1, (1,), generator=g))
     eos = tokenizer.eos_token_id
     room = context_length(lm) - max_new
-    prompt_ids = [tokenizer(p + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
+    prompt_ids = [tokenizer(p + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"] for p in prompts]
+    if config.keep_prompt:  # the policy's tokens start after the kept prompt: only they are trained and scored
+        prompt_ids = [q + tokenizer(" " + kept_prompt(p), add_special_tokens=False)["input_ids"]
+                      for q, p in zip(prompt_ids, prompts, strict=True)]
+    prompt_ids = [q[-room:] for q in prompt_ids]
+    ngram = config.no_repeat_ngram_size or 0
     width = max(map(len, prompt_ids))
     ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompt_ids], device=next(lm.parameters()).device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=ids.device)
@@ -264,7 +278,8 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
             groups = config.num_beam_groups
             out = diverse_beam_search(lm, ids, mask, num_beams=groups, num_beam_groups=groups,
                                       diversity_penalty=config.diversity_penalty, num_return_sequences=groups,
-                                      max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos).sequences
+                                      max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos,
+                                      no_repeat_ngram_size=ngram).sequences
             picks = torch.stack([torch.randperm(groups, generator=g)[:per_prompt] for _ in prompts])
             chosen = out.view(len(prompts), groups, -1)[torch.arange(len(prompts))[:, None], picks].flatten(0, 1)
         else:
@@ -272,13 +287,17 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
             devices = [ids.device] if ids.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
+                processors = [RepeatedNgramBlocker(ngram, width)] if ngram else []
                 chosen = lm.generate(ids, attention_mask=mask, do_sample=True, top_k=config.top_k,
                                      top_p=config.top_p, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos,
-                                     num_return_sequences=per_prompt)
+                                     num_return_sequences=per_prompt, logits_processor=LogitsProcessorList(processors))
     responses = []
     for row in chosen[:, width:].tolist():  # plain lists: nothing of inference mode reaches training
         responses.append(row[:row.index(eos) + 1] if eos in row else row + [eos])
     rewrites = [tokenizer.decode(r[:-1], skip_special_tokens=True).strip() for r in responses]
+    if config.keep_prompt:
+        rewrites = [join_kept(kept_prompt(p), w) for p, w in zip(
+            [p for p in prompts for _ in range(per_prompt)], rewrites, strict=True)]
     return Rollout([p for p in prompt_ids for _ in range(per_prompt)], responses, rewrites, max_new)
 
 
@@ -440,6 +459,23 @@ def check_config(config: PPOConfig, runtime: Runtime) -> None:
         raise ConfigError("need beta_weight >= 0, beta_range >= 0, head_entropy >= 0 and head_lr > 0")
 
 
+def policy_decoding(config: PPOConfig, models_dir=None):
+    """The decoding the trained policy keeps (its folder's promptist.json): the base policy's, with this run's
+    keep_prompt / no_repeat_ngram_size where set. Fills those two settings of `config` in."""
+    from dataclasses import replace
+
+    from promptist_core.policy_folder import read_decoding_defaults
+    from promptist_core.weights import resolve
+
+    decoding = read_decoding_defaults(resolve(config.policy, models_dir=models_dir))
+    if config.keep_prompt is not None:
+        decoding = replace(decoding, keep_prompt=config.keep_prompt)
+    if config.no_repeat_ngram_size is not None:
+        decoding = replace(decoding, no_repeat_ngram_size=config.no_repeat_ngram_size)
+    config.keep_prompt, config.no_repeat_ngram_size = decoding.keep_prompt, decoding.no_repeat_ngram_size
+    return decoding
+
+
 def load_prompts(config: PPOConfig) -> list[str]:
     from .corpus import read_corpus
 
@@ -466,6 +502,7 @@ def train_ppo(
         raise ConfigError(f"{out} already holds a run (checkpoint at iteration {checkpoints[-1].step}); pass --resume "
                           "to continue it, or choose another output folder")
     checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    decoding = policy_decoding(config, models_dir)  # before the resume check: it fills two settings in
     if checkpoint is not None:
         check_resume_settings(config, checkpoint, RESUME_FIXED)
 
@@ -536,7 +573,7 @@ def train_ppo(
             full = {**state, "config": config_to_dict(config), "baseline_cache": cache.entries}
             save_checkpoint(out, model=policy, tokenizer=tokenizer, optimizer=optimizer, state=full,
                             keep=config.keep_checkpoints, extra={"value": value.state_dict()} if value else None,
-                            dfprompt_heads=heads)
+                            dfprompt_heads=heads, decoding=decoding)
             panels = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
                       "value loss": ("value_loss",)}
             if heads is not None:

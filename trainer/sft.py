@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptist_core.optimizer import REPHRASE_SUFFIX
-from promptist_core.policy_folder import save_policy_folder
+from promptist_core.policy_folder import read_decoding_defaults, save_policy_folder
+from promptist_core.weights import resolve
 
 from .checkpoint import (
     check_resume_settings,
@@ -373,6 +374,7 @@ def train_sft(
     model.to(runtime.device).train()
     if heads is not None:
         heads.to(runtime.device).train()
+    decoding = read_decoding_defaults(resolve(config.base, models_dir=models_dir))  # the base's, kept
     train, skipped = encode_pairs(tokenizer, train_pairs, max_length, decisions=heads is not None)
     valid, _ = encode_pairs(tokenizer, valid_pairs, max_length, decisions=heads is not None)
     if not train:
@@ -402,7 +404,8 @@ def train_sft(
         if runtime.is_main:
             full = {**state, "config": config_to_dict(config), "scaler": scaler.state_dict() if scaler else None}
             save_checkpoint(out, model=model, tokenizer=tokenizer, optimizer=optimizer, state=full,
-                            keep=config.keep_checkpoints, protect=(config.select_step,), dfprompt_heads=heads)
+                            keep=config.keep_checkpoints, protect=(config.select_step,), dfprompt_heads=heads,
+                            decoding=decoding)
             log.draw({"loss": ("loss", "valid_loss")}, "SFT").save(out / CURVES_FILE)
         runtime.barrier()
 
@@ -458,7 +461,7 @@ def train_sft(
             if metrics["valid_loss"] is not None and (best is None or metrics["valid_loss"] < best):
                 state["best_valid_loss"], state["best_step"] = metrics["valid_loss"], step
                 if runtime.is_main:
-                    save_policy_folder(model, tokenizer, out / "best", dfprompt_heads=heads)
+                    save_policy_folder(model, tokenizer, out / "best", dfprompt_heads=heads, decoding=decoding)
         if step % config.log_every == 0 or "valid_loss" in metrics or step == config.max_steps:
             log.log(step, metrics)
         if (config.save_every and step % config.save_every == 0) or step == config.select_step:
@@ -476,7 +479,7 @@ def train_sft(
         save(state["step"])
     selected = config.select
     if runtime.is_main:
-        save_policy_folder(model, tokenizer, out / "last", dfprompt_heads=heads)
+        save_policy_folder(model, tokenizer, out / "last", dfprompt_heads=heads, decoding=decoding)
         source = out / "last"
         if config.select == "best":
             if (out / "best").is_dir():
