@@ -9,6 +9,9 @@ the outputs matched, and how close each path runs to the machine: achieved FLOP/
 forwards (2 x weights per token computed, plus attention over the context) next to the measured
 matmul peak of this machine, dtype and thread count.
 
+It also times the policy bundled with promptist (promptist-mini, 5.3M parameters) at its own defaults
+beside that architecture: one prompt at 8 beams, and the batch.
+
 `--mode diverse` measures PPO's rollout setting instead: diverse beam search, 16 groups x 1 beam,
 batched vs one prompt at a time (identical outputs), next to beam search with 16 beams on the same
 batch (goal: diverse no slower per prompt).
@@ -216,6 +219,22 @@ def main() -> None:
                 "reference_flops_per_s": round(reference_flops / reference_s),
                 "ours_flops_per_s": round(ours_flops / ours_s),
                 "identical_outputs": ours == reference,
+            })
+
+            # 4. the policy bundled with promptist, at its own defaults (8 beams, prompt kept, no repeats)
+            from promptist_core.optimizer import load_optimizer
+            from promptist_core.weights import BUNDLED_POLICY
+
+            bundled = load_optimizer(BUNDLED_POLICY, device=args.device, dtype=dtype)
+            bundled(prompts[:2], max_new_tokens=2)
+            bundled_single = min(timed(lambda: bundled(prompts[0]))[1] for _ in range(3))
+            _, bundled_s, _ = timed(lambda: bundled(prompts, batch_size=args.batch_size))
+            result.update({
+                "bundled_policy": BUNDLED_POLICY,
+                "bundled_parameters": sum(p.numel() for p in bundled.model.parameters()),
+                "bundled_single_prompt_s": round(bundled_single, 3),
+                "bundled_prompts_per_s": round(args.prompts / bundled_s, 3),
+                "gpt2_small_vs_bundled_single_prompt_ratio": round(ours_single / bundled_single, 2),
             })
         else:
             kwargs = dict(mode="diverse", num_beams=16, num_beam_groups=16, diversity_penalty=1.0, candidates=16,
