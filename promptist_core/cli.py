@@ -85,6 +85,8 @@ def _run_optimize(args) -> int:
     PromptOptimizer._check_options(args.mode, args.candidates, args.num_beams, args.max_new_tokens,
                                    args.num_beam_groups, args.diversity_penalty, args.temperature, args.top_k,
                                    args.top_p, args.batch_size, args.seed)
+    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= MAX_NGRAM:
+        raise ValueError(f"--no-repeat-ngram must be between 0 and {MAX_NGRAM}; got {args.no_repeat_ngram}")
     allow_download = False if args.offline else None
     name = args.model
     if name is None:
@@ -93,8 +95,6 @@ def _run_optimize(args) -> int:
         name, note = choose_default_policy(models_dir=args.models_dir, allow_download=allow_download)
         if note:
             print(note, file=sys.stderr)
-    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= MAX_NGRAM:
-        raise ValueError(f"--no-repeat-ngram must be between 0 and {MAX_NGRAM}; got {args.no_repeat_ngram}")
     optimizer = load_optimizer(name, models_dir=args.models_dir, device=args.device, allow_download=allow_download)
     results = optimizer(
         prompts, mode=args.mode, candidates=args.candidates, num_beams=args.num_beams,

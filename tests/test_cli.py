@@ -79,8 +79,9 @@ def test_max_new_tokens_beyond_the_policys_context_exits_2(tiny_promptist_dir, c
     assert "does not fit the policy's context of 128 tokens" in capsys.readouterr().err
 
 
-def test_missing_model_exits_3_and_says_where_to_put_it(tmp_path):
-    done = run_cli("optimize", "a cat", "--models-dir", str(tmp_path / "models"))
+def test_a_named_missing_model_exits_3_and_says_where_to_put_it(tmp_path):
+    """Named, it is never replaced by the bundled policy (only an unnamed default falls back)."""
+    done = run_cli("optimize", "a cat", "--model", "microsoft/Promptist", "--models-dir", str(tmp_path / "models"))
     assert done.returncode == EXIT_MISSING_WEIGHTS
     assert "model 'microsoft/Promptist' was not found" in done.stderr
     assert "Put the model files (config.json, model.safetensors or pytorch_model.bin" in done.stderr

@@ -66,5 +66,6 @@ def test_a_command_runs_promptist_core_from_any_folder(set_up, capfd):
 
 
 def test_the_jobs_exit_code_is_run_pys(set_up, tmp_path, capfd):
-    assert set_up(["optimize", "a cat", "--offline", "--models-dir", str(tmp_path)]) == 3
+    assert set_up(["optimize", "a cat", "--model", "microsoft/Promptist", "--offline", "--models-dir",
+                   str(tmp_path)]) == 3
     assert "model 'microsoft/Promptist' was not found" in capfd.readouterr().err
