@@ -151,7 +151,7 @@ class PromptOptimizer:
         candidates: int = 1,
         num_beams: int = 8,
         max_new_tokens: int = 75,
-        length_penalty: float = -1.0,
+        length_penalty: float | None = None,
         num_beam_groups: int | None = None,
         diversity_penalty: float = 1.0,
         temperature: float = 1.0,
@@ -172,7 +172,8 @@ class PromptOptimizer:
                 groups, `diversity_penalty` against tokens earlier groups chose at the same step),
                 or `sample` (temperature / top_k / top_p; `seed` makes it reproducible per prompt).
             candidates: how many rewrites to return per prompt, best first (<= num_beams for beams).
-            num_beams, max_new_tokens, length_penalty: the reference recipe's 8, 75 and -1.0.
+            num_beams, max_new_tokens, length_penalty: the reference recipe's 8, 75 and -1.0 (length_penalty
+                None: the policy's default, -1.0 unless its folder says otherwise).
             batch_size: prompts per generate call (beam modes); results equal one-at-a-time.
             trim_to_clip_window: cut `prompt` at a comma so it fits CLIP's 75 prompt tokens.
             step_callback: called as (step, max_new_tokens) after every generated token; raise
@@ -194,6 +195,8 @@ class PromptOptimizer:
         self._check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
                             temperature, top_k, top_p, batch_size, seed)
         keep = self.decoding.keep_prompt if keep_prompt is None else bool(keep_prompt)
+        if length_penalty is None:
+            length_penalty = self.decoding.length_penalty
         ngram = self.decoding.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         if not isinstance(ngram, int) or not 0 <= ngram <= MAX_NGRAM:
             raise ValueError(f"no_repeat_ngram_size must be between 0 and {MAX_NGRAM}; got {ngram!r}")
@@ -221,7 +224,7 @@ class PromptOptimizer:
                     no_repeat_ngram_size=ngram,
                 )
                 for i, out in zip(group, outputs, strict=True):
-                    texts[i] = [join_kept(kept_prompt(sources[i]), o) for o in out] if queries[i] is not encoded[i] else out
+                    texts[i] = [join_kept(sources[i], o) for o in out] if queries[i] is not encoded[i] else out
 
         # 4. strip the input prefix (decode only new tokens), never return an empty rewrite; a DF-Prompt
         #    policy's heads then choose each modifier's weight and range
@@ -341,10 +344,10 @@ class PromptOptimizer:
 
     def _keep(self, ids: list[int], source: str, max_new_tokens: int) -> list[int]:
         """The query with the prompt forced as the start of the rewrite: "x Rephrase:" + " x" (x without a
-        closing full stop, `kept_prompt`). When both do
+        closing full stop, then a comma: `forced_start`). When both do
         not fit the context the prompt's first copy is cut (the forced copy is what the user reads); a
         prompt too long even for that is not forced (returned as is: `ids` itself)."""
-        forced = self._tokenize(" " + kept_prompt(source))
+        forced = self._tokenize(forced_start(source))
         room = self.context_length - max_new_tokens
         if len(ids) + len(forced) <= room:
             return ids + forced
@@ -421,17 +424,24 @@ class PromptOptimizer:
         return [decoded[i * per_prompt:(i + 1) * per_prompt] for i in range(len(batch))]
 
 
-def kept_prompt(source: str) -> str:
-    """The prompt as the start of its rewrite: without a closing full stop, so modifiers can follow it."""
-    return source.rstrip(" .;:!?,") or source
+def forced_start(source: str) -> str:
+    """What keeping the prompt forces as the start of the rewrite (after " Rephrase:"): the prompt without a
+    closing full stop, then a comma, so the policy's first word opens a modifier instead of going on with
+    the sentence or stopping."""
+    return " " + (source.rstrip(" .;:!?,") or source) + ","
 
 
 def join_kept(source: str, written: str) -> str:
-    """The kept prompt and what the policy wrote after it, as one rewrite."""
-    written = written.strip()
-    if not written:
-        return source
-    return source + (written if written[0] in ",.;:!?" else " " + written)
+    """The kept prompt and the modifiers the policy wrote after it, as one rewrite; a modifier written twice
+    is kept once, empty ones are dropped."""
+    kept = forced_start(source)[1:-1]
+    seen, items = set(), []
+    for item in written.split(","):
+        key = " ".join(item.lower().split())
+        if key and key not in seen:
+            seen.add(key)
+            items.append(item.strip())
+    return ", ".join([kept, *items])
 
 
 _CACHE: dict[tuple, PromptOptimizer] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,14 +31,18 @@ DECODING_FILE = "promptist.json"
 @dataclass(frozen=True)
 class DecodingDefaults:
     """keep_prompt: the rewrite starts with the user's prompt verbatim (the policy writes what follows).
-    no_repeat_ngram_size: > 0 bans repeating an n-gram of the written tokens. Both off is the reference
-    recipe (microsoft/Promptist); a folder's `promptist.json` ({"decoding": {...}}) sets its own."""
+    no_repeat_ngram_size: > 0 bans repeating an n-gram of the written tokens.
+    length_penalty: beam scores are sum_logprobs / length ** length_penalty (-1.0 favours short rewrites).
+    The defaults are the reference recipe (microsoft/Promptist); a folder's `promptist.json`
+    ({"decoding": {...}}) sets its own."""
 
     keep_prompt: bool = False
     no_repeat_ngram_size: int = 0
+    length_penalty: float = -1.0
 
     def to_dict(self) -> dict:
-        return {"keep_prompt": self.keep_prompt, "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        return {"keep_prompt": self.keep_prompt, "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                "length_penalty": self.length_penalty}
 
 
 def read_decoding_defaults(folder: Path | str) -> DecodingDefaults:
@@ -49,11 +54,14 @@ def read_decoding_defaults(folder: Path | str) -> DecodingDefaults:
     try:
         data = json.loads(path.read_text(encoding="utf-8")).get("decoding", {})
         keep, ngram = data.get("keep_prompt", False), data.get("no_repeat_ngram_size", 0)
-        if not isinstance(keep, bool) or not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
-            raise ValueError("keep_prompt must be true/false and no_repeat_ngram_size an integer >= 0")
+        penalty = data.get("length_penalty", -1.0)
+        if not isinstance(keep, bool) or not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0 or \
+                not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not math.isfinite(penalty):
+            raise ValueError("keep_prompt must be true/false, no_repeat_ngram_size an integer >= 0 and "
+                             "length_penalty a finite number")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path} cannot be read ({e}); fix or delete it") from None
-    return DecodingDefaults(keep, ngram)
+    return DecodingDefaults(keep, ngram, float(penalty))
 
 
 def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=None,

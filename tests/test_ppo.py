@@ -182,7 +182,7 @@ def test_rollouts_repeat_exactly_for_the_same_seed_iteration_and_rank(sft_policy
 def test_a_kept_prompt_is_in_the_query_and_the_policy_is_trained_on_its_own_tokens_only(sft_policy, how):
     """With keep_prompt the rollout's query ends with the plain prompt; the response (what log-probs, KL,
     values and the DF-Prompt heads see) is only what the policy wrote, and the rewrite is prompt + response."""
-    from promptist_core.optimizer import join_kept, kept_prompt
+    from promptist_core.optimizer import forced_start, join_kept
     from trainer.sft import load_trainable_policy
 
     lm, tokenizer = load_trainable_policy(str(sft_policy / "sft"))
@@ -190,10 +190,10 @@ def test_a_kept_prompt_is_in_the_query_and_the_policy_is_trained_on_its_own_toke
     got = rollout(lm.eval(), tokenizer, PPO_PROMPTS[:4], config, iteration=0, rank=0)
     for plain, query, response, rewrite in zip(PPO_PROMPTS[:4], got.prompt_ids, got.responses, got.rewrites,
                                                strict=True):
-        forced = tokenizer(" " + kept_prompt(plain), add_special_tokens=False)["input_ids"]
+        forced = tokenizer(forced_start(plain), add_special_tokens=False)["input_ids"]
         assert query[-len(forced):] == forced
         written = tokenizer.decode(response[:-1], skip_special_tokens=True)
-        assert rewrite == join_kept(kept_prompt(plain), written)
+        assert rewrite == join_kept(plain, written)
         grams = [tuple(response[i:i + 2]) for i in range(len(response) - 2)]  # the eos excluded
         assert len(grams) == len(set(grams))
 

@@ -257,7 +257,7 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
     from transformers import LogitsProcessorList
 
     from promptist_core.diverse_beam import diverse_beam_search
-    from promptist_core.optimizer import join_kept, kept_prompt
+    from promptist_core.optimizer import forced_start, join_kept
     from promptist_core.repeat_blocking import RepeatedNgramBlocker
 
     g = counter_generator(config.seed, iteration, rank)
@@ -266,7 +266,7 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
     room = context_length(lm) - max_new
     prompt_ids = [tokenizer(p + REPHRASE_SUFFIX, add_special_tokens=False)["input_ids"] for p in prompts]
     if config.keep_prompt:  # the policy's tokens start after the kept prompt: only they are trained and scored
-        prompt_ids = [q + tokenizer(" " + kept_prompt(p), add_special_tokens=False)["input_ids"]
+        prompt_ids = [q + tokenizer(forced_start(p), add_special_tokens=False)["input_ids"]
                       for q, p in zip(prompt_ids, prompts, strict=True)]
     prompt_ids = [q[-room:] for q in prompt_ids]
     ngram = config.no_repeat_ngram_size or 0
@@ -296,7 +296,7 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
         responses.append(row[:row.index(eos) + 1] if eos in row else row + [eos])
     rewrites = [tokenizer.decode(r[:-1], skip_special_tokens=True).strip() for r in responses]
     if config.keep_prompt:
-        rewrites = [join_kept(kept_prompt(p), w) for p, w in zip(
+        rewrites = [join_kept(p, w) for p, w in zip(
             [p for p in prompts for _ in range(per_prompt)], rewrites, strict=True)]
     return Rollout([p for p in prompt_ids for _ in range(per_prompt)], responses, rewrites, max_new)
 
