@@ -280,10 +280,10 @@ class SFTTrain:
             seed: int = 0, save_every: int = 100, device: str = "auto",
             promptist_model: LoadedOptimizer | None = None):
         from trainer.checkpoint import list_checkpoints
-        from trainer.pairs import is_pairs_file
+        from trainer.policy.pairs import is_pairs_file
+        from trainer.policy.sft import SFTConfig, train_sft
         from trainer.progress import StopTraining
         from trainer.runtime import local_runtime
-        from trainer.sft import SFTConfig, train_sft
 
         # 1. check inputs
         out = run_folder(save_name)
@@ -465,9 +465,9 @@ class PPOTrain:
             lr: float = 5e-5, beta: float = 0.2, trainable_top_blocks: int = 2, seed: int = 0, save_every: int = 10,
             negative: str | None = "", dfprompt: bool = False):
         from trainer.checkpoint import list_checkpoints
-        from trainer.ppo import PPOConfig, train_ppo
+        from trainer.policy.ppo import PPOConfig, train_ppo
+        from trainer.policy.rewards import ImageReward
         from trainer.progress import StopTraining
-        from trainer.rewards import ImageReward
         from trainer.runtime import local_runtime
 
         # 1. check inputs; the prompts (text is kept in the run's folder)

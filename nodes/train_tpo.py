@@ -69,7 +69,7 @@ def gather_image_batch(images: torch.Tensor | None, captions: list[str], images_
     caption per image (or one for all)."""
     from PIL import Image
 
-    from trainer.tpo_data import Captioned, Gathered
+    from trainer.tpo.data import Captioned, Gathered
 
     if images is None:
         raise ValueError("source is 'images + captions' but no images are connected (an IMAGE batch)")
@@ -96,7 +96,7 @@ class GivenNegatives:
     separated by `|`."""
 
     def __init__(self, captions: list[str], lines: list[str]):
-        from trainer.tpo_data import Negative
+        from trainer.tpo.data import Negative
 
         if len(lines) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(lines)} lines of negatives: give one line per "
@@ -108,7 +108,7 @@ class GivenNegatives:
                                         if t.strip()]
 
     def __call__(self, captions, count: int):
-        from trainer.tpo_data import same_caption
+        from trainer.tpo.data import same_caption
 
         return [[n for n in self.by_caption.get(c, []) if not same_caption(n.text, c)] for c in captions]
 
@@ -116,7 +116,7 @@ class GivenNegatives:
 def build_data(folder: Path, gathered, editor, *, editor_name: str, negatives_per_caption: int, seed: int,
                valid_fraction: float, resume: bool) -> int:
     """Write the TPO data folder; a continued run must get the very same pairs. Returns the item count."""
-    from trainer.tpo_data import build_tpo_items, data_summary, pairs_file, read_tpo_data, write_tpo_data
+    from trainer.tpo.data import build_tpo_items, data_summary, pairs_file, read_tpo_data, write_tpo_data
 
     items = build_tpo_items(gathered, editor, negatives_per_caption=negatives_per_caption, seed=seed,
                             valid_fraction=valid_fraction)
@@ -231,12 +231,12 @@ class TPOTrain:
             negatives_per_caption: int = 2, valid_fraction: float = 0.1, images=None, folder: str | None = "",
             negatives: str | None = "", sampler_name: str = "euler", scheduler: str = "normal",
             image_steps: int = 25, cfg: float = 7.5):
-        from trainer.caption_edits import editor_from_spec
         from trainer.checkpoint import list_checkpoints
         from trainer.progress import StopTraining
         from trainer.runtime import local_runtime
-        from trainer.tpo import TPOConfig, load_latent_pairs, train_tpo
-        from trainer.tpo_data import gather_folder, gather_prompts
+        from trainer.tpo.caption_edits import editor_from_spec
+        from trainer.tpo.data import gather_folder, gather_prompts
+        from trainer.tpo.train import TPOConfig, load_latent_pairs, train_tpo
 
         # 1. the run folder, the LoRA file, the data (images drawn under ComfyUI's inference mode)
         if source not in SOURCES:

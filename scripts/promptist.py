@@ -585,10 +585,10 @@ def train_sft_in_webui(state, models_root: Path, *, base: str, data_file: str, d
     pressing it again with the same save name continues the run. Returns (curve image, HTML)."""
     from promptist_core.optimizer import forget
     from trainer.checkpoint import list_checkpoints
-    from trainer.pairs import is_pairs_file
+    from trainer.policy.pairs import is_pairs_file
+    from trainer.policy.sft import SFTConfig, train_sft
     from trainer.progress import StopTraining
     from trainer.runtime import local_runtime
-    from trainer.sft import SFTConfig, train_sft
 
     out = run_folder(models_root, save_name)
     data = input_file(data_file, "Pairs or corpus file")
@@ -647,9 +647,9 @@ def train_ppo_in_webui(state, generator: WebuiGenerator, scorer, models_root: Pa
     to the webui's prompt editing)."""
     from promptist_core.optimizer import forget
     from trainer.checkpoint import list_checkpoints
-    from trainer.ppo import PPOConfig, train_ppo
+    from trainer.policy.ppo import PPOConfig, train_ppo
+    from trainer.policy.rewards import ImageReward
     from trainer.progress import StopTraining
-    from trainer.rewards import ImageReward
     from trainer.runtime import local_runtime
 
     if not policy or not policy.strip():
