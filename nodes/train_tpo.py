@@ -117,6 +117,7 @@ def build_data(folder: Path, gathered, editor, *, editor_name: str, negatives_pe
                valid_fraction: float, resume: bool) -> int:
     """Write the TPO data folder; a continued run must get the very same pairs. Returns the item count."""
     from trainer.tpo.data import build_tpo_items, data_summary, pairs_file, read_tpo_data, write_tpo_data
+    from trainer.training_run import differs_from_run
 
     items = build_tpo_items(gathered, editor, negatives_per_caption=negatives_per_caption, seed=seed,
                             valid_fraction=valid_fraction)
@@ -126,8 +127,7 @@ def build_data(folder: Path, gathered, editor, *, editor_name: str, negatives_pe
     if resume and pairs_file(folder).is_file():
         before = [(i.id, i.caption, i.negatives, i.split) for i in read_tpo_data(folder, check_images=False)]
         if before != [(i.id, i.caption, i.negatives, i.split) for i in items]:
-            raise ValueError(f"the images, captions or negatives differ from those of the run in {folder.parent} "
-                             "being continued; restore them or choose another save_name for a new run")
+            raise ValueError(differs_from_run("images, captions or negatives", folder.parent, "save_name"))
         return len(items)
     write_tpo_data(folder, items, data_summary(gathered, items, editor=editor_name, seed=seed,
                                                negatives_per_caption=negatives_per_caption,
@@ -237,6 +237,7 @@ class TPOTrain:
         from trainer.tpo.caption_edits import editor_from_spec
         from trainer.tpo.data import gather_folder, gather_prompts
         from trainer.tpo.train import TPOConfig, load_latent_pairs, train_tpo
+        from trainer.training_run import TPO_PANELS
 
         # 1. the run folder, the LoRA file, the data (images drawn under ComfyUI's inference mode)
         if source not in SOURCES:
@@ -272,8 +273,7 @@ class TPOTrain:
                            eval_every=save_every, save_every=save_every, log_every=1, device=str(compute),
                            tensorboard=False)
         # 2. train a clone of MODEL outside inference mode (tensors made in it could not be trained)
-        progress = TrainingProgress(out, {"loss": ("loss",), "implicit accuracy": ("accuracy", "valid_accuracy")},
-                                    f"TPO ({loss})")
+        progress = TrainingProgress(out, TPO_PANELS, f"TPO ({loss})")
         try:
             with torch.inference_mode(False):
                 denoiser = ComfyDenoiser(model, clip, vae, rank=rank, device=compute)
