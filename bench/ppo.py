@@ -95,14 +95,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
-    from trainer.ppo import PPOConfig, train_ppo
-    from trainer.rewards import ImageReward
+    from trainer.policy.ppo import PPOConfig, train_ppo
+    from trainer.policy.rewards import ImageReward
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sft = _bench_sft()
         pairs = sft.make_pairs_file(work, 2000)
-        from trainer.pairs import read_pairs
+        from trainer.policy.pairs import read_pairs
 
         sft.build_base(work / "policy", "small", [p.target for p in read_pairs(pairs)])
         prompts = (CORPUS / "coco_captions_val2017.txt").read_text(encoding="utf-8").splitlines()[:args.batch_size]

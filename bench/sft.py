@@ -56,8 +56,8 @@ def build_base(folder: Path, model: str, corpus: list[str]) -> Path:
 
 
 def make_pairs_file(folder: Path, prompts: int) -> Path:
-    from trainer.corpus import read_corpus
-    from trainer.pairs import make_pairs, write_pairs
+    from trainer.policy.corpus import read_corpus
+    from trainer.policy.pairs import make_pairs, write_pairs
 
     pairs, _ = make_pairs(read_corpus(CORPUS, limit=prompts).prompts, seed=0, valid_fraction=0)
     return write_pairs(folder / "pairs.jsonl", pairs)
@@ -72,7 +72,7 @@ def peak_memory(device: str) -> int:
 
 
 def run_ours(args, base: Path, pairs: Path, out: Path) -> dict:
-    from trainer.sft import SFTConfig, train_sft
+    from trainer.policy.sft import SFTConfig, train_sft
 
     stamps, cpu, losses = [], [], []
 
@@ -101,8 +101,8 @@ def run_trainer(args, base: Path, pairs: Path, out: Path) -> dict:
     )
 
     from promptist_core.weights import load_tokenizer
-    from trainer.pairs import read_pairs
-    from trainer.sft import encode_pairs
+    from trainer.policy.pairs import read_pairs
+    from trainer.policy.sft import encode_pairs
 
     tokenizer = load_tokenizer(base)
     tokenizer.pad_token = tokenizer.eos_token
@@ -172,13 +172,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        from trainer.pairs import read_pairs
+        from trainer.policy.pairs import read_pairs
 
         pairs = make_pairs_file(work, args.prompts)
         corpus = [p.target for p in read_pairs(pairs)]
         build_base(work / "base", args.model, corpus)
         from promptist_core.weights import load_tokenizer
-        from trainer.sft import encode_pairs
+        from trainer.policy.sft import encode_pairs
 
         examples, _ = encode_pairs(load_tokenizer(work / "base"), read_pairs(pairs), args.max_length)
         mean_tokens = sum(len(e.ids) for e in examples) / len(examples)

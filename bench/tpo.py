@@ -1,10 +1,10 @@
 """Benchmark: our TPO step against the Diffusion-DPO recipes' steps, on the same UNet and batch, in one run.
 
-Every recipe trains the same LoRA (rank 8 on to_q/to_k/to_v/to_out.0, trainer.lora) on the same batch of
+Every recipe trains the same LoRA (rank 8 on to_q/to_k/to_v/to_out.0, trainer.tpo.lora) on the same batch of
 (image, c_w, c_l) pairs, with the same loss (TDPO, beta 5000), AdamW and grad clipping; they differ in
 what a step computes:
 
-- `ours` (trainer.tpo.pair_terms): latents encoded once before training (cached), the reference is the
+- `ours` (trainer.tpo.train.pair_terms): latents encoded once before training (cached), the reference is the
   same UNet with the adapters off, and both captions go through ONE forward ([x_t; x_t] with [c_w; c_l]).
 - `diffusers_dpo`: huggingface/diffusers `examples/research_projects/diffusion_dpo/train_diffusion_dpo.py`
   (071190da) ported to caption pairs: the VAE encodes the pair's pixels at every step (the image once per
@@ -146,7 +146,7 @@ class Ours(Recipe):
         del self.latents
 
     def loss(self) -> torch.Tensor:
-        from trainer.tpo import pair_terms, tdpo_loss
+        from trainer.tpo.train import pair_terms, tdpo_loss
 
         noise, timesteps = self.draw(self.latents.shape)
         terms = pair_terms(self.denoiser, self.latents, noise, timesteps, self.chosen, self.rejected)
@@ -163,7 +163,7 @@ class DiffusersDPO(Recipe):
     name = "diffusers_dpo"
 
     def loss(self) -> torch.Tensor:
-        from trainer.tpo import tdpo_loss
+        from trainer.tpo.train import tdpo_loss
 
         d = self.denoiser
         with torch.no_grad():  # the recipe encodes its 2B pixels every step (w images, then l images)
@@ -184,7 +184,7 @@ class SeparateReference(Recipe):
     name = "separate_reference"
 
     def setup(self) -> None:
-        from trainer.lora import LoRALinear
+        from trainer.tpo.lora import LoRALinear
 
         self.reference = copy.deepcopy(self.denoiser.unet).requires_grad_(False)
         for module in self.reference.modules():
@@ -195,7 +195,7 @@ class SeparateReference(Recipe):
         del self.reference
 
     def loss(self) -> torch.Tensor:
-        from trainer.tpo import tdpo_loss
+        from trainer.tpo.train import tdpo_loss
 
         d = self.denoiser
         with torch.no_grad():
@@ -265,7 +265,7 @@ class PeakMemory:
 
 
 def run(args) -> dict:
-    from trainer.denoiser import DiffusersDenoiser
+    from trainer.tpo.denoiser import DiffusersDenoiser
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

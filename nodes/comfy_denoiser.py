@@ -30,13 +30,13 @@ from . import comfy_host
 
 # trainer.* is imported where used: a foreign package named `trainer` must not stop the pack from loading
 # (the entry point then reports training as unavailable).
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # = trainer.lora.DEFAULT_TARGETS
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # = trainer.tpo.lora.DEFAULT_TARGETS
 TEXT_CACHE_LIMIT = 65536  # encoded captions kept (77 x 768 floats each for SD 1.x)
 
 
 class WeightLoRA(nn.Module):
     """A LoRA as a weight function: `weight -> weight + up @ down * alpha / rank` (fp32 factors, cast to
-    the weight's type). Same parameters, initialisation and kohya tensors as trainer.lora.LoRALinear."""
+    the weight's type). Same parameters, initialisation and kohya tensors as trainer.tpo.lora.LoRALinear."""
 
     def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device: torch.device):
         super().__init__()
@@ -203,12 +203,12 @@ class ComfyDenoiser:
         return [p for _, lora in sorted(self.loras.items()) for p in (lora.down.weight, lora.up.weight)]
 
     def adapters(self, enabled: bool) -> contextlib.AbstractContextManager:
-        from trainer.lora import adapters_enabled
+        from trainer.tpo.lora import adapters_enabled
 
         return adapters_enabled(self.loras, enabled)
 
     def save_lora(self, path: Path | str, metadata: dict, *, dtype: torch.dtype = torch.float16) -> Path:
-        from trainer.lora import save_kohya_lora
+        from trainer.tpo.lora import save_kohya_lora
 
         return save_kohya_lora(path, self.loras, {**self.base_metadata(), **metadata}, dtype=dtype)
 

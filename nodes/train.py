@@ -12,7 +12,6 @@ folder the loader lists at once.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from .rewards import REWARD_TYPE, LoadedRewardModel
 logger = logging.getLogger("promptist")
 
 SFT_BASE = "openai-community/gpt2"
-DF_PANELS = {"mean weight": ("mean_weight",), "head KL": ("kl_weight", "kl_range")}  # a DF-Prompt policy's heads
-PREVIEW_EVERY_S = 1.0  # the curve is redrawn and sent at most this often (and at the last step)
 ACTIVATION_RESERVE = 1 << 30  # bytes kept free for activations beside the learner's weights and Adam state
 
 SAVE_NAME_TOOLTIP = ("The run's folder in models/promptist/. Queue again with the same name to continue it (after "
@@ -47,38 +44,29 @@ def save_name_problem(name: str | None) -> str | None:
     """Why `name` cannot be a folder name in models/promptist, or None."""
     if name is None:  # linked input: checked when the node runs
         return None
-    from trainer.checkpoint import save_name_problem as problem
+    from trainer.training_run import save_name_problem as problem
 
     return problem(name, "save_name")
 
 
 def run_folder(save_name: str) -> Path:
     """models/promptist/<save name> (the first models folder ComfyUI knows for promptist)."""
-    problem = save_name_problem(save_name)
-    if problem:
-        raise ValueError(problem)
-    folder = models_dirs()[0] / save_name
-    has_run = (folder / "checkpoints").is_dir()
-    if not has_run and causal_lm_problem(folder) is None:
-        raise ValueError(f"{folder} holds a model that is not a training run; choose another save_name (training "
-                         "would overwrite it)")
-    return folder
+    from trainer.training_run import run_folder as folder
+
+    return folder(models_dirs()[0], save_name, label="save_name")
+
+
+def input_search() -> list[Path]:
+    """Where a relative input file is looked for: ComfyUI's input folder, then the working directory."""
+    folders = [Path(comfy_host.folder_paths.get_input_directory())] if comfy_host.folder_paths is not None else []
+    return [*folders, Path.cwd()]
 
 
 def input_file(path: str, what: str) -> Path:
     """An existing file: absolute, or relative to ComfyUI's input folder (or the working directory)."""
-    if not path or not path.strip():
-        raise ValueError(f"{what} is empty: give a file path")
-    given = Path(path.strip()).expanduser()
-    candidates = [given] if given.is_absolute() else []
-    if not given.is_absolute():
-        if comfy_host.folder_paths is not None:
-            candidates.append(Path(comfy_host.folder_paths.get_input_directory()) / given)
-        candidates.append(Path.cwd() / given)
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    raise ValueError(f"{what}: no such file {path!r} (looked at {', '.join(str(c) for c in candidates)})")
+    from trainer.training_run import input_file as find
+
+    return find(path, what, search=input_search())
 
 
 def training_device(device: str) -> torch.device:
@@ -129,23 +117,10 @@ class TrainingProgress:
     saves a checkpoint first."""
 
     def __init__(self, out: Path, panels: dict[str, tuple[str, ...]], title: str, generator=None):
-        self.out, self.panels, self.title, self.generator = out, panels, title, generator
+        from trainer.training_run import LiveCurve
+
+        self.curve, self.generator = LiveCurve(out, panels, title), generator
         self.bar = None
-        self.series: dict[str, list[tuple[int, float]]] | None = None
-        self.last_preview = 0.0
-        self.previews = 0
-
-    def _history(self, before: int) -> dict[str, list[tuple[int, float]]]:
-        """The resumed part of the curve: train_log.csv rows before the first step of this run."""
-        from trainer.training_log import logged_series
-
-        return logged_series(self.out, [k for keys in self.panels.values() for k in keys], before)
-
-    def image(self):
-        from trainer.training_log import plot_curves
-
-        return plot_curves({name: {k: self.series.get(k, []) for k in keys} for name, keys in self.panels.items()},
-                           self.title)
 
     def _check_cancel(self) -> None:
         from trainer.progress import StopTraining
@@ -162,24 +137,16 @@ class TrainingProgress:
     def __call__(self, step: int, total: int, metrics: dict) -> None:
         from trainer.progress import StopTraining
 
-        if self.series is None:
-            self.series = self._history(step)
-            if comfy_host.comfy_utils is not None:
-                self.bar = comfy_host.comfy_utils.ProgressBar(total)
-        for k, v in metrics.items():
-            if k in self.series and isinstance(v, (int, float)) and v == v:
-                self.series[k].append((step, float(v)))
+        if self.bar is None and comfy_host.comfy_utils is not None:
+            self.bar = comfy_host.comfy_utils.ProgressBar(total)
+        self.curve.add(step, metrics)
         self._check_cancel()
         if self.bar is None:
             return
-        preview = None
-        if step >= total or time.monotonic() - self.last_preview >= PREVIEW_EVERY_S:
-            preview = ("PNG", self.image(), None)
-            self.last_preview = time.monotonic()
-            self.previews += 1
+        picture = self.curve.preview(step, total)
         mm = comfy_host.model_management
         try:  # ComfyUI's progress hook raises the interrupt itself
-            self.bar.update_absolute(step, total, preview)
+            self.bar.update_absolute(step, total, None if picture is None else ("PNG", picture, None))
         except Exception as e:
             if mm is not None and isinstance(e, mm.InterruptProcessingException):
                 raise StopTraining("cancelled in ComfyUI") from None
@@ -195,8 +162,7 @@ def curves_tensor(out: Path, progress: TrainingProgress):
         with Image.open(path) as im:
             picture = im.convert("RGB")
     else:
-        progress.series = progress.series or progress._history(10**12)
-        picture = progress.image()
+        picture = progress.curve.image()
     return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
 
 
@@ -280,10 +246,11 @@ class SFTTrain:
             seed: int = 0, save_every: int = 100, device: str = "auto",
             promptist_model: LoadedOptimizer | None = None):
         from trainer.checkpoint import list_checkpoints
-        from trainer.pairs import is_pairs_file
+        from trainer.policy.pairs import is_pairs_file
+        from trainer.policy.sft import SFTConfig, train_sft
         from trainer.progress import StopTraining
         from trainer.runtime import local_runtime
-        from trainer.sft import SFTConfig, train_sft
+        from trainer.training_run import SFT_PANELS
 
         # 1. check inputs
         out = run_folder(save_name)
@@ -300,7 +267,7 @@ class SFTTrain:
         # 2. memory for the learner: weights, gradients, two Adam moments
         make_room(16 * parameter_count(_policy_folder(name)) + ACTIVATION_RESERVE, compute)
         # 3. train outside inference mode; the trainer loads its own trainable copy
-        progress = TrainingProgress(out, {"loss": ("loss", "valid_loss")}, "SFT")
+        progress = TrainingProgress(out, SFT_PANELS, "SFT")
         try:
             with torch.inference_mode(False):
                 result = train_sft(config, resume=resume, callback=progress, runtime=local_runtime(compute),
@@ -361,23 +328,11 @@ class _HostScorer:
 
 
 def prompts_source(prompts: str, prompts_file: str, out: Path, resume: bool) -> str:
-    """The prompts file the run trains on: `prompts_file`, or the text saved in the run's folder
-    (kept there so that a resumed run reads the same prompts)."""
-    if prompts_file and prompts_file.strip():
-        return str(input_file(prompts_file, "prompts_file"))
-    lines = [line.strip() for line in prompts.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError("prompts is empty: give plain prompts, one per line, or a prompts_file")
-    text = "\n".join(lines) + "\n"
-    path = out / "prompts.txt"
-    if resume and path.is_file():
-        if path.read_text(encoding="utf-8") != text:
-            raise ValueError(f"the prompts differ from those of the run in {out} being continued; restore them or "
-                             "choose another save_name for a new run")
-        return str(path)
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    """The prompts file the run trains on: `prompts_file`, or the text kept in the run's folder."""
+    from trainer.training_run import run_prompts
+
+    return run_prompts(prompts, prompts_file, out, resume=resume, search=input_search(),
+                       labels=("prompts", "prompts_file", "save_name"))
 
 
 class PPOTrain:
@@ -465,10 +420,11 @@ class PPOTrain:
             lr: float = 5e-5, beta: float = 0.2, trainable_top_blocks: int = 2, seed: int = 0, save_every: int = 10,
             negative: str | None = "", dfprompt: bool = False):
         from trainer.checkpoint import list_checkpoints
-        from trainer.ppo import PPOConfig, train_ppo
+        from trainer.policy.ppo import PPOConfig, train_ppo
+        from trainer.policy.rewards import ImageReward
         from trainer.progress import StopTraining
-        from trainer.rewards import ImageReward
         from trainer.runtime import local_runtime
+        from trainer.training_run import DF_PANELS, PPO_PANELS
 
         # 1. check inputs; the prompts (text is kept in the run's folder)
         out = run_folder(save_name)
@@ -497,10 +453,7 @@ class PPOTrain:
 
         make_room(learner_bytes, compute)
         # 4. train outside inference mode
-        panels = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl",)}
-        if dfprompt:
-            panels.update(DF_PANELS)
-        progress = TrainingProgress(out, panels, "PPO", generator)
+        progress = TrainingProgress(out, {**PPO_PANELS, **(DF_PANELS if dfprompt else {})}, "PPO", generator)
         try:
             with torch.inference_mode(False):
                 result = train_ppo(config, reward_then_make_room, resume=resume, callback=progress,

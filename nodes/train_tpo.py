@@ -69,7 +69,7 @@ def gather_image_batch(images: torch.Tensor | None, captions: list[str], images_
     caption per image (or one for all)."""
     from PIL import Image
 
-    from trainer.tpo_data import Captioned, Gathered
+    from trainer.tpo.data import Captioned, Gathered
 
     if images is None:
         raise ValueError("source is 'images + captions' but no images are connected (an IMAGE batch)")
@@ -96,7 +96,7 @@ class GivenNegatives:
     separated by `|`."""
 
     def __init__(self, captions: list[str], lines: list[str]):
-        from trainer.tpo_data import Negative
+        from trainer.tpo.data import Negative
 
         if len(lines) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(lines)} lines of negatives: give one line per "
@@ -108,7 +108,7 @@ class GivenNegatives:
                                         if t.strip()]
 
     def __call__(self, captions, count: int):
-        from trainer.tpo_data import same_caption
+        from trainer.tpo.data import same_caption
 
         return [[n for n in self.by_caption.get(c, []) if not same_caption(n.text, c)] for c in captions]
 
@@ -116,7 +116,8 @@ class GivenNegatives:
 def build_data(folder: Path, gathered, editor, *, editor_name: str, negatives_per_caption: int, seed: int,
                valid_fraction: float, resume: bool) -> int:
     """Write the TPO data folder; a continued run must get the very same pairs. Returns the item count."""
-    from trainer.tpo_data import build_tpo_items, data_summary, pairs_file, read_tpo_data, write_tpo_data
+    from trainer.tpo.data import build_tpo_items, data_summary, pairs_file, read_tpo_data, write_tpo_data
+    from trainer.training_run import differs_from_run
 
     items = build_tpo_items(gathered, editor, negatives_per_caption=negatives_per_caption, seed=seed,
                             valid_fraction=valid_fraction)
@@ -126,8 +127,7 @@ def build_data(folder: Path, gathered, editor, *, editor_name: str, negatives_pe
     if resume and pairs_file(folder).is_file():
         before = [(i.id, i.caption, i.negatives, i.split) for i in read_tpo_data(folder, check_images=False)]
         if before != [(i.id, i.caption, i.negatives, i.split) for i in items]:
-            raise ValueError(f"the images, captions or negatives differ from those of the run in {folder.parent} "
-                             "being continued; restore them or choose another save_name for a new run")
+            raise ValueError(differs_from_run("images, captions or negatives", folder.parent, "save_name"))
         return len(items)
     write_tpo_data(folder, items, data_summary(gathered, items, editor=editor_name, seed=seed,
                                                negatives_per_caption=negatives_per_caption,
@@ -231,12 +231,13 @@ class TPOTrain:
             negatives_per_caption: int = 2, valid_fraction: float = 0.1, images=None, folder: str | None = "",
             negatives: str | None = "", sampler_name: str = "euler", scheduler: str = "normal",
             image_steps: int = 25, cfg: float = 7.5):
-        from trainer.caption_edits import editor_from_spec
         from trainer.checkpoint import list_checkpoints
         from trainer.progress import StopTraining
         from trainer.runtime import local_runtime
-        from trainer.tpo import TPOConfig, load_latent_pairs, train_tpo
-        from trainer.tpo_data import gather_folder, gather_prompts
+        from trainer.tpo.caption_edits import editor_from_spec
+        from trainer.tpo.data import gather_folder, gather_prompts
+        from trainer.tpo.train import TPOConfig, load_latent_pairs, train_tpo
+        from trainer.training_run import TPO_PANELS
 
         # 1. the run folder, the LoRA file, the data (images drawn under ComfyUI's inference mode)
         if source not in SOURCES:
@@ -272,8 +273,7 @@ class TPOTrain:
                            eval_every=save_every, save_every=save_every, log_every=1, device=str(compute),
                            tensorboard=False)
         # 2. train a clone of MODEL outside inference mode (tensors made in it could not be trained)
-        progress = TrainingProgress(out, {"loss": ("loss",), "implicit accuracy": ("accuracy", "valid_accuracy")},
-                                    f"TPO ({loss})")
+        progress = TrainingProgress(out, TPO_PANELS, f"TPO ({loss})")
         try:
             with torch.inference_mode(False):
                 denoiser = ComfyDenoiser(model, clip, vae, rank=rank, device=compute)

@@ -1,4 +1,5 @@
-"""Just enough of the webui's modules (and gradio) to load scripts/promptist.py's webui classes in CI.
+"""Just enough of the webui's modules (and gradio) to load the extension (scripts/promptist.py, which imports
+promptist_webui) and its webui classes in CI.
 
 The fakes record what the script registers and run a job's script hooks the way A1111 1.10's
 `modules/scripts.py` and `process_images_inner` do: each hook inside `except Exception` (logged
@@ -75,9 +76,29 @@ def fake_modules(models_path: Path, settings: dict) -> dict[str, types.ModuleTyp
     return {"gradio": gradio, "modules": package, **mods}
 
 
+ADAPTER = Path(__file__).resolve().parents[1] / "promptist_webui"
+
+
+def forget_adapter(monkeypatch) -> None:
+    """Let the entry import `promptist_webui` afresh, over this fake webui's modules (the webui imports it
+    once per process); whatever was imported before is back when the test ends."""
+    names = {"promptist_webui", *(f"promptist_webui.{f.stem}" for f in ADAPTER.glob("*.py")),
+             *(n for n in sys.modules if n.startswith("promptist_webui."))}
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)  # remembers what was there (or that nothing was)
+        del sys.modules[name]
+
+
 def load_script_in_fake_webui(script_path: Path, monkeypatch, models_path: Path, settings: dict):
+    """Execute the entry by path, as the webui does, with the fake webui's modules importable."""
     for name, module in fake_modules(models_path, settings).items():
         monkeypatch.setitem(sys.modules, name, module)
+    forget_adapter(monkeypatch)
+    return execute_entry(script_path)
+
+
+def execute_entry(script_path: Path):
+    """One execution of scripts/promptist.py (the webui runs it again on Reload UI)."""
     spec = importlib.util.spec_from_file_location("promptist_script_in_fake_webui", script_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

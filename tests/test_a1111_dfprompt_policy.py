@@ -30,7 +30,7 @@ def webui(monkeypatch, tmp_path, tiny_dfprompt_dir, tiny_promptist_dir, tiny_cli
 def test_a_dfprompt_policy_as_the_optimizer_gives_the_webui_its_dfprompt_as_prompt_editing(webui):
     from promptist_core.optimizer import load_optimizer
 
-    assert "tiny-dfprompt" in webui._policy_choices()["choices"]
+    assert "tiny-dfprompt" in webui.tab._policy_choices()["choices"]
     source = "a cat riding a bike"
     p = Job(source, steps=20)
     assert run_process_hook(webui.PromptistScript(), p, True, "diverse", False) == []
@@ -41,7 +41,7 @@ def test_a_dfprompt_policy_as_the_optimizer_gives_the_webui_its_dfprompt_as_prom
     assert p.extra_generation_params["Promptist original"] == [source]
     assert p.extra_generation_params["DF-Prompt"] == [written]  # PNG Info keeps the DF-Prompt
     # the Optimize tab shows the DF-Prompt itself (sent to txt2img, the script renders it there)
-    best, _, _ = webui._optimize_for_tab(source, "diverse", 1, 0)
+    best, _, _ = webui.tab._optimize_for_tab(source, "diverse", 1, 0)
     assert best == written
 
 
@@ -50,7 +50,7 @@ def test_train_ppo_with_the_dfprompt_checkbox_trains_heads_and_draws_their_promp
     from promptist_core.optimizer import load_optimizer
     from trainer.checkpoint import list_checkpoints
 
-    curve, message = webui._train_ppo(
+    curve, message = webui.tab._train_ppo(
         "task(ppo)", "tiny-promptist", "a cat riding a bike\na red horse on the grass\na ship at sea\n", "",
         "my-df-ppo", 2, 2, 1, "Euler", 4, 7.0, 32, 32, "", "promptist", 1e-4, 0.2, 1, 0, 1, True)
     out = webui.root / "my-df-ppo"

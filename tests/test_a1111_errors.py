@@ -7,12 +7,13 @@ the hooks as A1111 1.10 does: each hook's exception is only logged, then `p.init
 from __future__ import annotations
 
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT
-from fake_webui import Job, load_script_in_fake_webui, run_process_hook
+from fake_webui import Job, execute_entry, load_script_in_fake_webui, run_process_hook
 
 
 @pytest.fixture
@@ -22,14 +23,14 @@ def webui(monkeypatch, tmp_path, tiny_promptist_dir):
     shutil.copytree(tiny_promptist_dir, models / "promptist")
     settings = {"promptist_model": "tiny-promptist", "promptist_device": "cpu", "promptist_score_device": "cpu"}
     module = load_script_in_fake_webui(ROOT / "scripts" / "promptist.py", monkeypatch, models, settings)
-    module.settings = module.shared.opts.data
+    module.settings = module.host.shared.opts.data
     return module
 
 
 def test_a_missing_model_stops_the_job_and_df_blocks_are_still_rendered(webui):
     webui.settings["promptist_model"] = "no-such-model"
     p = Job("a red horse, [anime:0-1:1.5], [detailed:0.5-1:1.25]")
-    with pytest.raises(webui.PromptistError) as e:
+    with pytest.raises(webui.errors.PromptistError) as e:
         run_process_hook(webui.PromptistScript(), p, True, "beam", False)
     assert "Promptist: optimizing the prompt: model 'no-such-model' was not found" in str(e.value)
     assert "Put the model files" in str(e.value)
@@ -45,7 +46,7 @@ def test_a_missing_model_stops_the_job_and_df_blocks_are_still_rendered(webui):
 ])
 def test_a_malformed_dfprompt_stops_the_job_naming_the_column(webui, prompt, column, expected, marked):
     p = Job(prompt)
-    with pytest.raises(webui.PromptistError) as e:
+    with pytest.raises(webui.errors.PromptistError) as e:
         run_process_hook(webui.PromptistScript(), p, False, "beam", False)
     assert str(e.value).startswith(f"DF-Prompt error in the prompt, column {column}: {expected}")
     # The webui shows the error as HTML, which folds a caret line into a lone "^" after the prompt
@@ -58,7 +59,7 @@ def test_a_malformed_dfprompt_stops_the_job_naming_the_column(webui, prompt, col
 def test_a_dfprompt_error_in_a_long_prompt_shows_the_text_around_the_column(webui):
     prompt = "a red horse standing on the green grass under a blue sky, [anime:0-1:abc], highly detailed, 8k, trending on artstation"
     p = Job(prompt)
-    with pytest.raises(webui.PromptistError) as e:
+    with pytest.raises(webui.errors.PromptistError) as e:
         run_process_hook(webui.PromptistScript(), p, False, "beam", False)
     column = prompt.index("abc") + 1
     assert str(e.value).endswith(f'"…{prompt[column - 31:column - 1]}▶{prompt[column - 1:column + 29]}…"')
@@ -66,8 +67,8 @@ def test_a_dfprompt_error_in_a_long_prompt_shows_the_text_around_the_column(webu
 
 def test_a_malformed_dfprompt_in_the_tab_is_one_line_with_the_place_marked(webui):
     # The Promptist tab's errors go through the same HTML box (wrap_gradio_gpu_call).
-    with pytest.raises(webui.PromptistError) as e:
-        webui._optimize_for_tab("a red horse, [anime:1-0.5:1.5]", "beam", 4, 0)
+    with pytest.raises(webui.errors.PromptistError) as e:
+        webui.tab._optimize_for_tab("a red horse, [anime:1-0.5:1.5]", "beam", 4, 0)
     assert str(e.value) == ('DF-Prompt error, column 21: expected a range with start <= end, got 1-0.5 '
                             '(write 0.5-1): "a red horse, [anime:▶1-0.5:1.5]"')
     assert e.value.status_code == 422
@@ -78,23 +79,23 @@ def test_an_unreadable_tokenizer_stops_the_job(webui, tmp_path):
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         (folder / name).write_text("{not a tokenizer", encoding="utf-8")
     p = Job("a cat riding a bike")
-    with pytest.raises(webui.PromptistError, match="Promptist: optimizing the prompt: the tokenizer in .* cannot be read"):
+    with pytest.raises(webui.errors.PromptistError, match="Promptist: optimizing the prompt: the tokenizer in .* cannot be read"):
         run_process_hook(webui.PromptistScript(), p, True, "beam", False)
     assert p.all_prompts == ["a cat riding a bike"]
 
 
 def test_errors_of_several_steps_are_all_reported_once(webui):
     p = Job("a cat")
-    webui.stop_job(p, webui.PromptistError("first"))
-    webui.stop_job(p, webui.PromptistError("second"))
-    with pytest.raises(webui.PromptistError, match="^first\nsecond$"):
+    webui.errors.stop_job(p, webui.errors.PromptistError("first"))
+    webui.errors.stop_job(p, webui.errors.PromptistError("second"))
+    with pytest.raises(webui.errors.PromptistError, match="^first\nsecond$"):
         p.init([], [], [])
 
 
 def test_a_missing_scoring_model_stops_the_job_before_sampling(webui):
     webui.settings["promptist_score_clip"] = "no-such-clip"
     p = Job("a cat")
-    with pytest.raises(webui.PromptistError, match="Promptist: loading the scoring models: .*no-such-clip"):
+    with pytest.raises(webui.errors.PromptistError, match="Promptist: loading the scoring models: .*no-such-clip"):
         run_process_hook(webui.PromptistScoreScript(), p, True, False, "promptist")
     assert not p.sampled
 
@@ -108,7 +109,7 @@ def test_a_scoring_error_after_sampling_stops_the_job_at_saving(webui):
     p._promptist_scorer = broken
     pp = SimpleNamespace(images=[torch.zeros(3, 8, 8)])
     webui.PromptistScoreScript().postprocess_batch_list(p, pp, True, False, "promptist", batch_number=0)
-    with pytest.raises(webui.PromptistError, match="Promptist: scoring the images: CUDA out of memory"):
+    with pytest.raises(webui.errors.PromptistError, match="Promptist: scoring the images: CUDA out of memory"):
         p.save_samples()
 
 
@@ -119,8 +120,28 @@ def test_a_working_job_is_untouched(webui):
     assert p.extra_generation_params["Promptist original"] == ["a red horse, [anime:0-1:1.5]"]
 
 
+def test_the_entry_holds_the_two_scripts_and_registers_each_callback_once_per_load(webui):
+    """The webui registers the Script subclasses in the entry's namespace; Reload UI clears its callbacks and
+    executes the entry again, which must register them again (the adapter package is imported only once)."""
+    import inspect
+
+    Script = sys.modules["modules.scripts"].Script
+    registered = webui.host.script_callbacks.registered
+
+    def script_classes(module):
+        return {c.__name__ for c in module.__dict__.values() if inspect.isclass(c) and issubclass(c, Script)}
+
+    assert script_classes(webui) == {"PromptistScript", "PromptistScoreScript"}
+    assert [len(registered[kind]) for kind in ("ui_tabs", "ui_settings", "infotext_pasted")] == [1, 1, 1]
+    for kind in ("ui_tabs", "ui_settings", "infotext_pasted"):
+        registered[kind].clear()  # what the webui's load_scripts does before executing the scripts again
+    again = execute_entry(ROOT / "scripts" / "promptist.py")
+    assert script_classes(again) == {"PromptistScript", "PromptistScoreScript"}
+    assert [len(registered[kind]) for kind in ("ui_tabs", "ui_settings", "infotext_pasted")] == [1, 1, 1]
+
+
 def test_png_info_restores_the_users_prompt_not_the_rewrite(webui):
-    (paste,) = webui.script_callbacks.registered["infotext_pasted"]
+    (paste,) = webui.host.script_callbacks.registered["infotext_pasted"]
     params = {"Prompt": "a cat riding a bike, highly detailed", "Promptist original": "a cat riding a bike",
               "Promptist mode": "beam", "Steps": "20"}
     paste("...", params)
@@ -139,23 +160,23 @@ def test_rewrites_lose_line_breaks_and_control_characters(webui):
             return [SimpleNamespace(prompt="a cat,\nhighly\tdetailed\x00, \u200bsharp  focus\r\n")
                     for _ in ([texts] if isinstance(texts, str) else texts)]
 
-    assert webui.optimize_prompts(Optimizer(), ["a cat"]) == ["a cat, highly detailed, sharp focus"]
+    assert webui.optimize.optimize_prompts(Optimizer(), ["a cat"]) == ["a cat, highly detailed, sharp focus"]
 
 
 def test_the_tab_shows_each_candidate_once(webui, monkeypatch):
     result = SimpleNamespace(prompt="a cat, 8k", candidates=["a cat, 8k", "a cat, 8k\n", "a cat, smooth"],
                              clip_tokens=5, notes=[])
-    monkeypatch.setattr(webui, "_optimizer", lambda: lambda *a, **k: [result])
-    best, candidates, _ = webui._optimize_for_tab("a cat", "beam", 3, 0)
+    monkeypatch.setattr(webui.tab, "loaded_optimizer", lambda: lambda *a, **k: [result])
+    best, candidates, _ = webui.tab._optimize_for_tab("a cat", "beam", 3, 0)
     assert best == "a cat, 8k"
     assert candidates == "a cat, 8k\na cat, smooth"
 
 
 def test_settings_have_a_section_in_a_category_and_name_both_model_folders(webui):
-    (register,) = webui.script_callbacks.registered["ui_settings"]
+    (register,) = webui.host.script_callbacks.registered["ui_settings"]
     register()
-    options = webui.shared.opts.add_option.__self__
-    assert set(options) == {key for key, *_ in webui.SETTINGS}
+    options = webui.host.shared.opts.add_option.__self__
+    assert set(options) == {key for key, *_ in webui.tab.SETTINGS}
     assert {o.section for o in options.values()} == {("promptist", "Promptist")}
     assert {o.category_id for o in options.values()} == {"sd"}
     label = options["promptist_model"].label

@@ -39,12 +39,12 @@ def webui_batch(n, seed=0):
 
 
 def test_script_loads_without_the_webui(script):
-    assert script.scripts is None and not hasattr(script, "PromptistScoreScript")
+    assert script.host.scripts is None and not hasattr(script, "PromptistScoreScript")
 
 
 def test_scores_go_into_the_infotext_one_per_image(script, scorer):
     p, pp = processing(["a cat"] * 3), webui_batch(3)
-    scores = script.score_processing(p, pp, scorer, preset="promptist")
+    scores = script.score.score_processing(p, pp, scorer, preset="promptist")
     params = p.extra_generation_params
     assert params["Promptist score"] == [f"{s.total:.3f}" for s in scores]
     assert len(params["Promptist score terms"]) == 3 and params["Promptist score preset"] == "promptist"
@@ -54,7 +54,7 @@ def test_scores_go_into_the_infotext_one_per_image(script, scorer):
 def test_best_of_n_keeps_the_best_image_and_its_seed(script, scorer):
     p, pp = processing(["a cat"] * 4), webui_batch(4, seed=1)
     images = list(pp.images)
-    scores = script.score_processing(p, pp, scorer, preset="pae", best_of_n=True)
+    scores = script.score.score_processing(p, pp, scorer, preset="pae", best_of_n=True)
     best = max(range(4), key=lambda i: scores[i].total)
     assert len(pp.images) == 1 and torch.equal(pp.images[0], images[best])
     assert p.seeds == [10 + best] and p.subseeds == [20 + best]
@@ -67,12 +67,12 @@ def test_relevance_uses_the_users_original_prompt_when_promptist_rewrote_it(scri
     # Second batch of a job whose prompts the optimize script rewrote.
     originals = ["a ship", "a ship", "a (red:1.3) fox <lora:style:0.8>", "a (red:1.3) fox <lora:style:0.8>"]
     p = processing(["fox, highly detailed"] * 2, batch_size=2, **{"Promptist original": originals})
-    assert script.reference_prompts(p, 2, batch_number=1) == ["a red fox", "a red fox"]
+    assert script.score.reference_prompts(p, 2, batch_number=1) == ["a red fox", "a red fox"]
     pp = webui_batch(2, seed=2)
-    scores = script.score_processing(p, pp, scorer, batch_number=1)
+    scores = script.score.score_processing(p, pp, scorer, batch_number=1)
     assert [s.prompt for s in scores] == ["a red fox", "a red fox"]
 
 
 def test_plain_text_strips_webui_syntax(script):
-    assert script.plain_text("((masterpiece)), a [cat:dog:0.5] <lora:x:1>") == "masterpiece, a cat:dog"
-    assert script.plain_text("(a cat:1.2), sunset") == "a cat, sunset"
+    assert script.score.plain_text("((masterpiece)), a [cat:dog:0.5] <lora:x:1>") == "masterpiece, a cat:dog"
+    assert script.score.plain_text("(a cat:1.2), sunset") == "a cat, sunset"

@@ -43,7 +43,7 @@ def sft(webui, pairs_file, save_name, steps=6, **overrides):
     args = dict(base="tiny-promptist", data_file=str(pairs_file), data_format="auto", save_name=save_name,
                 steps=steps, lr=1e-3, batch_size=8, effective_batch_size=8, seed=0, save_every=3)
     args.update(overrides)
-    return webui._train_sft("task(test)", *args.values())
+    return webui.tab._train_sft("task(test)", *args.values())
 
 
 def log_steps(folder: Path) -> list[int]:
@@ -55,7 +55,7 @@ def log_steps(folder: Path) -> list[int]:
 def test_generator_builds_one_job_per_batch_with_the_seeds_size_and_rendered_dfprompts(a1111_script):
     state = FakeState()
     processing = FakeProcessing(state)
-    generator = a1111_script.WebuiGenerator(processing, state, sampler_name="DPM++ 2M", negative="blurry",
+    generator = a1111_script.train.WebuiGenerator(processing, state, sampler_name="DPM++ 2M", negative="blurry",
                                             schedule_steps=lambda n: 2 * n, max_batch=2)
     prompts = ["a red horse, [anime:0-1:1.5], [detailed:0.5-1:1.25]", "a blue ship", "a red car"]
     images = generator.generate(prompts, [11, 12, 13], steps=10, guidance=6.5, size=(64, 48))
@@ -82,12 +82,12 @@ def test_interrupt_while_drawing_redraws_the_images_then_stops_at_the_callback(a
 
     state = FakeState()
     processing = FakeProcessing(state)
-    generator = a1111_script.WebuiGenerator(processing, state, sampler_name="Euler")
+    generator = a1111_script.train.WebuiGenerator(processing, state, sampler_name="Euler")
     processing.interrupt_next = 1
     images = generator.generate(["a cat"], [1], steps=4, guidance=7, size=(8, 8))
     assert images.shape == (1, 8, 8, 3) and len(processing.jobs) == 2  # the partial image was drawn again
     assert generator.stop_requested and not state.interrupted
-    progress = a1111_script.WebuiProgress(state, tmp_path, {"reward": ("reward",)}, "PPO", generator)
+    progress = a1111_script.train.WebuiProgress(state, tmp_path, {"reward": ("reward",)}, "PPO", generator)
     with pytest.raises(StopTraining):
         progress(1, 5, {"reward": 0.5})
 
@@ -105,11 +105,11 @@ def test_train_sft_saves_a_policy_the_settings_list_and_the_optimizer_loads(webu
     out = webui.root / "my-sft"
     assert "SFT finished" in message and "my-sft" in message
     assert curve.size[0] > 0 and log_steps(out)[-1] == 6
-    state = webui.shared.state
+    state = webui.host.shared.state
     assert (state.job_count, state.job_no) == (6, 6) and state.textinfo.startswith("Promptist SFT: 6/6, loss ")
     assert state.previews and state.previews[-1].size == curve.size  # the live curve
-    assert "my-sft" in webui._policy_choices()["choices"]  # Settings -> Optimizer model lists it (refresh)
-    optimizer = load_optimizer("my-sft", models_dir=webui.models_dirs(webui.shared.models_path), device="cpu")
+    assert "my-sft" in webui.tab._policy_choices()["choices"]  # Settings -> Optimizer model lists it (refresh)
+    optimizer = load_optimizer("my-sft", models_dir=webui.host.models_dirs(webui.host.shared.models_path), device="cpu")
     assert optimizer("a cat riding a bike")[0].prompt
 
 
@@ -117,7 +117,7 @@ def test_interrupt_saves_a_checkpoint_and_the_same_save_name_resumes_to_the_unin
     from trainer.checkpoint import list_checkpoints
 
     sft(webui, pairs_file, "straight")
-    state = webui.shared.state
+    state = webui.host.shared.state
     state.interrupt_at_job_no = 4  # Interrupt pressed during step 4
     _, message = sft(webui, pairs_file, "stopped")
     out = webui.root / "stopped"
@@ -139,7 +139,7 @@ def test_interrupt_saves_a_checkpoint_and_the_same_save_name_resumes_to_the_unin
     ({"effective_batch_size": 12}, "multiple"),
 ])
 def test_bad_sft_inputs_are_one_clear_error(webui, pairs_file, change, error):
-    with pytest.raises(webui.PromptistError) as e:
+    with pytest.raises(webui.errors.PromptistError) as e:
         change = dict(change)
         sft(webui, pairs_file, change.pop("save_name", "bad"), **change)
     assert error in str(e.value)
@@ -148,7 +148,7 @@ def test_bad_sft_inputs_are_one_clear_error(webui, pairs_file, change, error):
 # --- Train PPO ---------------------------------------------------------------------------------------
 
 def test_train_ppo_draws_with_the_webui_and_trains_two_iterations(webui):
-    curve, message = webui._train_ppo(
+    curve, message = webui.tab._train_ppo(
         "task(ppo)", "tiny-promptist", "a cat riding a bike\na red horse on the grass\na ship at sea\n", "",
         "my-ppo", 2, 2, 1, "Euler", 3, 7.0, 32, 32, "", "promptist", 1e-4, 0.2, 1, 0, 1)
     out = webui.root / "my-ppo"
@@ -160,10 +160,10 @@ def test_train_ppo_draws_with_the_webui_and_trains_two_iterations(webui):
     plains = {"a cat riding a bike", "a red horse on the grass", "a ship at sea"}
     assert set(drawn) & plains and set(drawn) - plains  # the plain prompts (once) and the policy's rewrites
     assert (out / "prompts.txt").read_text().splitlines() == ["a cat riding a bike", "a red horse on the grass", "a ship at sea"]
-    assert webui.shared.state.textinfo.startswith("Promptist PPO: 2/2")
-    assert "my-ppo" in webui._policy_choices()["choices"]
-    with pytest.raises(webui.PromptistError, match="started from the policy 'tiny-promptist', not 'my-ppo'"):
-        webui._train_ppo("task(ppo)", "my-ppo", "a ship at sea\na cat\n", "", "my-ppo", 3, 2, 1, "Euler", 3, 7.0,
+    assert webui.host.shared.state.textinfo.startswith("Promptist PPO: 2/2")
+    assert "my-ppo" in webui.tab._policy_choices()["choices"]
+    with pytest.raises(webui.errors.PromptistError, match="started from the policy 'tiny-promptist', not 'my-ppo'"):
+        webui.tab._train_ppo("task(ppo)", "my-ppo", "a ship at sea\na cat\n", "", "my-ppo", 3, 2, 1, "Euler", 3, 7.0,
                          32, 32, "", "promptist", 1e-4, 0.2, 1, 0, 1)
 
 

@@ -59,7 +59,7 @@ def test_ui_workflow_has_what_the_frontend_loads_and_a_jpg_thumbnail(ui_file):
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda f: f.stem)
 def test_ui_and_api_workflows_agree_with_each_other_and_with_the_node_schemas(ui_file, tmp_path, monkeypatch):
-    # the DF-Prompt example loads the policy README §9's worked example trains into models/promptist
+    # the DF-Prompt example loads the policy docs/training.md §9's worked example trains into models/promptist
     (tmp_path / "my-dfprompt-ppo").mkdir()
     (tmp_path / "my-dfprompt-ppo" / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tmp_path))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from trainer.corpus import CorpusError, read_corpus
-from trainer.pairs import (
+from trainer.policy.corpus import CorpusError, read_corpus
+from trainer.policy.pairs import (
     command_rewriter,
     make_pairs,
     read_pairs,

@@ -100,7 +100,7 @@ def test_the_optimizer_of_a_folder_with_heads_prints_dfprompts_that_schedule(tin
     from promptist_core.cli import main
     from promptist_core.optimizer import PromptOptimizer, load_optimizer
     from promptist_core.policy_folder import save_policy_folder
-    from trainer.sft import load_trainable_policy
+    from trainer.policy.sft import load_trainable_policy
 
     torch.manual_seed(0)  # the heads built below draw from the global RNG: the same draws whatever ran before
     lm, tokenizer = load_trainable_policy(str(tiny_promptist_dir / "tiny-promptist"))
@@ -176,7 +176,7 @@ def head_stats(folder: Path, prompts) -> dict:
 @pytest.fixture(scope="module")
 def df_sft(tmp_path_factory) -> Path:
     """A tiny SFT policy with heads trained toward PAE's prior (stage 1), and a prompt file for stage 2."""
-    from trainer.sft import SFTConfig, train_sft
+    from trainer.policy.sft import SFTConfig, train_sft
 
     root = tmp_path_factory.mktemp("dfpolicy")
     rng = random.Random(0)
@@ -223,8 +223,8 @@ def test_stage_1_makes_the_default_weight_and_range_the_heads_choice_and_saves_t
 
 def test_the_ratio_uses_the_log_prob_of_the_sampled_class_at_each_modifier_end(df_sft):
     """PAE's code took the log-prob of the fixed classes (2, 1) at every position: this fails on it."""
-    from trainer.ppo import head_logprobs, sample_modifiers
-    from trainer.sft import load_trainable_policy
+    from trainer.policy.ppo import head_logprobs, sample_modifiers
+    from trainer.policy.sft import load_trainable_policy
 
     _, tokenizer = load_trainable_policy(str(df_sft / "sft"))
     eos = tokenizer.eos_token_id
@@ -266,7 +266,7 @@ def dfprompt_reward(plains, rewrites):
 def test_a_heads_advantage_is_its_rewrites_score_against_the_others_never_the_token_kl():
     """The weight and range choices change only the DF-Prompt the reward sees, so their credit is the score
     (leave-one-out or batch baseline, whitened): the token KL penalty, often far larger, once drowned it."""
-    from trainer.ppo import head_advantages
+    from trainer.policy.ppo import head_advantages
 
     scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 9.0])
     rloo = head_advantages(scores, 4)
@@ -278,8 +278,8 @@ def test_a_heads_advantage_is_its_rewrites_score_against_the_others_never_the_to
 
 @pytest.mark.parametrize("advantage", ["rloo", "gae"])
 def test_ppo_learns_the_rewarded_weight_and_range_while_a_large_token_beta_holds_the_text(df_sft, tmp_path, advantage):
-    from trainer.ppo import PPOConfig, train_ppo
-    from trainer.rewards import TextReward
+    from trainer.policy.ppo import PPOConfig, train_ppo
+    from trainer.policy.rewards import TextReward
 
     before = head_stats(df_sft / "sft", HELD_OUT)
     k = 4 if advantage == "rloo" else 1
@@ -317,8 +317,8 @@ def test_each_heads_kl_to_the_reference_is_a_loss_that_holds_it_there(df_sft, tm
     """With a reward that never varies, only the entropy bonus moves the heads (toward flatter choices); a
     large beta_weight keeps the weight head at the reference, beta_range 0 lets the range head go. (As a
     reward term the exact KL would not depend on the class drawn and could not hold a head back.)"""
-    from trainer.ppo import PPOConfig, train_ppo
-    from trainer.rewards import TextReward
+    from trainer.policy.ppo import PPOConfig, train_ppo
+    from trainer.policy.rewards import TextReward
 
     config = PPOConfig(prompts=str(df_sft / "prompts.txt"), policy=str(df_sft / "sft"), out=str(tmp_path / "kl"),
                        dfprompt=True, iterations=8, batch_size=2, advantage="rloo", rloo_samples=2, num_beam_groups=4,
@@ -338,9 +338,9 @@ def test_a_stopped_dfprompt_run_resumes_to_the_same_lm_heads_value_and_log(df_sf
     from safetensors.torch import load_file
 
     from trainer.checkpoint import list_checkpoints
-    from trainer.ppo import PPOConfig, train_ppo
+    from trainer.policy.ppo import PPOConfig, train_ppo
+    from trainer.policy.rewards import TextReward
     from trainer.progress import StopTraining
-    from trainer.rewards import TextReward
 
     def config(out):  # gae: the value model resumes too; minibatches: the heads' optimizer state matters
         return PPOConfig(prompts=str(df_sft / "prompts.txt"), policy=str(df_sft / "sft"), out=str(out), dfprompt=True,

@@ -1,4 +1,4 @@
-"""trainer.lora: our minimal LoRA on a tiny diffusers UNet, and the kohya file that hosts load."""
+"""trainer.tpo.lora: our minimal LoRA on a tiny diffusers UNet, and the kohya file that hosts load."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from builders_sd import TEXT_DIM, build_tiny_unet
 from safetensors import safe_open
 
-from trainer.lora import (
+from trainer.tpo.lora import (
     LoRALinear,
     adapters_enabled,
     attach_lora,

@@ -16,7 +16,7 @@ from conftest import MODIFIERS, SUBJECTS
 from safetensors.torch import load_file
 
 from trainer.checkpoint import list_checkpoints
-from trainer.ppo import (
+from trainer.policy.ppo import (
     PPOConfig,
     adaptive_beta,
     gae,
@@ -28,8 +28,8 @@ from trainer.ppo import (
     rollout_batch,
     train_ppo,
 )
+from trainer.policy.rewards import BaselineCache, ImageReward, RewardBatch, TextReward
 from trainer.progress import StopTraining
-from trainer.rewards import BaselineCache, ImageReward, RewardBatch, TextReward
 
 WORD = "fantasy"  # a modifier the tiny SFT policy knows but rarely puts in its top rewrite
 PPO_PROMPTS, HELD_OUT = SUBJECTS[:12], SUBJECTS[12:]
@@ -91,7 +91,7 @@ def test_rloo_advantage_is_the_reward_minus_the_mean_of_the_prompts_other_rewrit
 
 @pytest.fixture(scope="module")
 def sft_policy(tmp_path_factory) -> Path:
-    from trainer.sft import SFTConfig, train_sft
+    from trainer.policy.sft import SFTConfig, train_sft
 
     root = tmp_path_factory.mktemp("ppo")
     rng = random.Random(0)
@@ -140,7 +140,7 @@ def _log(out: Path) -> list[dict]:
 def test_training_recomputes_exactly_the_log_probs_of_the_generation(sft_policy):
     """A mismatch here is the usual cause of 'negative KL': check every token of every candidate."""
     from promptist_core.diverse_beam import diverse_beam_search
-    from trainer.sft import load_trainable_policy
+    from trainer.policy.sft import load_trainable_policy
 
     lm, tokenizer = load_trainable_policy(str(sft_policy / "sft"))
     lm.eval()
@@ -166,7 +166,7 @@ def test_training_recomputes_exactly_the_log_probs_of_the_generation(sft_policy)
 
 
 def test_rollouts_repeat_exactly_for_the_same_seed_iteration_and_rank(sft_policy):
-    from trainer.sft import load_trainable_policy
+    from trainer.policy.sft import load_trainable_policy
 
     lm, tokenizer = load_trainable_policy(str(sft_policy / "sft"))
     config = _config(sft_policy, sft_policy / "unused")
@@ -373,8 +373,8 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from safetensors.torch import save_file
-from trainer.ppo import PPOConfig, train_ppo
-from trainer.rewards import TextReward
+from trainer.policy.ppo import PPOConfig, train_ppo
+from trainer.policy.rewards import TextReward
 from trainer.runtime import runtime_from_env
 config = PPOConfig(**json.loads(sys.argv[1]))
 runtime = runtime_from_env("cpu", "fp32")
@@ -416,7 +416,7 @@ def test_accelerate_launch_two_cpu_processes_ppo_leaves_identical_weights_on_bot
 
 
 def test_every_rollout_batch_is_full_across_epoch_boundaries():
-    from trainer.sft import micro_batches
+    from trainer.policy.sft import micro_batches
 
     cursor = {"epoch": 0, "index": 0}
     stream = micro_batches([1] * 10, 4, 0, 1, cursor, drop_last=True)

@@ -20,8 +20,8 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 from trainer.checkpoint import list_checkpoints
+from trainer.policy.sft import SFTConfig, train_sft
 from trainer.progress import StopTraining
-from trainer.sft import SFTConfig, train_sft
 
 ANIMALS = ["cat", "dog", "fox", "wolf", "bear", "horse", "owl", "rabbit"]
 BUILDINGS = ["castle", "tower", "church", "bridge", "temple", "house", "lighthouse", "palace"]
@@ -255,7 +255,7 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from trainer.runtime import runtime_from_env
-from trainer.sft import SFTConfig, train_sft
+from trainer.policy.sft import SFTConfig, train_sft
 config = SFTConfig(**json.loads(sys.argv[1]))
 runtime = runtime_from_env("cpu", "fp32")
 result = train_sft(config, runtime=runtime)
@@ -317,7 +317,7 @@ import torch
 torch.set_num_threads(1)
 import transformers
 assert transformers.__version__.startswith("4.30"), transformers.__version__
-from trainer.sft import SFTConfig, train_sft
+from trainer.policy.sft import SFTConfig, train_sft
 from promptist_core.optimizer import load_optimizer
 result = train_sft(SFTConfig(**json.loads(sys.argv[1])))
 print(json.dumps({"steps": result.steps, "rewrite": load_optimizer(sys.argv[2], device="cpu")(

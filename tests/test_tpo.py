@@ -18,10 +18,10 @@ import torch
 from builders_sd import build_clip_tokenizer, build_tiny_clip_text_model, build_tiny_unet
 
 from trainer.cli import main
-from trainer.denoiser import Denoiser, DiffusersDenoiser
-from trainer.lora import load_kohya_lora
 from trainer.progress import StopTraining
-from trainer.tpo import (
+from trainer.tpo.denoiser import Denoiser, DiffusersDenoiser
+from trainer.tpo.lora import load_kohya_lora
+from trainer.tpo.train import (
     CaptionPair,
     LatentPairs,
     TPOConfig,

@@ -14,7 +14,8 @@ import torch
 from conftest import FIXTURES
 from PIL import Image
 
-from trainer.caption_edits import (
+from trainer.policy.corpus import CorpusError
+from trainer.tpo.caption_edits import (
     ATTRIBUTES,
     CONTEXT,
     MOTION,
@@ -27,8 +28,7 @@ from trainer.caption_edits import (
     editor_from_spec,
     plural,
 )
-from trainer.corpus import CorpusError
-from trainer.tpo_data import (
+from trainer.tpo.data import (
     EDIT_TYPES,
     PAIRS_FILE,
     Negative,
@@ -339,7 +339,7 @@ def test_prompts_source_draws_each_image_once_with_the_users_model(tmp_path, tin
 def test_clip_filter_keeps_only_negatives_ranked_below_the_caption(tmp_path, tiny_clip_models_dir):
     from promptist_core.clip_models import load_clip
     from promptist_core.rewards import clip_cosine
-    from trainer.tpo_data import clip_ranked
+    from trainer.tpo.data import clip_ranked
 
     clip = load_clip("tiny-hf-clip", models_dir=tiny_clip_models_dir, device="cpu")
     items = []
@@ -367,7 +367,7 @@ def _kohya_lora(tiny_sd_dir: Path, path: Path, *, scale: float) -> Path:
     """A LoRA for the tiny UNet: zero (scale 0: the base model exactly) or random."""
     from builders_sd import load_tiny_sd
 
-    from trainer.lora import attach_lora, save_kohya_lora
+    from trainer.tpo.lora import attach_lora, save_kohya_lora
 
     unet = load_tiny_sd(tiny_sd_dir).unet
     loras = attach_lora(unet, rank=2, alpha=2)
@@ -381,7 +381,7 @@ def _kohya_lora(tiny_sd_dir: Path, path: Path, *, scale: float) -> Path:
 def test_tpo_eval_compares_base_and_lora_images_of_shared_seeds(tmp_path, tiny_sd_dir, tiny_clip_models_dir, capsys):
     from promptist_core.generators import load_diffusers_generator
     from promptist_core.rewards import load_scorer
-    from trainer.tpo_eval import evaluation_seeds
+    from trainer.tpo.evaluate import evaluation_seeds
 
     prompts = tmp_path / "held_out.txt"
     prompts.write_text("a red car on a street\na cat on a couch\na house at night\n")
@@ -430,7 +430,7 @@ def test_tpo_eval_errors_are_one_line_before_any_model_loads(tmp_path, capsys):
 
 
 def test_llm_editor_asks_a_local_lm_for_each_edit_type(tiny_promptist_dir):
-    from trainer.caption_edits import LLM_INSTRUCTION, kinds_for
+    from trainer.tpo.caption_edits import LLM_INSTRUCTION, kinds_for
 
     # the tiny LM has 128 positions: a short instruction here (the default one is checked below)
     editor = editor_from_spec(f"llm:{tiny_promptist_dir / 'tiny-promptist'}", seed=0, instruction="Edit:")

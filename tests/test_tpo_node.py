@@ -21,7 +21,7 @@ from test_train_nodes import comfy  # noqa: F401 (fixture)
 from nodes.comfy_denoiser import ComfyDenoiser
 from nodes.comfy_schema import v1_node
 from nodes.train_tpo import TPOTrain
-from trainer.lora import load_kohya_lora
+from trainer.tpo.lora import load_kohya_lora
 
 SIZE = 64  # pixels; the fake VAE pools 8 x 8, so latents are [4, 8, 8] as in test_tpo
 
@@ -203,7 +203,7 @@ def test_saved_lora_has_kohya_diffusers_names_and_reproduces_the_node_in_a_diffu
     # and the diffusers UNet with the file loaded predict the same noise
     from safetensors.torch import load_file
 
-    from trainer.lora import kohya_name
+    from trainer.tpo.lora import kohya_name
 
     model, clip, vae = graph
     denoiser = ComfyDenoiser(model, clip, vae, rank=4, device=torch.device("cpu"))
@@ -267,6 +267,6 @@ def test_tpo_node_runs_on_every_queue_and_returns_model_lora_name_and_curves():
 
 def test_denoiser_targets_are_the_trainers():
     from nodes import comfy_denoiser
-    from trainer.lora import DEFAULT_TARGETS
+    from trainer.tpo.lora import DEFAULT_TARGETS
 
     assert comfy_denoiser.DEFAULT_TARGETS == DEFAULT_TARGETS

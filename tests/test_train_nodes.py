@@ -367,4 +367,4 @@ def test_progress_reads_the_resumed_part_of_the_curve_from_the_log(tmp_path):
     (tmp_path / "train_log.csv").write_text("step,loss,valid_loss\n1,3.0,\n2,2.5,2.7\n3,2.0,\n")
     progress = TrainingProgress(tmp_path, {"loss": ("loss", "valid_loss")}, "SFT")
     progress(3, 5, {"loss": 1.9})
-    assert progress.series == {"loss": [(1, 3.0), (2, 2.5), (3, 1.9)], "valid_loss": [(2, 2.7)]}
+    assert progress.curve.series == {"loss": [(1, 3.0), (2, 2.5), (3, 1.9)], "valid_loss": [(2, 2.7)]}

@@ -1,4 +1,4 @@
-"""`python -m trainer <command>`: pairs, sft (see README.md, "Training")."""
+"""`python -m trainer <command>`: pairs, sft, ppo, tpo, tpo-data, tpo-eval (see docs/training.md)."""
 
 import sys
 from pathlib import Path

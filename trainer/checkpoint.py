@@ -107,16 +107,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(py_state), py_gauss))
 
 
-def save_name_problem(name: str | None, label: str = "save name") -> str | None:
-    """Why `name` cannot name a run's folder inside a models folder, or None (`label`: what the host calls
-    the field, starting the message)."""
-    if not name or not name.strip():
-        return f"{label} is empty: give the run a folder name, e.g. my-promptist"
-    if "/" in name or "\\" in name or name.strip() in (".", "..") or name != name.strip():
-        return f"{label} must be a plain folder name (no path separators, no leading or trailing spaces); got {name!r}"
-    return None
-
-
 def save_checkpoint(
     run_dir: Path,
     *,

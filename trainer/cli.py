@@ -40,8 +40,8 @@ def _add_pairs(sub) -> None:
 
 
 def _run_pairs(args) -> int:
-    from .corpus import read_corpus
-    from .pairs import make_pairs, rewriter_from_spec, write_pairs
+    from .policy.corpus import read_corpus
+    from .policy.pairs import make_pairs, rewriter_from_spec, write_pairs
 
     corpus = read_corpus(args.corpus, column=args.column, min_words=args.min_words, max_words=args.max_words,
                          blocklist=args.blocklist, limit=args.limit, allow_download=False if args.offline else None)
@@ -92,8 +92,8 @@ def _add_tpo_data(sub) -> None:
 
 
 def _run_tpo_data(args) -> int:
-    from .caption_edits import editor_from_spec
-    from .tpo_data import (
+    from .tpo.caption_edits import editor_from_spec
+    from .tpo.data import (
         build_tpo_items,
         clip_ranked,
         data_summary,
@@ -117,7 +117,7 @@ def _run_tpo_data(args) -> int:
     else:
         from promptist_core.generators import load_diffusers_generator
 
-        from .corpus import read_corpus
+        from .policy.corpus import read_corpus
 
         corpus = read_corpus(args.prompts, column=args.column, limit=args.limit)
         generator = load_diffusers_generator(args.sd, device=args.device, config_folder=args.sd_config,
@@ -185,8 +185,8 @@ def _run_tpo_eval(args) -> int:
     from promptist_core.generators import load_diffusers_generator
     from promptist_core.rewards import load_scorer
 
-    from .lora import load_kohya_lora
-    from .tpo_eval import compare_lora, held_out_prompts, parse_size
+    from .tpo.evaluate import compare_lora, held_out_prompts, parse_size
+    from .tpo.lora import load_kohya_lora
 
     size = parse_size(args.size)
     if not Path(args.lora).expanduser().is_file():
@@ -220,7 +220,7 @@ def _add_run_options(p: argparse.ArgumentParser, checkpoints_in: str) -> None:
 
 
 def _add_sft(sub) -> None:
-    from .sft import SFTConfig
+    from .policy.sft import SFTConfig
 
     p = sub.add_parser("sft", help="supervised fine-tuning of a prompt policy on pairs (Promptist stage 1)",
                        description="Fine-tune a causal LM on 'source Rephrase: target' pairs. Every setting below "
@@ -235,9 +235,9 @@ def _add_sft(sub) -> None:
 
 def _run_sft(args) -> int:
     from .checkpoint import latest_checkpoint
+    from .policy.sft import SFTConfig, train_sft
     from .progress import ConsoleProgress, StopTraining
     from .runtime import runtime_from_env
-    from .sft import SFTConfig, train_sft
 
     config = _settings(SFTConfig, args)
     if args.print_config:
@@ -262,7 +262,7 @@ def _run_sft(args) -> int:
 
 
 def _add_ppo(sub) -> None:
-    from .ppo import PPOConfig
+    from .policy.ppo import PPOConfig
 
     p = sub.add_parser("ppo", help="PPO against image (or text) rewards (Promptist stage 2)",
                        description="Improve an SFT policy by PPO: rewrites are rendered by Stable Diffusion (--sd) "
@@ -302,8 +302,8 @@ def image_reward_from_config(config, *, models_dir=None, device: str = "auto"):
     from promptist_core.generators import load_diffusers_generator
     from promptist_core.rewards import load_scorer
 
-    from .ppo import reward_preset
-    from .rewards import ImageReward
+    from .policy.ppo import reward_preset
+    from .policy.rewards import ImageReward
 
     generator = load_diffusers_generator(config.sd, device=device, config_folder=config.sd_config)
     scorer = load_scorer(config.clip_model, config.aesthetic_head, pick_model=config.pick_model,
@@ -315,9 +315,9 @@ def image_reward_from_config(config, *, models_dir=None, device: str = "auto"):
 
 def _run_ppo(args) -> int:
     from .checkpoint import latest_checkpoint
-    from .ppo import PPOConfig, train_ppo
+    from .policy.ppo import PPOConfig, train_ppo
+    from .policy.rewards import TextReward
     from .progress import ConsoleProgress, StopTraining
-    from .rewards import TextReward
     from .runtime import runtime_from_env
 
     config = _settings(PPOConfig, args)
@@ -350,7 +350,7 @@ def _run_ppo(args) -> int:
 
 
 def _add_tpo(sub) -> None:
-    from .tpo import TPOConfig
+    from .tpo.train import TPOConfig
 
     p = sub.add_parser("tpo", help="TPO (TDPO/TKTO): a LoRA for a Stable Diffusion model from caption pairs",
                        description="Train a LoRA on (image, caption, edited caption) triples so the model follows "
@@ -364,10 +364,10 @@ def _add_tpo(sub) -> None:
 
 def _run_tpo(args) -> int:
     from .checkpoint import latest_checkpoint
-    from .denoiser import load_diffusers_denoiser
     from .progress import ConsoleProgress, StopTraining
     from .runtime import local_runtime
-    from .tpo import TPOConfig, run_dir_for, train_tpo
+    from .tpo.denoiser import load_diffusers_denoiser
+    from .tpo.train import TPOConfig, run_dir_for, train_tpo
 
     config = _settings(TPOConfig, args, run_dir_of=run_dir_for)
     if args.print_config:

@@ -27,8 +27,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .corpus import normalize_prompt
-from .tpo_data import EDIT_TYPES, NEGATIVE_TYPES, Negative, caption_key
+from ..policy.corpus import normalize_prompt
+from .data import EDIT_TYPES, NEGATIVE_TYPES, Negative, caption_key
 
 # --- words -----------------------------------------------------------------------------------------
 
@@ -490,7 +490,7 @@ LLM_INSTRUCTION = (
 
 
 class HookEditor:
-    """An `llm:` or `command:` editor over the pairs rewrite hook (trainer.pairs)."""
+    """An `llm:` or `command:` editor over the pairs rewrite hook (trainer.policy.pairs)."""
 
     def __init__(self, spec: str, hook: Callable[[list[str]], list[str]], *, typed_inputs: bool, seed: int = 0):
         self.name, self.hook, self.typed_inputs, self.seed = spec, hook, typed_inputs, seed
@@ -517,7 +517,7 @@ class HookEditor:
 
 def editor_from_spec(spec: str = "rules", *, seed: int = 0, instruction: str | None = None):
     """`rules`, `llm:<local causal LM folder>` or `command:<program>`."""
-    from .pairs import rewriter_from_spec
+    from ..policy.pairs import rewriter_from_spec
 
     if spec == "rules":
         return RulesEditor(seed)

@@ -8,7 +8,7 @@ for PickScore and aesthetics (ties count half, as in the TPO paper's pairwise wi
 standard error, the mean score of each side, and mean CLIP relevance of each (a LoRA that wins on
 aesthetics by ignoring the prompt shows up there).
 
-The LoRA is loaded with `trainer.lora.load_kohya_lora` (our own module, no peft) onto the pipeline's
+The LoRA is loaded with `trainer.tpo.lora.load_kohya_lora` (our own module, no peft) onto the pipeline's
 UNet; the base images come from the same UNet with the adapters off.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..policy.rewards import image_seed
 from .lora import adapters_enabled
-from .rewards import image_seed
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def compare_lora(generator, loras: dict, scorer, prompts: Sequence[str], *, imag
     """Draw base and base + LoRA images with shared seeds and score them; returns the JSON report.
 
     Args:
-        generator: an `ImageGenerator` whose UNet carries `loras` (trainer.lora.load_kohya_lora).
+        generator: an `ImageGenerator` whose UNet carries `loras` (trainer.tpo.lora.load_kohya_lora).
         loras: {module path: LoRALinear}, switched off for the base images.
         scorer: a `RewardScorer`; PickScore is reported when it has a PickScore model.
         save_images: a folder for `NNNN_base.png` / `NNNN_lora.png` side by side (optional).
@@ -113,8 +113,8 @@ def _save_pairs(folder: Path, base: torch.Tensor, lora: torch.Tensor) -> None:
 def held_out_prompts(spec: str | Path, *, column: str = "prompt", limit: int | None = None) -> list[str]:
     """Prompts to evaluate on: a prompt file (read like a corpus), or a TPO data folder (its `valid`
     captions: prompts the LoRA never trained on)."""
-    from .corpus import CorpusError, read_corpus
-    from .tpo_data import pairs_file, read_tpo_data
+    from ..policy.corpus import CorpusError, read_corpus
+    from .data import pairs_file, read_tpo_data
 
     path = Path(spec).expanduser()
     if path.is_dir():

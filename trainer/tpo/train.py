@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (
+from ..checkpoint import (
     check_resume_settings,
     counter_generator,
     list_checkpoints,
@@ -39,12 +39,12 @@ from .checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from .config import ConfigError, config_to_dict, option
+from ..config import ConfigError, config_to_dict, option
+from ..policy.sft import micro_batches
+from ..progress import StepCallback, StopTraining, stop_requested
+from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
+from ..training_log import CURVES_FILE, TrainingLog
 from .denoiser import Denoiser
-from .progress import StepCallback, StopTraining, stop_requested
-from .runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
-from .sft import micro_batches
-from .training_log import CURVES_FILE, TrainingLog
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def load_latent_pairs(folder: Path | str, denoiser: Denoiser, *, resolution: int
     yet in the cache are encoded (then the cache is rewritten atomically)."""
     from safetensors.torch import load_file, save_file
 
-    from .tpo_data import read_tpo_data
+    from .data import read_tpo_data
 
     items = read_tpo_data(folder)
     cache = Path(folder) / LATENTS_FOLDER / f"{denoiser.latents_fingerprint}-{resolution}.safetensors"

@@ -30,7 +30,7 @@ from torch import nn
 
 from promptist_core.optimizer import REPHRASE_SUFFIX
 
-from .checkpoint import (
+from ..checkpoint import (
     check_resume_settings,
     counter_generator,
     list_checkpoints,
@@ -39,12 +39,12 @@ from .checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from .config import ConfigError, config_to_dict, option
-from .progress import StepCallback, StopTraining, stop_requested
+from ..config import ConfigError, config_to_dict, option
+from ..progress import StepCallback, StopTraining, stop_requested
+from ..runtime import PRECISIONS, Runtime, adamw, local_runtime
+from ..training_log import CURVES_FILE, TrainingLog
 from .rewards import BaselineCache, RewardFunction
-from .runtime import PRECISIONS, Runtime, adamw, local_runtime
 from .sft import context_length, load_trainable_policy, micro_batches
-from .training_log import CURVES_FILE, TrainingLog
 
 logger = logging.getLogger(__name__)
 

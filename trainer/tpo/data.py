@@ -23,7 +23,7 @@ from pathlib import Path
 
 from promptist_core.policy_folder import write_text_atomic
 
-from .corpus import CorpusError, jsonl_objects, normalize_prompt
+from ..policy.corpus import CorpusError, jsonl_objects, normalize_prompt
 
 PAIRS_FILE = "tpo_pairs.jsonl"
 SUMMARY_FILE = "tpo_data.json"
@@ -285,8 +285,8 @@ def gather_prompts(prompts: Sequence[str], generator, images_dir: Path, *, seed:
     import torch
     from PIL import Image
 
-    from .pairs import strip_weight_syntax
-    from .rewards import image_seed
+    from ..policy.pairs import strip_weight_syntax
+    from ..policy.rewards import image_seed
 
     images_dir.mkdir(parents=True, exist_ok=True)
     gathered = Gathered([], [], dict(source or {"kind": "prompts"}))
@@ -347,7 +347,7 @@ def build_tpo_items(gathered: Gathered, editor, *, negatives_per_caption: int = 
                     valid_fraction: float = 0.05) -> list[TPOItem]:
     """Negatives from `editor` for every gathered caption, and the split by caption hash (an item
     whose caption has no usable negative is skipped, with its reason)."""
-    from .pairs import split_of
+    from ..policy.pairs import split_of
 
     if not 0 <= valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in [0, 1); got {valid_fraction}")

@@ -25,18 +25,18 @@ from promptist_core.optimizer import REPHRASE_SUFFIX
 from promptist_core.policy_folder import read_decoding_defaults, save_policy_folder
 from promptist_core.weights import resolve
 
-from .checkpoint import (
+from ..checkpoint import (
     check_resume_settings,
     list_checkpoints,
     publish_model_files,
     restore_training_state,
     save_checkpoint,
 )
-from .config import ConfigError, config_to_dict, option
+from ..config import ConfigError, config_to_dict, option
+from ..progress import StepCallback, StopTraining, stop_requested
+from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
+from ..training_log import CURVES_FILE, TrainingLog
 from .pairs import Pair, make_pairs, read_pairs
-from .progress import StepCallback, StopTraining, stop_requested
-from .runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
-from .training_log import CURVES_FILE, TrainingLog
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Prompt-policy training: corpus, pairs, SFT, PPO and its rewards (Promptist, PAE)."""

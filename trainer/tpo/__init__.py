@@ -1,0 +1,1 @@
+"""TPO: the diffusion model trained on (image, caption, edited caption) pairs: data, caption edits, denoiser, LoRA, train, evaluate."""
