@@ -183,7 +183,7 @@ def test_a_kept_prompt_is_in_the_query_and_the_policy_is_trained_on_its_own_toke
     """With keep_prompt the rollout's query ends with the plain prompt; the response (what log-probs, KL,
     values and the DF-Prompt heads see) is only what the policy wrote, and the rewrite is prompt + response."""
     from promptist_core.optimizer import forced_start, join_kept
-    from trainer.sft import load_trainable_policy
+    from trainer.policy.sft import load_trainable_policy
 
     lm, tokenizer = load_trainable_policy(str(sft_policy / "sft"))
     config = _config(sft_policy, sft_policy / "unused", keep_prompt=True, no_repeat_ngram_size=2, rollout=how)
