@@ -42,12 +42,14 @@ def input_file(path: str, what: str) -> Path:
 
 
 def policy_names(dirs: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
-    """Policy folders (causal LMs) in the models folders, then `extra` names: for dropdowns."""
+    """Policy folders (causal LMs) in the models folders, then `extra` names, then the policy bundled with
+    promptist (usable with nothing copied or downloaded): for dropdowns."""
     from promptist_core.optimizer import causal_lm_problem
+    from promptist_core.weights import BUNDLED_POLICY
 
     found = [d.name for base in dirs if base.is_dir() for d in sorted(base.iterdir())
              if d.is_dir() and causal_lm_problem(d) is None]
-    return list(dict.fromkeys([*found, *extra]))
+    return list(dict.fromkeys([*found, *extra, BUNDLED_POLICY]))
 
 
 def render_prompt(prompt: str, schedule_steps: int) -> str:

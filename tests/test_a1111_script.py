@@ -68,3 +68,17 @@ def test_optimizing_a_dfprompt_rewrites_its_text_and_keeps_its_blocks(script, ti
     assert p.all_prompts == [best + ", [anime:0-1:1.5], [detailed:0.5-1:1.25]"]
     script.optimize.render_dfprompt_processing(p, steps=20, hires_steps=20)
     assert p.all_prompts == [best + ", (anime:1.5), [(detailed:1.25)::9]"]
+
+
+def test_the_bundled_policy_is_offered_and_rewrites_with_the_prompt_kept(script):
+    """Settings -> Optimizer model lists promptist-mini with nothing copied, and the hook's rewrite keeps the
+    user's words in front."""
+    from pathlib import Path
+
+    from promptist_core.optimizer import load_optimizer
+    from promptist_core.weights import BUNDLED_POLICY
+
+    assert BUNDLED_POLICY in script.train.policy_names([Path("/nonexistent")], ("microsoft/Promptist",))
+    p = processing(["a cat riding a bike"])
+    script.optimize.optimize_processing(p, load_optimizer(BUNDLED_POLICY, device="cpu"))
+    assert p.all_prompts[0].startswith("a cat riding a bike, ") and p.all_prompts[0].count(",") >= 2
