@@ -7,7 +7,7 @@ at a time at the default 8 beams. Prints one JSON object.
 
     python bench/policy_quality.py                           # the bundled policy, 1,000 captions
     python bench/policy_quality.py --policy build/bundled-policy/sft/checkpoints/step-0001000 --prompts 200
-    python bench/policy_quality.py --keep-prompt 0 --no-repeat-ngram 0   # the options, measured
+    python bench/policy_quality.py --keep-prompt 0 --no-repeat-ngram 0 --length-penalty -1   # the reference's
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timed", type=int, default=30, help="prompts timed one at a time")
     parser.add_argument("--keep-prompt", type=int, choices=(0, 1), default=None)
     parser.add_argument("--no-repeat-ngram", type=int, default=None)
+    parser.add_argument("--length-penalty", type=float, default=None)
+    parser.add_argument("--min-modifiers", type=int, default=None)
+    parser.add_argument("--trim", type=int, choices=(0, 1), default=None)
     parser.add_argument("--num-beams", type=int, default=8)
     parser.add_argument("--show", type=int, default=8, help="rewrites printed as examples")
     args = parser.parse_args(argv)
@@ -49,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         options["keep_prompt"] = bool(args.keep_prompt)
     if args.no_repeat_ngram is not None:
         options["no_repeat_ngram_size"] = args.no_repeat_ngram
+    if args.length_penalty is not None:
+        options["length_penalty"] = args.length_penalty
+    if args.min_modifiers is not None:
+        options["min_modifiers"] = args.min_modifiers
+    if args.trim is not None:
+        options["trim_to_clip_window"] = bool(args.trim)
 
     started = time.perf_counter()
     optimizer = load_optimizer(args.policy, device="cpu", dtype="float32")

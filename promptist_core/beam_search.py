@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .beam_cache import cache_keyword, make_beam_cache, output_cache
-from .repeat_blocking import ban_repeated_ngrams
+from .decoding_constraints import WrittenTokenConstraint
 
 StepCallback = Callable[[int, int], None]
 
@@ -145,7 +145,7 @@ def beam_search(
     eos_token_id: int,
     pad_token_id: int,
     step_callback: StepCallback | None = None,
-    no_repeat_ngram_size: int = 0,
+    constraint: WrittenTokenConstraint | None = None,
 ) -> torch.LongTensor:
     """Beam search as `model.generate(num_beams=..., do_sample=False, early_stopping=False)` runs it.
 
@@ -155,8 +155,9 @@ def beam_search(
         num_beams, max_new_tokens, num_return_sequences, length_penalty, eos_token_id, pad_token_id: as in
             `generate`.
         step_callback: called as `(step, max_new_tokens)` after each step; the search may end earlier.
-        no_repeat_ngram_size: > 0 bans each token that would repeat an n-gram of the candidate's new tokens
-            (`repeat_blocking`); 0, the reference, bans nothing.
+        constraint: rules on each candidate's new tokens (`decoding_constraints`: no n-gram twice, no end
+            before k modifiers), applied to the log-probs as generate applies logits processors; None, the
+            reference, bans nothing.
 
     Returns:
         [batch * num_return_sequences, prompt_len + max_new_tokens]: the prompt, then each candidate (best
@@ -200,10 +201,9 @@ def beam_search(
     for step in range(max_new_tokens):
         # 3. the top 2 x beams continuations of each prompt over all its beams (transformers' order)
         vocab_size = log_probs.shape[-1]
-        if no_repeat_ngram_size and step >= no_repeat_ngram_size:
-            log_probs = ban_repeated_ngrams(running_sequences[:, :, :step].reshape(-1, step),
-                                            log_probs.reshape(-1, vocab_size),
-                                            no_repeat_ngram_size).view(len(alive), nb, vocab_size)
+        if constraint is not None and constraint.active:
+            log_probs = constraint(running_sequences[:, :, :step].reshape(len(alive) * nb, step),
+                                   log_probs.reshape(-1, vocab_size)).view(len(alive), nb, vocab_size)
         accumulated = (log_probs + running_beam_scores[:, :, None]).reshape(len(alive), -1)
         topk_log_probs, topk_indices = torch.topk(accumulated, k=keep)
         topk_parents = topk_indices // vocab_size

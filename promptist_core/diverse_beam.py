@@ -31,7 +31,7 @@ import torch
 
 from .beam_cache import cache_keyword, make_beam_cache, output_cache
 from .beam_search import with_inplace_activations
-from .repeat_blocking import ban_repeated_ngrams
+from .decoding_constraints import WrittenTokenConstraint
 
 StepCallback = Callable[[int, int], None]
 
@@ -136,7 +136,7 @@ def diverse_beam_search(
     eos_token_id: int,
     pad_token_id: int,
     step_callback: StepCallback | None = None,
-    no_repeat_ngram_size: int = 0,
+    constraint: WrittenTokenConstraint | None = None,
 ) -> DiverseBeamOutput:
     """Group beam search with a Hamming diversity penalty, matching transformers 4.46 `generate`.
 
@@ -161,8 +161,8 @@ def diverse_beam_search(
         pad_token_id: fills finished positions (Promptist pads with eos).
         step_callback: called as `(step, max_new_tokens)` after each generation step (1-based); the
             search may end before `max_new_tokens` steps. An exception raised in it propagates.
-        no_repeat_ngram_size: > 0 bans each token that would repeat an n-gram of the candidate's new tokens
-            (`repeat_blocking`; not a 4.46 feature: 0 reproduces 4.46).
+        constraint: rules on each candidate's new tokens (`decoding_constraints`; not a 4.46 feature: None
+            reproduces 4.46).
 
     Returns:
         DiverseBeamOutput with `sequences` [batch * num_return_sequences, prompt_len + generated]
@@ -217,8 +217,8 @@ def diverse_beam_search(
     # 4. decoding loop
     for step in range(max_new_tokens):
         log_probs = torch.log_softmax(next_logits, dim=-1)
-        if no_repeat_ngram_size:
-            log_probs = ban_repeated_ngrams(sequences[:, prompt_len:], log_probs, no_repeat_ngram_size)
+        if constraint is not None and constraint.active:
+            log_probs = constraint(sequences[:, prompt_len:], log_probs)
         vocab_size = log_probs.shape[-1]
         log_probs = log_probs.view(batch_size, num_beam_groups, group_size, vocab_size)
 

@@ -14,6 +14,7 @@ guard. Example (runs on any GPT-2 folder):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -25,6 +26,7 @@ import torch
 
 from .beam_search import beam_search, fast_beam_search_supported
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
+from .decoding_constraints import ConstraintProcessor, WrittenTokenConstraint, comma_token_ids
 from .devices import pick_device, pick_dtype
 from .policy_folder import DecodingDefaults, read_decoding_defaults
 from .quiet import no_progress_bars
@@ -44,6 +46,7 @@ MAX_NEW_TOKENS = 512
 MAX_BATCH_SIZE = 256
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 MAX_NGRAM = 16
+MAX_MIN_MODIFIERS = 16
 
 StepCallback = Callable[[int, int], None]
 
@@ -134,6 +137,11 @@ class PromptOptimizer:
         # One generate at a time per model: HF generate is not re-entrant on a shared cache.
         self._lock = threading.Lock()
 
+    @functools.cached_property
+    def comma_ids(self) -> frozenset[int]:
+        """The policy's tokens holding a comma (what `min_modifiers` counts)."""
+        return comma_token_ids(self.tokenizer)
+
     @property
     def is_dfprompt(self) -> bool:
         return self.dfprompt_heads is not None
@@ -159,11 +167,12 @@ class PromptOptimizer:
         top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int = 16,
-        trim_to_clip_window: bool = False,
+        trim_to_clip_window: bool | None = None,
         step_callback: StepCallback | None = None,
         head_choice: str = "argmax",
         keep_prompt: bool | None = None,
         no_repeat_ngram_size: int | None = None,
+        min_modifiers: int | None = None,
     ) -> list[OptimizedPrompt]:
         """Rewrite each prompt; returns one OptimizedPrompt per input, in input order.
 
@@ -175,7 +184,8 @@ class PromptOptimizer:
             num_beams, max_new_tokens, length_penalty: the reference recipe's 8, 75 and -1.0 (length_penalty
                 None: the policy's default, -1.0 unless its folder says otherwise).
             batch_size: prompts per generate call (beam modes); results equal one-at-a-time.
-            trim_to_clip_window: cut `prompt` at a comma so it fits CLIP's 75 prompt tokens.
+            trim_to_clip_window: cut `prompt` at a comma so it fits CLIP's 75 prompt tokens (None: the
+                policy's default, off unless its folder says otherwise).
             step_callback: called as (step, max_new_tokens) after every generated token; raise
                 from it to interrupt (ComfyUI's interrupt, a progress bar).
             head_choice: a DF-Prompt policy's weight and range per modifier: `argmax` (the default: the
@@ -187,6 +197,8 @@ class PromptOptimizer:
                 the bundled policy keeps, microsoft/Promptist, the reference, does not).
             no_repeat_ngram_size: > 0 bans repeating any n-gram of the written tokens (no modifier loops);
                 None takes the policy's default, 0 bans nothing (the reference).
+            min_modifiers: the rewrite does not end before it holds this many modifiers (commas the policy
+                wrote, plus the kept prompt's own); None: the policy's default, 0: no rule (the reference).
         """
         # 1. check inputs
         sources = check_prompts(prompts)
@@ -200,6 +212,14 @@ class PromptOptimizer:
         ngram = self.decoding.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         if not isinstance(ngram, int) or not 0 <= ngram <= MAX_NGRAM:
             raise ValueError(f"no_repeat_ngram_size must be between 0 and {MAX_NGRAM}; got {ngram!r}")
+        least = self.decoding.min_modifiers if min_modifiers is None else min_modifiers
+        if not isinstance(least, int) or not 0 <= least <= MAX_MIN_MODIFIERS:
+            raise ValueError(f"min_modifiers must be between 0 and {MAX_MIN_MODIFIERS}; got {least!r}")
+        if trim_to_clip_window is None:
+            trim_to_clip_window = self.decoding.trim_to_clip
+        # A kept prompt's forced comma opens the first modifier: the policy then writes the other separators.
+        commas = max(least - 1, 0) if keep else least
+        constraint = WrittenTokenConstraint(ngram, commas, self.eos_token_id, self.comma_ids if commas else frozenset())
 
         # 2. tokenize: "x Rephrase:" (then " x" when the prompt is kept: the policy writes what follows);
         #    max_new_tokens must fit the policy's context; cut an over-long prompt
@@ -221,7 +241,7 @@ class PromptOptimizer:
                     max_new_tokens=max_new_tokens, length_penalty=length_penalty,
                     num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, step_callback=step_callback,
-                    no_repeat_ngram_size=ngram,
+                    constraint=constraint,
                 )
                 for i, out in zip(group, outputs, strict=True):
                     texts[i] = [join_kept(sources[i], o) for o in out] if queries[i] is not encoded[i] else out
@@ -370,7 +390,7 @@ class PromptOptimizer:
 
     def _generate(self, batch: list[list[int]], *, mode, candidates, num_beams, max_new_tokens, length_penalty,
                   num_beam_groups, diversity_penalty, temperature, top_k, top_p, seed,
-                  step_callback, no_repeat_ngram_size=0) -> list[list[str]]:
+                  step_callback, constraint: WrittenTokenConstraint | None = None) -> list[list[str]]:
         # Left padding with eos as pad, exactly what the tokenizer does in the reference.
         padded = self.tokenizer.pad({"input_ids": batch}, padding=True, return_tensors="pt")
         input_ids = padded["input_ids"].to(self.device)
@@ -378,20 +398,19 @@ class PromptOptimizer:
         common = dict(max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
                       pad_token_id=self.eos_token_id)
         hooks = None
-        if step_callback is not None or no_repeat_ngram_size:
+        constrained = constraint is not None and constraint.active
+        if step_callback is not None or constrained:
             from transformers import LogitsProcessorList
 
-            from .repeat_blocking import RepeatedNgramBlocker
-
             hooks = LogitsProcessorList(
-                ([RepeatedNgramBlocker(no_repeat_ngram_size, input_ids.shape[1])] if no_repeat_ngram_size else [])
+                ([ConstraintProcessor(constraint, input_ids.shape[1])] if constrained else [])
                 + ([_StepHook(step_callback, max_new_tokens)] if step_callback is not None else []))
 
         if mode == "beam" and self.cache_implementation == "beam" and fast_beam_search_supported(self.model):
             sequences = beam_search(
                 self.model, input_ids, attention_mask, num_beams=num_beams, num_return_sequences=candidates,
                 length_penalty=length_penalty, step_callback=step_callback,
-                no_repeat_ngram_size=no_repeat_ngram_size, **common,
+                constraint=constraint, **common,
             )
         elif mode == "beam":
             sequences = self.model.generate(
@@ -406,7 +425,7 @@ class PromptOptimizer:
                 self.model, input_ids, attention_mask, num_beams=num_beams,
                 num_beam_groups=num_beam_groups or num_beams, diversity_penalty=diversity_penalty,
                 num_return_sequences=candidates, length_penalty=length_penalty,
-                step_callback=step_callback, no_repeat_ngram_size=no_repeat_ngram_size, **common,
+                step_callback=step_callback, constraint=constraint, **common,
             ).sequences
         else:
             devices = [self.device] if self.device.type == "cuda" else []

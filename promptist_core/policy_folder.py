@@ -33,16 +33,21 @@ class DecodingDefaults:
     """keep_prompt: the rewrite starts with the user's prompt verbatim (the policy writes what follows).
     no_repeat_ngram_size: > 0 bans repeating an n-gram of the written tokens.
     length_penalty: beam scores are sum_logprobs / length ** length_penalty (-1.0 favours short rewrites).
+    min_modifiers: the rewrite does not end before it wrote this many commas.
+    trim_to_clip: the best rewrite is cut at a comma to fit CLIP's 75 prompt tokens.
     The defaults are the reference recipe (microsoft/Promptist); a folder's `promptist.json`
     ({"decoding": {...}}) sets its own."""
 
     keep_prompt: bool = False
     no_repeat_ngram_size: int = 0
     length_penalty: float = -1.0
+    min_modifiers: int = 0
+    trim_to_clip: bool = False
 
     def to_dict(self) -> dict:
         return {"keep_prompt": self.keep_prompt, "no_repeat_ngram_size": self.no_repeat_ngram_size,
-                "length_penalty": self.length_penalty}
+                "length_penalty": self.length_penalty, "min_modifiers": self.min_modifiers,
+                "trim_to_clip": self.trim_to_clip}
 
 
 def read_decoding_defaults(folder: Path | str) -> DecodingDefaults:
@@ -55,13 +60,15 @@ def read_decoding_defaults(folder: Path | str) -> DecodingDefaults:
         data = json.loads(path.read_text(encoding="utf-8")).get("decoding", {})
         keep, ngram = data.get("keep_prompt", False), data.get("no_repeat_ngram_size", 0)
         penalty = data.get("length_penalty", -1.0)
-        if not isinstance(keep, bool) or not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0 or \
+        least, trim = data.get("min_modifiers", 0), data.get("trim_to_clip", False)
+        counts_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (ngram, least))
+        if not isinstance(keep, bool) or not isinstance(trim, bool) or not counts_ok or \
                 not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not math.isfinite(penalty):
-            raise ValueError("keep_prompt must be true/false, no_repeat_ngram_size an integer >= 0 and "
-                             "length_penalty a finite number")
+            raise ValueError("keep_prompt and trim_to_clip must be true/false, no_repeat_ngram_size and "
+                             "min_modifiers integers >= 0 and length_penalty a finite number")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path} cannot be read ({e}); fix or delete it") from None
-    return DecodingDefaults(keep, ngram, float(penalty))
+    return DecodingDefaults(keep, ngram, float(penalty), least, trim)
 
 
 def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=None,

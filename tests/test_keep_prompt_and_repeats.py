@@ -7,9 +7,14 @@ import json
 import pytest
 import torch
 
+from promptist_core.decoding_constraints import (
+    ConstraintProcessor,
+    WrittenTokenConstraint,
+    ban_early_end,
+    ban_repeated_ngrams,
+)
 from promptist_core.optimizer import MODES, PromptOptimizer, join_kept, load_optimizer
 from promptist_core.policy_folder import DecodingDefaults, read_decoding_defaults
-from promptist_core.repeat_blocking import RepeatedNgramBlocker, ban_repeated_ngrams
 from promptist_core.rewrite_quality import words
 
 PROMPTS = ["a cat riding a bike", "portrait of an old man.", "a castle on a hill"]
@@ -30,8 +35,22 @@ def test_a_token_that_would_repeat_an_ngram_is_banned_and_nothing_else():
     assert ban_repeated_ngrams(generated, scores, 0) is scores
 
 
+def test_the_end_is_banned_until_enough_commas_are_written():
+    generated = torch.tensor([[5, 1, 6, 6], [5, 1, 6, 1]])  # token 1 is a comma
+    out = ban_early_end(generated, torch.zeros(2, 8), eos_token_id=7, separator_ids=frozenset({1}), minimum=2)
+    assert out[0, 7] == -float("inf") and torch.isfinite(out[0, :7]).all() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_rewrite_holds_at_least_min_modifiers_when_asked(tiny_optimizer, mode):
+    kw = {"num_beams": 4, "candidates": 2, "seed": 2, "max_new_tokens": 60, "keep_prompt": True}
+    for result in tiny_optimizer(PROMPTS, mode=mode, min_modifiers=3, no_repeat_ngram_size=2, **kw):
+        for candidate in result.candidates:
+            assert candidate.count(",") >= 3, candidate
+
+
 def test_the_blocker_ignores_the_prompt_columns():
-    blocker = RepeatedNgramBlocker(2, prompt_length=3)
+    blocker = ConstraintProcessor(WrittenTokenConstraint(2), prompt_length=3)
     ids = torch.tensor([[4, 9, 4, 9]])  # "4 9" is in the prompt part: the written tokens are only "9"
     assert torch.isfinite(blocker(ids, torch.zeros(1, 12))).all()
 
@@ -70,15 +89,16 @@ def test_no_candidate_repeats_an_ngram_of_its_own_tokens_when_repeats_are_banned
     model, eos = tiny_optimizer.model, tiny_optimizer.eos_token_id
     ids = torch.tensor([tiny_optimizer._tokenize("a cat riding a bike Rephrase:")])
     common = {"max_new_tokens": 40, "eos_token_id": eos, "pad_token_id": eos}
+    rule = WrittenTokenConstraint(no_repeat_ngram_size=2)
     torch.manual_seed(0)
     with torch.inference_mode():
         if search == "beam":
-            out = beam_search(model, ids, num_beams=4, num_return_sequences=4, no_repeat_ngram_size=2, **common)
+            out = beam_search(model, ids, num_beams=4, num_return_sequences=4, constraint=rule, **common)
         elif search == "diverse":
             out = diverse_beam_search(model, ids, num_beams=4, num_beam_groups=4, diversity_penalty=1.0,
-                                      num_return_sequences=4, no_repeat_ngram_size=2, **common).sequences
+                                      num_return_sequences=4, constraint=rule, **common).sequences
         else:
-            blocker = LogitsProcessorList([RepeatedNgramBlocker(2, ids.shape[1])])
+            blocker = LogitsProcessorList([ConstraintProcessor(rule, ids.shape[1])])
             options = {"num_beams": 4} if search == "generate-beam" else {"do_sample": True}
             out = model.generate(ids, logits_processor=blocker, num_return_sequences=4, **options, **common)
     for row in out[:, ids.shape[1]:].tolist():
@@ -99,7 +119,7 @@ def test_our_beam_search_and_generate_ban_the_same_ngrams(tiny_optimizer):
 
 
 def test_defaults_are_the_reference_recipe_unless_the_folder_asks(tiny_optimizer):
-    assert tiny_optimizer.decoding == DecodingDefaults(False, 0)
+    assert tiny_optimizer.decoding == DecodingDefaults(False, 0, -1.0, 0, False)
     assert tiny_optimizer("a cat")[0].prompt == tiny_optimizer("a cat", keep_prompt=False, no_repeat_ngram_size=0)[0].prompt
 
 

@@ -256,9 +256,9 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
     candidates at random) or sampled, with their token ids."""
     from transformers import LogitsProcessorList
 
+    from promptist_core.decoding_constraints import ConstraintProcessor, WrittenTokenConstraint
     from promptist_core.diverse_beam import diverse_beam_search
     from promptist_core.optimizer import forced_start, join_kept
-    from promptist_core.repeat_blocking import RepeatedNgramBlocker
 
     g = counter_generator(config.seed, iteration, rank)
     max_new = int(torch.randint(config.min_new_tokens, config.max_new_tokens + 1, (1,), generator=g))
@@ -269,7 +269,7 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
         prompt_ids = [q + tokenizer(forced_start(p), add_special_tokens=False)["input_ids"]
                       for q, p in zip(prompt_ids, prompts, strict=True)]
     prompt_ids = [q[-room:] for q in prompt_ids]
-    ngram = config.no_repeat_ngram_size or 0
+    constraint = WrittenTokenConstraint(config.no_repeat_ngram_size or 0)
     width = max(map(len, prompt_ids))
     ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompt_ids], device=next(lm.parameters()).device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=ids.device)
@@ -279,7 +279,7 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
             out = diverse_beam_search(lm, ids, mask, num_beams=groups, num_beam_groups=groups,
                                       diversity_penalty=config.diversity_penalty, num_return_sequences=groups,
                                       max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos,
-                                      no_repeat_ngram_size=ngram).sequences
+                                      constraint=constraint).sequences
             picks = torch.stack([torch.randperm(groups, generator=g)[:per_prompt] for _ in prompts])
             chosen = out.view(len(prompts), groups, -1)[torch.arange(len(prompts))[:, None], picks].flatten(0, 1)
         else:
@@ -287,7 +287,7 @@ def rollout(lm: nn.Module, tokenizer, prompts: Sequence[str], config: PPOConfig,
             devices = [ids.device] if ids.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                processors = [RepeatedNgramBlocker(ngram, width)] if ngram else []
+                processors = [ConstraintProcessor(constraint, width)] if constraint.active else []
                 chosen = lm.generate(ids, attention_mask=mask, do_sample=True, top_k=config.top_k,
                                      top_p=config.top_p, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos,
                                      num_return_sequences=per_prompt, logits_processor=LogitsProcessorList(processors))
