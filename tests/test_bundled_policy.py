@@ -17,6 +17,7 @@ from promptist_core.weights import (
     BUNDLED_POLICY,
     BUNDLED_POLICY_DIR,
     DEFAULT_OPTIMIZER_MODEL,
+    OFFLINE_ENV_VARS,
     WeightsNotFoundError,
     choose_default_policy,
 )
@@ -100,7 +101,8 @@ def test_promptist_is_preferred_where_it_is_installed(offline_home):
 
 
 def test_an_unreachable_hub_falls_back_too(offline_home, monkeypatch):
-    monkeypatch.delenv("PROMPTIST_OFFLINE")
+    for var in OFFLINE_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
     name, note = choose_default_policy()
     assert name == BUNDLED_POLICY and "cannot be reached" in note
