@@ -444,3 +444,14 @@ def test_ppo_cli_on_a_tiny_diffusers_pipeline_runs_resumes_and_its_output_loads(
     assert len(state["baseline_cache"]) == 2 * 2 * 2  # 2 iterations x 2 prompts x 2 images, kept across the resume
     assert promptist_main(["optimize", "--model", str(tmp_path / "out"), "--offline", "--max-new-tokens", "16",
                            "a cat"]) == 0
+
+
+def test_ppo_from_the_bundled_policy_takes_its_decoding_unless_the_run_sets_it():
+    from trainer.policy.ppo import policy_decoding
+
+    config = PPOConfig(policy="promptist-mini")
+    decoding = policy_decoding(config)
+    assert (config.keep_prompt, config.no_repeat_ngram_size) == (True, 2) == (decoding.keep_prompt,
+                                                                           decoding.no_repeat_ngram_size)
+    config = PPOConfig(policy="promptist-mini", keep_prompt=False, no_repeat_ngram_size=0)
+    assert policy_decoding(config).keep_prompt is False and config.no_repeat_ngram_size == 0
