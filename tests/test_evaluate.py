@@ -12,7 +12,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 from builders_eval import WordColourGenerator, build_word_policy, head_that_likes
 from PIL import Image
 
@@ -118,7 +117,8 @@ def test_two_identical_variants_tie_on_every_pair_of_the_tiny_sd(tiny_sd_result)
 def test_progress_counts_every_image_and_variants_of_one_prompt_and_seed_share_a_call(tiny_sd_result):
     result, calls = tiny_sd_result
     assert calls[-1] == (18, 18) and calls[0] == (0, 18)
-    assert sorted({d for d, _ in calls}) == list(range(0, 19, 3))  # 3 variants per generator call
+    # the generator batches 8: two (prompt, seed)s of 3 variants per call
+    assert sorted({d for d, _ in calls}) == [0, 6, 12, 18]
 
 
 def test_outputs_exist_and_parse(tiny_sd_result, tmp_path):
@@ -150,7 +150,7 @@ def test_a_broken_variant_is_one_error_naming_it_before_any_image(broken, tmp_pa
     else:
         folder = tmp_path / "bad-df"
         shutil.copytree(tiny_dfprompt_dir / "tiny-dfprompt", folder)
-        (folder / "dfprompt_heads.json").write_text('{"format": 99}')
+        (folder / "promptist_dfprompt.json").write_text('{"format": 99}')
         spec, expect = str(folder), "format 99"
     generator = WordColourGenerator()
     with pytest.raises(VariantError) as error:

@@ -470,7 +470,8 @@ def evaluate(
         seeds: seeds per prompt (derived from `seed` and the prompt, as tpo-eval and PPO do), or the seeds.
         metric: the score for the table, the grid and the headline win rates (any of `result.metrics`).
         baseline: a second variant every other one is also compared with (e.g. the bundled policy).
-        batch_size: images per generator call; default: the variants of one (prompt, seed) in one call.
+        batch_size: images per generator call; default: as many (prompt, seed)s as the generator's own
+            `batch_size` holds, all variants of each together (at least one (prompt, seed) per call).
         grid_prompts: prompts whose first-seed images are kept for the grid and the report.
         progress: called as (images done, images in all) before and after each generator call; raise
             from it to stop (ComfyUI's Cancel).
@@ -520,7 +521,8 @@ def evaluate(
     for group in groups.values():
         jobs = [ImageRecord(p, prompts[p], k, s, r.variant.name, rewrites[r.variant.name][p])
                 for p in range(len(prompts)) for k, s in enumerate(prompt_seeds[p]) for r in group]
-        per_call = batch_size or len(group)
+        # the variants of one (prompt, seed) always share a call; as many whole sets as the generator batches
+        per_call = batch_size or max(1, int(getattr(generator, "batch_size", 1)) // len(group)) * len(group)
         with _lora_state(all_loras, group[0].loras):
             for start in range(0, len(jobs), per_call):
                 chunk = jobs[start:start + per_call]
