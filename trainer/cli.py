@@ -1,4 +1,5 @@
-"""`python -m trainer pairs|sft|ppo|tpo|tpo-data|tpo-eval`: the headless trainers and their data.
+"""`python -m trainer pairs|sft|ppo|tpo|tpo-data|tpo-eval|evaluate`: the headless trainers, their data, and
+the evaluation of what they made.
 
 Exit codes: 0 done, 2 bad input (flags, config, corpus: one line on stderr), 3 missing or broken
 weights, 130 stopped by Ctrl-C after saving a checkpoint (`--resume` continues it).
@@ -212,6 +213,87 @@ def _run_tpo_eval(args) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="does it help on my model? plain vs policies (vs a LoRA), paired seeds",
+                       description="Draw every prompt with every variant under the same seeds on your Stable "
+                                   "Diffusion model, score each image (aesthetic, CLIP relevance, PickScore, each "
+                                   "preset's total) and compare: mean with 95%% interval, paired win rate vs plain "
+                                   "(and vs --baseline) with its 95%% Wilson interval over prompts. Writes "
+                                   "OUT/results.csv, summary.json, grid.png, report.html; prints the table.")
+    p.add_argument("--sd", required=True, help="Stable Diffusion model (diffusers folder, Hub id or .safetensors)")
+    p.add_argument("--sd-config", help="diffusers folder of the architecture, for a single-file --sd offline")
+    p.add_argument("--prompts", default="coco", help="coco (held-out COCO val captions, default), diffusiondb, or a "
+                                                     "prompt file (.txt/.csv/.jsonl/.parquet)")
+    p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
+    p.add_argument("--n", type=int, default=16, help="evaluate on the first N prompts (default: 16)")
+    p.add_argument("--variant", action="append", default=[], metavar="SPEC",
+                   help="a column, repeatable: plain, a policy name or folder (promptist-mini, runs/sft), with "
+                        "options after commas: mode=diverse|sample, seed=, keep_prompt=true, no_repeat_ngram_size=, "
+                        "num_beams=, max_new_tokens=, head_choice=, name=COLUMN, lora=FILE (e.g. "
+                        "'plain,lora=tpo.safetensors,name=tpo'). plain is always included.")
+    p.add_argument("--lora", help="shorthand for --variant plain,lora=FILE,name=lora")
+    p.add_argument("--baseline", help="also compare every variant with this one (its name)")
+    p.add_argument("--metric", default="total_promptist",
+                   help="headline score: aesthetic, clip_cosine, relevance, pick, total_promptist (default), total_pae")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, shared by every variant (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image seeds (default: 0)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    p.add_argument("--size", default="512", help="WIDTH or WIDTHxHEIGHT (default: 512)")
+    p.add_argument("--negative", help="negative prompt for every image")
+    p.add_argument("--batch-size", type=int, help="images per generator call (default: the variants of one prompt "
+                                                  "and seed together)")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grid.png and report.html (default: 8)")
+    p.add_argument("--clip-model", default="ViT-L-14/openai", help="CLIP for relevance and aesthetics")
+    p.add_argument("--aesthetic-head", default="improved", help="LAION aesthetic head: improved, laion-v1, or a file")
+    p.add_argument("--pick-model", default="none", help="PickScore model (e.g. yuvalkirstain/PickScore_v1), or none")
+    p.add_argument("--models-dir", action="append", help="folder of model folders (policies, CLIP, heads); repeatable")
+    p.add_argument("--device", default="auto", help="device (default: auto)")
+    p.add_argument("--out", required=True, help="folder for results.csv, summary.json, grid.png, report.html")
+    p.add_argument("--save-images", action="store_true", help="also write every image to OUT/images/")
+    p.add_argument("--offline", action="store_true", help="never download")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from promptist_core.generators import load_diffusers_generator
+    from promptist_core.rewards import load_scorer
+
+    from .evaluate import evaluate, format_table, parse_variant, read_prompts, save_images_to, write_outputs
+    from .tpo.evaluate import parse_size
+
+    # 1. everything that can be checked without a model
+    size = parse_size(args.size)
+    if args.n < 1 or args.seeds < 1:
+        raise ValueError(f"--n and --seeds must be at least 1; got {args.n} and {args.seeds}")
+    specs = list(args.variant) + ([f"plain,lora={args.lora},name=lora"] if args.lora else [])
+    variants = [parse_variant(s) for s in specs]
+    prompts = read_prompts(args.prompts, limit=args.n, column=args.column)
+    allow = False if args.offline else None
+    # 2. models; every variant is loaded and checked inside evaluate before any image
+    pick = None if args.pick_model.lower() in ("", "none") else args.pick_model
+    scorer = load_scorer(args.clip_model, args.aesthetic_head, pick_model=pick, models_dir=args.models_dir,
+                         device=args.device, allow_download=allow)
+    generator = load_diffusers_generator(args.sd, device=args.device, config_folder=args.sd_config,
+                                         negative_prompt=args.negative, allow_download=allow,
+                                         **({"batch_size": args.batch_size} if args.batch_size else {}))
+    out = Path(args.out).expanduser()
+    total = len(prompts) * args.seeds * (len(variants) + (0 if any(v.name == "plain" for v in variants) else 1))
+    with tqdm(total=total, desc="evaluate", unit="image", disable=not sys.stderr.isatty()) as bar:
+        result = evaluate(prompts, variants, generator, scorer, args.seeds, seed=args.seed, steps=args.steps,
+                          guidance=args.guidance, size=size, metric=args.metric, baseline=args.baseline,
+                          batch_size=args.batch_size, grid_prompts=args.grid_prompts, models_dir=args.models_dir,
+                          device=str(generator.pipe.device), allow_download=allow,
+                          progress=lambda done, _total: bar.update(done - bar.n),
+                          image_sink=save_images_to(out / "images") if args.save_images else None)
+    paths = write_outputs(result, out)
+    print(format_table(result))
+    print(json.dumps({name: str(path) for name, path in paths.items()}))
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser, checkpoints_in: str) -> None:
     """The options every trainer has besides its config fields."""
     p.add_argument("--config", help="settings file (.toml, .yaml, .json); see --print-config")
@@ -399,7 +481,7 @@ def _run_tpo(args) -> int:
     return 0
 
 
-COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo, _add_tpo_data, _add_tpo_eval)
+COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo, _add_tpo_data, _add_tpo_eval, _add_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,13 @@
 """Does a TPO LoRA make better images than its base model? Win rates on held-out prompts.
 
-For every held-out prompt and seed, the base model (LoRA off) and base + LoRA draw one image each with
-the SAME seed, so the only difference between the two images is the LoRA. Our scorer
-(promptist_core.rewards) then gives, per pair: PickScore (when a PickScore model is loaded), the
-LAION aesthetic score and CLIP relevance to the prompt. Reported: the LoRA's win rate over the base
-for PickScore and aesthetics (ties count half, as in the TPO paper's pairwise win rates) with its
-standard error, the mean score of each side, and mean CLIP relevance of each (a LoRA that wins on
-aesthetics by ignoring the prompt shows up there).
+This is `trainer.evaluate` with two variants: `base` (the model with the LoRA off) and `lora` (base + LoRA),
+every (prompt, seed) drawn by both with the SAME seed, so the only difference between the two images of a
+pair is the LoRA. Our scorer (promptist_core.rewards) gives, per image: PickScore (when a PickScore model
+is loaded), the LAION aesthetic score and CLIP relevance to the prompt. Reported, in the JSON tpo-eval has
+always printed: the LoRA's win rate over the base for PickScore and aesthetics (ties count half, as in the
+TPO paper's pairwise win rates) with its standard error, the mean score of each side, and mean CLIP
+relevance of each (a LoRA that wins on aesthetics by ignoring the prompt shows up there); plus the 95%
+Wilson interval over prompts that `trainer.evaluate` gives every win rate.
 
 The LoRA is loaded with `trainer.tpo.lora.load_kohya_lora` (our own module, no peft) onto the pipeline's
 UNet; the base images come from the same UNet with the adapters off.
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..evaluate import PLAIN, Variant, evaluate
 from ..policy.rewards import image_seed
-from .lora import adapters_enabled
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def evaluation_seeds(prompts: Sequence[str], images_per_prompt: int, seed: int) 
 
 def compare_lora(generator, loras: dict, scorer, prompts: Sequence[str], *, images_per_prompt: int = 1,
                  seed: int = 0, steps: int = 25, guidance: float = 7.5, size: tuple[int, int] = (512, 512),
-                 save_images: Path | None = None) -> dict:
+                 save_images: Path | None = None, out: Path | None = None) -> dict:
     """Draw base and base + LoRA images with shared seeds and score them; returns the JSON report.
 
     Args:
@@ -68,46 +69,62 @@ def compare_lora(generator, loras: dict, scorer, prompts: Sequence[str], *, imag
         loras: {module path: LoRALinear}, switched off for the base images.
         scorer: a `RewardScorer`; PickScore is reported when it has a PickScore model.
         save_images: a folder for `NNNN_base.png` / `NNNN_lora.png` side by side (optional).
+        out: a folder for the evaluation's results.csv, summary.json, grid.png and report.html (optional).
     """
     if not prompts:
         raise ValueError("no prompts to evaluate on")
     if images_per_prompt < 1:
         raise ValueError(f"images per prompt must be at least 1; got {images_per_prompt}")
-    texts, seeds = evaluation_seeds(prompts, images_per_prompt, seed)
-    # 1. the same (prompt, seed) through the base (adapters off) and through base + LoRA
-    with adapters_enabled(loras, False):
-        base_images = generator.generate(texts, seeds, steps=steps, guidance=guidance, size=size)
-    with adapters_enabled(loras, True):
-        lora_images = generator.generate(texts, seeds, steps=steps, guidance=guidance, size=size)
-    # 2. scores against the prompt
-    base, lora = scorer.rewards(base_images, texts), scorer.rewards(lora_images, texts)
+    sink = _pair_saver(Path(save_images), images_per_prompt) if save_images is not None else None
+    # 1. the same (prompt, seed) through the base (adapters off) and through base + LoRA, scored
+    result = evaluate(prompts, [Variant(PLAIN), Variant("lora", lora=loras)], generator, scorer, images_per_prompt,
+                      seed=seed, steps=steps, guidance=guidance, size=size, metric="aesthetic", image_sink=sink)
+    # 2. the tpo-eval report: per-pair win rates (standard error) and each side's means
+    rows = {name: [r for r in result.records if r.variant == name] for name in (PLAIN, "lora")}
+
+    def scores(name: str, key: str) -> torch.Tensor:
+        return torch.tensor([r.scores[key] for r in rows[name]], dtype=torch.float64)
+
+    lora_summary = result.summary("lora")
+
+    def with_interval(key: str) -> dict:
+        w = lora_summary.win_vs_plain[key]
+        return {**asdict(win_rate(scores("lora", key), scores(PLAIN, key))), "ci95": [w.low, w.high]}
+
     report = {
-        "prompts": len(prompts),
+        "prompts": len(result.prompts),
         "images_per_prompt": images_per_prompt,
-        "pairs": len(texts),
+        "pairs": len(rows[PLAIN]),
         "seed": seed,
         "steps": steps,
         "guidance": guidance,
         "size": list(size),
-        "pickscore": asdict(win_rate(lora.pick, base.pick)) if lora.pick is not None else None,
-        "aesthetic": asdict(win_rate(lora.aesthetic, base.aesthetic)),
-        "clip_relevance": {"base_mean": float(base.clip_cosine.mean()), "lora_mean": float(lora.clip_cosine.mean())},
-        "identical_pairs": int(sum(bool(torch.equal(a, b)) for a, b in zip(base_images, lora_images, strict=True))),
+        "pickscore": with_interval("pick") if "pick" in result.metrics else None,
+        "aesthetic": with_interval("aesthetic"),
+        "clip_relevance": {"base_mean": float(scores(PLAIN, "clip_cosine").mean()),
+                           "lora_mean": float(scores("lora", "clip_cosine").mean())},
+        "identical_pairs": lora_summary.identical_to_plain,
     }
     if save_images is not None:
-        _save_pairs(Path(save_images), base_images, lora_images)
         report["images"] = str(save_images)
+    if out is not None:
+        from .evaluate import write_outputs
+
+        report["outputs"] = {k: str(v) for k, v in write_outputs(result, out).items()}
     return report
 
 
-def _save_pairs(folder: Path, base: torch.Tensor, lora: torch.Tensor) -> None:
+def _pair_saver(folder: Path, images_per_prompt: int):
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (a, b) in enumerate(zip(base, lora, strict=True)):
-        for name, image in (("base", a), ("lora", b)):
+    def sink(records, images) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for rec, image in zip(records, images, strict=True):
             array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            Image.fromarray(array).save(folder / f"{i:04d}_{name}.png")
+            side = "base" if rec.variant == PLAIN else "lora"
+            Image.fromarray(array).save(folder / f"{rec.prompt_index * images_per_prompt + rec.seed_index:04d}_{side}.png")
+
+    return sink
 
 
 def held_out_prompts(spec: str | Path, *, column: str = "prompt", limit: int | None = None) -> list[str]:
