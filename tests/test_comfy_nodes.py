@@ -22,7 +22,7 @@ def comfy_models_dir(tiny_promptist_dir, monkeypatch):
 def test_loader_lists_model_folders_and_the_default(comfy_models_dir):
     inputs = v1_node(ModelLoader).INPUT_TYPES()["required"]
     names, options = inputs["model_name"]
-    assert names == ["microsoft/Promptist", "tiny-promptist"]
+    assert names == ["microsoft/Promptist", "promptist-mini", "tiny-promptist"]  # the bundled one with nothing copied
     assert options["default"] == "microsoft/Promptist"
     assert inputs["device"][0] == ["auto", "gpu", "cpu"]
 
@@ -38,7 +38,7 @@ def test_loader_lists_causal_lm_folders_only(tiny_promptist_dir, tmp_path, monke
     (tmp_path / "no-config").mkdir()
     monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tmp_path))
     names = v1_node(ModelLoader).INPUT_TYPES()["required"]["model_name"][0]
-    assert names == ["microsoft/Promptist", "my-policy", "tiny-promptist"]
+    assert names == ["microsoft/Promptist", "promptist-mini", "my-policy", "tiny-promptist"]
 
 
 def test_v1_schema_declares_types_names_and_tooltips():
