@@ -14,9 +14,11 @@ _ROOT = Path(__file__).resolve().parent
 _log = logging.getLogger("promptist")
 
 
-# module -> pip name, for the one-line "what is missing" message.
+# module -> pip name, for the one-line "what is missing" message: what the nodes import. Not diffusers (only the
+# headless generators and trainers use it, and install.py rightly skips it in ComfyUI: naming it here sent users
+# to an installer that then had nothing to install).
 _DEPENDENCIES = {"transformers": "transformers", "safetensors": "safetensors", "huggingface_hub": "huggingface_hub",
-                 "open_clip": "open_clip_torch", "diffusers": "diffusers"}
+                 "open_clip": "open_clip_torch"}
 
 
 def _missing_dependencies() -> list[str]:

@@ -49,14 +49,35 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
+# What the last line of a run calls each host.
+HOST_NAMES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "forge-neo": "Forge Neo", "comfyui": "ComfyUI",
+              "headless": "headless"}
+
+
 def detect_host() -> str:
-    """'a1111' (the webui's `launch` imports; Forge too), 'comfyui' (we sit in custom_nodes/), else 'headless'."""
+    """'a1111', 'forge' or 'forge-neo' (the webui's `launch` imports), 'comfyui' (we sit in custom_nodes/), else
+    'headless'. All three webuis get the same packages; the name is for the messages."""
     try:
-        import launch  # noqa: F401
-        return "a1111"
+        import launch
     except ImportError:
-        pass
-    return "comfyui" if HERE.parent.name == "custom_nodes" else "headless"
+        return "comfyui" if HERE.parent.name == "custom_nodes" else "headless"
+    roots = [Path(launch.__file__).resolve().parent] if getattr(launch, "__file__", None) else []
+    return webui_kind([*roots, HERE.parent.parent])  # extensions/<us>/ sits two levels below the webui
+
+
+def webui_kind(roots: list[Path]) -> str:
+    """'forge-neo', 'forge' or 'a1111' for the first webui folder in `roots` that is Forge (has modules_forge/:
+    lllyasviel's Forge, reForge, Forge Classic and Forge Neo; Neo's modules_forge/forge_version.py says
+    `version = "neo"`), else 'a1111'. Read as text: importing modules_forge would start Forge's backend."""
+    for root in roots:
+        if not (root / "modules_forge").is_dir():
+            continue
+        try:
+            version = (root / "modules_forge" / "forge_version.py").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            version = ""
+        return "forge-neo" if re.search(r"""^version\s*=\s*["']neo""", version, re.MULTILINE) else "forge"
+    return "a1111"
 
 
 def requirements_for(host: str, requirements: list[str] | None = None) -> list[str]:
@@ -150,7 +171,7 @@ def main() -> int:
         print(f"[promptist] {problem}", file=sys.stderr)
     if problems:
         return 1
-    print(f"[promptist] all requirements are installed and import ({host})")
+    print(f"[promptist] all requirements are installed and import ({HOST_NAMES.get(host, host)})")
     return 0
 
 

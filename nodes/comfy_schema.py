@@ -13,6 +13,9 @@ ComfyUI keeps checking the others' ranges and combos itself (see `_validated_inp
 continues where the last one stopped): ComfyUI then runs it on every queue instead of returning its
 cached output (V1 `IS_CHANGED` / V3 `fingerprint_inputs` answer NaN, which never equals itself) and
 never merges two such nodes (`NOT_IDEMPOTENT` / `not_idempotent`).
+An optional `fingerprint(**inputs) -> str` says what else the output depends on (a model folder's contents):
+ComfyUI runs the node again when it answers something new (V1 `IS_CHANGED` / V3 `fingerprint_inputs`) and
+keeps the cached output while it answers the same.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def _v1_class(spec: type) -> type:
     if getattr(spec, "ALWAYS_RUN", False):
         attrs["NOT_IDEMPOTENT"] = True
         attrs["IS_CHANGED"] = classmethod(_always_changed)
+    elif hasattr(spec, "fingerprint"):
+        attrs["IS_CHANGED"] = _fingerprint_of(spec)
     if hasattr(spec, "validate"):
         _validated_input(spec)
         attrs["VALIDATE_INPUTS"] = staticmethod(spec.validate)
@@ -105,6 +110,8 @@ def _v3_class(spec: type) -> type:
              "execute": classmethod(execute), "SPEC": spec}
     if getattr(spec, "ALWAYS_RUN", False):
         attrs["fingerprint_inputs"] = classmethod(_always_changed)
+    elif hasattr(spec, "fingerprint"):
+        attrs["fingerprint_inputs"] = _fingerprint_of(spec)
     if hasattr(spec, "validate"):
         attrs["validate_inputs"] = v3_validate_inputs(spec)
     return type(spec.NODE_ID, (comfy_io.ComfyNode,), attrs)
@@ -113,6 +120,13 @@ def _v3_class(spec: type) -> type:
 def _always_changed(cls, **inputs) -> float:
     """NaN: never equal to the last run's fingerprint, so ComfyUI runs the node again."""
     return float("nan")
+
+
+def _fingerprint_of(spec: type) -> classmethod:
+    """`spec.fingerprint` as the classmethod ComfyUI calls with the node's inputs."""
+    def fingerprint(cls, **inputs):
+        return spec.fingerprint(**inputs)
+    return classmethod(fingerprint)
 
 
 def _validated_input(spec: type) -> str:

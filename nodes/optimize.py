@@ -10,8 +10,9 @@ import torch
 from promptist_core.devices import DEVICE_CHOICES, pick_dtype
 from promptist_core.dfprompt import to_plain
 from promptist_core.dfprompt_policy import HEAD_CHOICES
+from promptist_core.fingerprint import contents_fingerprint
 from promptist_core.optimizer import MODES, PromptOptimizer, causal_lm_problem, load_optimizer
-from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
+from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL, resolve
 
 from .comfy_host import ManagedModel, list_model_folders, load_device, managed, models_dirs, step_progress
 from .comfy_schema import comfy_node
@@ -53,6 +54,16 @@ class ModelLoader:
              {"default": "auto",
               "tooltip": "auto/gpu: ComfyUI's device, offloaded when VRAM is needed; cpu: stay on CPU."}),
         ]
+
+    @staticmethod
+    def fingerprint(model_name: str = DEFAULT_OPTIMIZER_MODEL, **inputs) -> str:
+        """The model folder's contents: a folder retrained since the last run (by the PPO node of this graph, or
+        from the command line) loads again, an unchanged one stays cached."""
+        try:
+            folder = resolve(model_name, models_dir=models_dirs(), allow_download=False)
+        except (OSError, ValueError) as e:  # not there (yet): run, and let the loader say what is missing
+            return f"{model_name}: {type(e).__name__}"
+        return f"{folder.resolve()}:{contents_fingerprint(folder)}"
 
     @staticmethod
     def run(model_name: str, device: str = "auto"):

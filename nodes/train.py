@@ -103,6 +103,15 @@ def _policy_folder(name: str) -> Path:
     return resolve(name, models_dir=models_dirs())
 
 
+def stopped_message(e: Exception) -> str:
+    """The trainer's stop, with ComfyUI's way to continue it (not the command line's `--resume`)."""
+    stopped_at, checkpoints = getattr(e, "stopped_at", None), getattr(e, "checkpoints", None)
+    if stopped_at is None:  # stopped without a save (a second Cancel): the trainer's own words
+        return str(e)
+    return (f"stopped at {stopped_at}, checkpoint saved in {checkpoints}; to continue, queue the graph again with "
+            "the same save name")
+
+
 def _interrupted(e: Exception) -> Exception:
     """What the node raises after a Cancel was saved: ComfyUI's own interrupt (outside ComfyUI: `e`)."""
     mm = comfy_host.model_management
@@ -273,7 +282,7 @@ class SFTTrain:
                 result = train_sft(config, resume=resume, callback=progress, runtime=local_runtime(compute),
                                    models_dir=models_dirs())
         except StopTraining as e:
-            logger.info("[promptist] %s", e)
+            logger.info("[promptist] %s", stopped_message(e))
             raise _interrupted(e) from None
         finally:
             release_memory()
@@ -460,7 +469,7 @@ class PPOTrain:
                                    runtime=local_runtime(compute), models_dir=models_dirs(),
                                    baseline_cache=reward.cache)
         except StopTraining as e:
-            logger.info("[promptist] %s", e)
+            logger.info("[promptist] %s", stopped_message(e))
             raise _interrupted(e) from None
         finally:
             release_memory()

@@ -30,6 +30,7 @@ from .train import (
     release_memory,
     run_folder,
     save_name_problem,
+    stopped_message,
 )
 
 logger = logging.getLogger("promptist")
@@ -283,7 +284,7 @@ class TPOTrain:
                 result = train_tpo(config, denoiser, pairs, callback=progress, resume=resume,
                                    runtime=local_runtime(compute, config.precision))
         except StopTraining as e:
-            logger.info("[promptist] %s", e)
+            logger.info("[promptist] %s", stopped_message(e))
             raise _interrupted(e) from None
         finally:
             release_memory()

@@ -11,13 +11,18 @@ that is ~850 MB written twice per step.
 other buffer (one copy) and swaps. Attention sees views `[:, :, :length]` holding exactly the values
 the default cache would hold, so the logits, and therefore the outputs, are bit-identical.
 
-Built on transformers 5's `transformers.cache_utils` layer API. `make_beam_cache` returns None (use
-transformers' default) when that API is missing (transformers 4.30, which A1111 ships), or when the
-model's cache is not plain full attention (sliding windows, encoder-decoder, custom reorder).
+Built on the `transformers.cache_utils` layer API, which changed under us: transformers 5 marks a layer
+with `is_initialized` and calls `lazy_initialization(keys, values)`; 4.56 (Forge Neo's pin) tests
+`keys is None` and calls `lazy_initialization(keys)`; 4.30 (A1111 1.10's pin) has no layers at all. The
+layer here answers both call forms, and `layer_api_available` runs it once against the installed
+`DynamicLayer` (a capability test, no version strings). `make_beam_cache` returns None (use transformers'
+default) when that test fails, or when the model's cache is not plain full attention (sliding windows,
+encoder-decoder, custom reorder).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -44,8 +49,10 @@ def output_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+@functools.cache
 def layer_api_available() -> bool:
-    """True when transformers has the per-layer cache API this module builds on (feature test, no versions)."""
+    """True when transformers has the per-layer cache API this module builds on and `BeamSearchCache` holds,
+    through the installed `Cache`, what the installed `DynamicLayer` holds (a capability test, run once)."""
     if DynamicLayer is None or DynamicCache is None:
         return False
     needed = ("update", "reorder_cache", "get_seq_length", "lazy_initialization", "crop",
@@ -53,24 +60,52 @@ def layer_api_available() -> bool:
     if not all(callable(getattr(DynamicLayer, name, None)) for name in needed):
         return False
     try:
-        return "layers" in inspect.signature(Cache.__init__).parameters
-    except (TypeError, ValueError):
+        if "layers" not in inspect.signature(Cache.__init__).parameters:
+            return False
+        return _behaves_like_the_default_cache()
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means: use transformers' default cache
+        logger.debug("beam cache: this transformers' cache layers do not fit (%s: %s); using the default cache",
+                     type(e).__name__, e)
         return False
 
 
+def _behaves_like_the_default_cache() -> bool:
+    """Updates, a beam reorder, a repeat and a select through `Cache.update` on one BeamSearchCache layer and
+    on a plain DynamicLayer: True when both hold the same keys and values after each."""
+    g = torch.Generator().manual_seed(0)
+    ours, default = BeamSearchCache(num_layers=1, extra_tokens=2), DynamicLayer()
+    for rows, length in ((2, 3), (2, 1)):
+        k, v = torch.randn(rows, 1, length, 2, generator=g), torch.randn(rows, 1, length, 2, generator=g)
+        got, want = ours.update(k, v, 0), default.update(k, v)
+        if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+            return False
+    ours.reorder_cache(torch.tensor([1, 1]))
+    default.reorder_cache(torch.tensor([1, 1]))
+    ours.batch_repeat_interleave(2)
+    default.batch_repeat_interleave(2)
+    ours.batch_select_indices(torch.tensor([0, 3]))
+    default.batch_select_indices(torch.tensor([0, 3]))
+    layer = ours.layers[0]
+    return (ours.get_seq_length() == default.get_seq_length() == 4
+            and torch.equal(layer.keys, default.keys) and torch.equal(layer.values, default.values))
+
+
 if DynamicLayer is not None:
+    _CROP_TAKES_A_LENGTH = "max_length" in inspect.signature(DynamicLayer.crop).parameters
 
     class BeamSearchLayer(DynamicLayer):
         """One layer's keys and values in preallocated, double-buffered storage (see the module docstring)."""
 
         def __init__(self, extra_tokens: int = 0):
             super().__init__()
+            self.is_initialized = False  # transformers 5 sets it in the base class; 4.56 has no such flag
             self.extra_tokens = int(extra_tokens)
             self._length = 0
             self._live: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values) buffers in use
             self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder target, then swapped in
 
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+            # transformers 5 passes (keys, values), 4.56 passes keys only
             self.dtype, self.device = key_states.dtype, key_states.device
             self.is_initialized = True
 
@@ -134,11 +169,15 @@ if DynamicLayer is not None:
                     buffer[d, :, start:n].copy_(buffer[s, :, start:n])
 
         def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
+            # transformers 4.56 also takes a positive argument, as the length to keep; 5 refuses it
+            if tokens_to_remove > 0 and not _CROP_TAKES_A_LENGTH:
                 raise ValueError(f"crop takes a negative number of tokens to remove; got {tokens_to_remove}")
             if tokens_to_remove == 0 or self._live is None:
                 return
-            self._length = max(self._length + tokens_to_remove, 0)
+            if tokens_to_remove > 0:
+                self._length = min(self._length, tokens_to_remove)
+            else:
+                self._length = max(self._length + tokens_to_remove, 0)
             self._expose()
 
         def batch_repeat_interleave(self, repeats: int) -> None:
@@ -151,6 +190,8 @@ if DynamicLayer is not None:
 
         def reset(self) -> None:
             self._length, self._live, self._spare = 0, None, None
+            self.keys = self.values = None
+            self.is_initialized = False
             super().reset()
 
     class BeamSearchCache(DynamicCache):

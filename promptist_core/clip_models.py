@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import pick_device, pick_dtype
-from .quiet import no_progress_bars
+from .quiet import no_progress_bars, no_random_init_note
 from .weights import (
     KNOWN_HUB_MODELS,
     WeightsNotFoundError,
@@ -352,7 +352,8 @@ def _load_open_clip(path: Path, architecture: str | None, quick_gelu: bool, name
         path = next(path / f for f in OPEN_CLIP_FILES[1] if (path / f).is_file())
     elif architecture not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {architecture!r}; e.g. ViT-L-14-quickgelu, ViT-B-32")
-    model = open_clip.create_model(architecture, force_quick_gelu=quick_gelu, **_no_download_kwargs(open_clip))
+    with no_random_init_note():  # built without weights on purpose: the strict load below fills them
+        model = open_clip.create_model(architecture, force_quick_gelu=quick_gelu, **_no_download_kwargs(open_clip))
     load_open_clip_weights(model, path)
     model.eval()
     tokenizer = open_clip.get_tokenizer(architecture)

@@ -321,11 +321,31 @@ def percent_schedule(prompt: DFPrompt | str) -> list[PercentSegment]:
     return segments
 
 
+# A removed block takes one separator with it: the ", " before it, or (at the start of the prompt, or after a
+# space) the ", " or spaces after it, so that no ", , " or trailing ", " is left in the segment's text.
+_SEPARATOR_BEFORE = re.compile(r"(?<!\\),\s*$")
+_SEPARATOR_AFTER = re.compile(r"^\s*,?\s*")
+
+
 def _chunks(prompt: DFPrompt, active: tuple[Modifier, ...]) -> tuple[tuple[str, float], ...]:
-    chunks: list[tuple[str, float]] = []
+    kept: list[str | Modifier] = []
+    strip_next = False
     for part in prompt.parts:
         if isinstance(part, Modifier) and part not in active:
-            continue  # removed from the text of this segment, not merely weighted to 0
+            # removed from the text of this segment, not merely weighted to 0; and one of its separators
+            if kept and isinstance(kept[-1], str) and _SEPARATOR_BEFORE.search(kept[-1]):
+                kept[-1] = _SEPARATOR_BEFORE.sub("", kept[-1])
+            else:
+                strip_next = not kept or (isinstance(kept[-1], str) and (not kept[-1] or kept[-1][-1].isspace()))
+            continue
+        if isinstance(part, str) and strip_next:
+            part = _SEPARATOR_AFTER.sub("", part, count=1)
+        strip_next = False
+        kept.append(part)
+    if strip_next and kept and isinstance(kept[-1], str):  # the last block was removed after a space
+        kept[-1] = kept[-1].rstrip()
+    chunks: list[tuple[str, float]] = []
+    for part in kept:
         t, w = (part, 1.0) if isinstance(part, str) else (part.text, part.weight)
         if chunks and chunks[-1][1] == w:
             chunks[-1] = (chunks[-1][0] + t, w)
@@ -371,8 +391,14 @@ def comfy_switch_percent(p: float) -> float:
     return p if p <= 0 or p >= 1 else p - COMFY_SWITCH_EARLIER
 
 
-def _a1111_modifier(m: Modifier, num_steps: int | None, first_pass_steps: int | None) -> str:
-    core = m.text if m.weight == 1.0 else f"({m.text}:{format_number(m.weight)})"
+def _always_on(m: Modifier, num_steps: int | None) -> bool:
+    return (m.start <= 0.0 and m.end >= 1.0) if num_steps is None else len(m.steps(num_steps)) == num_steps
+
+
+def _a1111_modifier(m: Modifier, num_steps: int | None, first_pass_steps: int | None, before: str = "",
+                    after: str = "") -> str:
+    """`m` in prompt editing; `before`/`after` are the separator it takes with it while inactive (see _chunks)."""
+    core = before + (m.text if m.weight == 1.0 else f"({m.text}:{format_number(m.weight)})") + after
     if num_steps is None:  # fractions of the webui's step count: one step off PAE's rule, see to_a1111
         if m.start == m.end:
             return ""
@@ -414,8 +440,26 @@ def to_a1111(prompt: DFPrompt | str, num_steps: int | None = None, *,
     prompt = _as_prompt(prompt)
     if num_steps is not None:
         _check_steps(num_steps)
-    return "".join(p if isinstance(p, str) else _a1111_modifier(p, num_steps, first_pass_steps)
-                   for p in prompt.parts)
+    # Each block that is sometimes off carries one separator inside its brackets, the one `_chunks` removes with
+    # it, so the webui's own schedule leaves no ", , " either.
+    parts = list(prompt.parts)
+    separators: dict[int, tuple[str, str]] = {}
+    for i, part in enumerate(parts):
+        if isinstance(part, str) or _always_on(part, num_steps):
+            continue
+        previous = parts[i - 1] if i > 0 else None
+        following = parts[i + 1] if i + 1 < len(parts) else None
+        found = _SEPARATOR_BEFORE.search(previous) if isinstance(previous, str) else None
+        if found:
+            parts[i - 1] = previous[:found.start()]
+            separators[i] = (found.group(), "")
+        elif isinstance(following, str) and (previous is None or previous == "" or
+                                             (isinstance(previous, str) and previous[-1].isspace())):
+            taken = _SEPARATOR_AFTER.match(following).group()
+            parts[i + 1] = following[len(taken):]
+            separators[i] = ("", taken)
+    return "".join(p if isinstance(p, str) else _a1111_modifier(p, num_steps, first_pass_steps, *separators.get(i, ("", "")))
+                   for i, p in enumerate(parts))
 
 
 def to_plain(prompt: DFPrompt | str) -> str:

@@ -29,6 +29,7 @@ from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .decoding_constraints import ConstraintProcessor, WrittenTokenConstraint, comma_token_ids
 from .devices import pick_device, pick_dtype
 from .policy_folder import DecodingDefaults, read_decoding_defaults
+from .fingerprint import contents_fingerprint
 from .quiet import no_progress_bars
 from .weights import choose_default_policy, load_tokenizer, reading_weights, resolve, resolve_tokenizer
 
@@ -488,9 +489,13 @@ def load_optimizer(
     tokenizer_folder = resolve_tokenizer(folder, name, models_dir=models_dir, allow_download=allow_download)
     target = pick_device(device)
     torch_dtype = pick_dtype(target, dtype)
-    key = (str(folder.resolve()), str(tokenizer_folder.resolve()), str(target), torch_dtype)
+    where = (str(folder.resolve()), str(tokenizer_folder.resolve()), str(target), torch_dtype)
+    # The folders' contents too: a folder retrained in place since it was loaded is loaded again.
+    key = (*where, contents_fingerprint(folder), contents_fingerprint(tokenizer_folder))
     with _CACHE_LOCK:
         if key not in _CACHE:
+            for stale in [k for k in _CACHE if k[:4] == where]:  # the same folder, as it was before
+                del _CACHE[stale]
             _CACHE[key] = _load(folder, tokenizer_folder, target, torch_dtype, name)
         return _CACHE[key]
 

@@ -1,4 +1,5 @@
-"""Keep transformers' per-load progress bars out of the hosts' consoles.
+"""Keep transformers' per-load progress bars, and open_clip's note on the random init we overwrite, out of the
+hosts' consoles.
 
 transformers 5 draws a "Loading weights" bar for every `from_pretrained`, so each model a node or a
 script loads adds a bar to ComfyUI's or the webui's log although the load takes a fraction of a second.
@@ -7,6 +8,7 @@ Downloads happen earlier (`weights.resolve`), so nothing worth watching is hidde
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,3 +25,23 @@ def no_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+class _RandomInitNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def no_random_init_note() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded for model '...'. Model initialized randomly." for the block.
+
+    open_clip logs it (on the root logger) whenever `create_model` gets no `pretrained` tag, which is how we build
+    every architecture before loading its real weights strictly ourselves: for our users it is only alarming."""
+    note = _RandomInitNote()
+    root = logging.getLogger()
+    root.addFilter(note)
+    try:
+        yield
+    finally:
+        root.removeFilter(note)

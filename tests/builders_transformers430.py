@@ -1,4 +1,5 @@
-"""A Python with transformers 4.30 (AUTOMATIC1111 1.10's pin), or open_clip 2.20, over the test environment.
+"""A Python with transformers 4.30 (AUTOMATIC1111 1.10's pin), transformers 4.56.2 (Forge Neo's pin), or open_clip
+2.20, over the test environment.
 
 `pip install --target DIR` puts transformers 4.30.2, tokenizers 0.13.3, huggingface_hub < 1.0 and
 safetensors 0.4 into one folder; a subprocess with that folder first on PYTHONPATH sees them instead of
@@ -16,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("transformers==4.30.2", "tokenizers==0.13.3", "huggingface_hub<1.0", "safetensors==0.4.*")
+# Forge Neo ("neo-2.26") pins transformers 4.56.2, which requires tokenizers >=0.22,<=0.23.0 and huggingface_hub <1.0.
+TRANSFORMERS_456 = ("transformers==4.56.2", "tokenizers==0.22.*", "huggingface_hub>=0.34,<1.0", "safetensors==0.4.*")
 OPEN_CLIP_220 = ("open_clip_torch==2.20.0",)  # pure Python; its other imports (ftfy, regex) are ours
 READY = ".promptist-ready"
 
 
 @dataclass(frozen=True)
 class OverlayPython:
-    """This interpreter with `site` (the 4.30 packages) and the repository first on the import path."""
+    """This interpreter with `site` (the overlay's packages) and the repository first on the import path."""
 
     site: Path
     repo: Path

@@ -153,6 +153,23 @@ def transformers430_python(request):
 
 
 @pytest.fixture(scope="session")
+def transformers456_python(request):
+    """A Python with transformers 4.56.2 + tokenizers 0.22 (Forge Neo's pins) over this environment; cached like
+    transformers430, skipped with pip's reason when it cannot be installed."""
+    from builders_transformers430 import TRANSFORMERS_456, OverlayPython, install_overlay
+
+    site = request.config.cache.mkdir("transformers456") / f"py{sys.version_info[0]}{sys.version_info[1]}"
+    why = install_overlay(site, TRANSFORMERS_456)
+    if why is not None:
+        pytest.skip(why)
+    python = OverlayPython(site, ROOT)
+    done = python.run("import transformers, tokenizers; print(transformers.__version__, tokenizers.__version__)")
+    if done.returncode != 0 or not done.stdout.startswith("4.56."):
+        pytest.skip(f"transformers 4.56 does not import over this environment: {done.stderr.strip()[-300:]}")
+    return python
+
+
+@pytest.fixture(scope="session")
 def open_clip220_python(request):
     """A Python with open_clip 2.20.0 (A1111 1.10's pin) over this environment; cached like transformers430."""
     from builders_transformers430 import OPEN_CLIP_220, OverlayPython, install_overlay

@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from nodes.comfy_schema import v1_node, v3_validate_inputs
 from nodes.optimize import ModelLoader, OptimizePrompt
@@ -171,3 +172,75 @@ def test_a_dfprompt_policy_writes_the_dfprompts_that_dfprompt_encode_schedules(t
     assert v1_node(DFPromptEncode).VALIDATE_INPUTS(text=best) is True
     with pytest.raises(ValueError, match="output must be one of"):
         OptimizePrompt.run(**run, output="a1111")
+
+
+class CachingExecutor:
+    """What ComfyUI's executor does with a node between queues: ask `IS_CHANGED` (V1) or `fingerprint_inputs` (V3)
+    with the node's inputs, run the node when the inputs or that answer differ from the last run's, else serve
+    the cached output (NaN, never equal to itself, always runs)."""
+
+    def __init__(self, node: type, ask: str = "IS_CHANGED"):
+        self.node, self.ask = node, ask
+        self.last_key, self.output, self.runs = None, None, 0
+
+    def queue(self, **inputs):
+        answer = getattr(self.node, self.ask)(**inputs) if hasattr(self.node, self.ask) else None
+        key = (tuple(sorted(inputs.items())), answer)
+        if self.last_key is None or key != self.last_key:
+            self.output = self.node.SPEC.run(**inputs)
+            self.runs += 1
+        self.last_key = key
+        return self.output
+
+
+@pytest.fixture
+def retrainable_models_dir(tiny_promptist_dir, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_promptist_dir / "tiny-promptist", tmp_path / "my-policy")
+    monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tmp_path))
+    return tmp_path
+
+
+def retrain(folder, seed: int) -> None:
+    """New weights saved over the folder, as the PPO node or `python -m trainer ppo` does."""
+    from transformers import AutoModelForCausalLM
+
+    from promptist_core.policy_folder import save_policy_folder
+    from promptist_core.weights import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    save_policy_folder(model, load_tokenizer(folder), folder)
+
+
+def wte(loaded) -> torch.Tensor:
+    return loaded.optimizer.model.state_dict()["transformer.wte.weight"]
+
+
+@pytest.mark.parametrize("api", ["v1", "v3"])
+def test_the_loader_reloads_a_retrained_folder_and_serves_an_unchanged_one_from_comfys_cache(
+        retrainable_models_dir, monkeypatch, api):
+    from safetensors.torch import load_file
+
+    from nodes import comfy_schema
+
+    if api == "v1":
+        executor = CachingExecutor(v1_node(ModelLoader), "IS_CHANGED")
+    else:  # V3's ComfyNode base class is all `_v3_class` needs before ComfyUI asks for the schema
+        monkeypatch.setattr(comfy_schema, "comfy_io", types.SimpleNamespace(ComfyNode=object))
+        executor = CachingExecutor(comfy_schema._v3_class(ModelLoader), "fingerprint_inputs")
+    folder = retrainable_models_dir / "my-policy"
+    (first,) = executor.queue(model_name="my-policy", device="cpu")
+    (again,) = executor.queue(model_name="my-policy", device="cpu")
+    assert again is first and executor.runs == 1  # unchanged folder: ComfyUI's cached output
+
+    retrain(folder, seed=3)
+    (second,) = executor.queue(model_name="my-policy", device="cpu")
+    assert executor.runs == 2 and second.optimizer is not first.optimizer
+    assert torch.equal(wte(second), load_file(folder / "model.safetensors")["transformer.wte.weight"])
+    executor.queue(model_name="my-policy", device="cpu")
+    assert executor.runs == 2

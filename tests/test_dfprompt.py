@@ -44,7 +44,7 @@ def test_host_brackets_leave_the_webuis_own_prompt_editing_beside_df_blocks():
     text = "a [cat:dog:10] in [[snow]], x], [detailed:0.5-1:1.25]"
     p = parse(text, host_brackets=True)
     assert p.parts == ("a [cat:dog:10] in [[snow]], x], ", Modifier("detailed", 0.5, 1.0, 1.25))
-    assert to_a1111(p, 20) == "a [cat:dog:10] in [[snow]], x], [(detailed:1.25)::9]"
+    assert to_a1111(p, 20) == "a [cat:dog:10] in [[snow]], x][, (detailed:1.25)::9]"
     with pytest.raises(DFPromptError, match="column 22: expected a range within 0-1, got 1.5"):
         parse("a [cat:dog:5] [x:0.5-1.5:1]", host_brackets=True)  # DF-shaped blocks are still checked
     with pytest.raises(DFPromptError, match="column 8: expected a range like 0.5-1"):
@@ -162,10 +162,23 @@ def test_schedule_follows_pae_rule_for_every_step(n):
 def test_pae_ranges_cover_first_half_second_half_and_all_steps():
     segments = schedule("cat, [a:0-1:1.5], [b:0.5-1:1.25], [c:0-0.5:0.75]", 20)
     assert [(s.first_step, s.last_step, s.weighted_text()) for s in segments] == [
-        (0, 9, "cat, (a:1.5), (b:1.25), "),
-        (10, 19, "cat, (a:1.5), , (c:0.75)"),
+        (0, 9, "cat, (a:1.5), (b:1.25)"),
+        (10, 19, "cat, (a:1.5), (c:0.75)"),
     ]
-    assert segments[1].text == "cat, a, , c"
+    assert segments[1].text == "cat, a, c"
+
+
+@pytest.mark.parametrize(("prompt", "texts"), [
+    ("a red horse, [anime:0-0.5:1.5], [detailed:0.5-1:1], sharp",
+     ["a red horse, detailed, sharp", "a red horse, anime, sharp"]),  # in the middle: the ", " before it
+    ("[anime:0-0.5:1.5], a horse, [detailed:0.5-1:1]", ["a horse, detailed", "anime, a horse"]),  # first, last
+    ("cat, [a:0-0.5:1], [b:0-0.5:1], [c:0.5-1:1]", ["cat, c", "cat, a, b"]),  # two in a row
+    ("a photo of [a cat:0-0.5:1] on a mat", ["a photo of on a mat", "a photo of a cat on a mat"]),  # no commas
+    ("[x:0-0.5:1] [y:0.5-1:1]", ["y", "x"]),
+])
+def test_a_removed_block_takes_one_separator_with_it(prompt, texts):
+    assert [s.text for s in schedule(prompt, 10)] == texts
+    assert [s.text for s in percent_schedule(prompt)] == texts
 
 
 def test_percent_schedule_maps_a_range_a_b_to_sampling_percents_1_minus_b_to_1_minus_a():
@@ -184,7 +197,7 @@ def test_percent_schedule_maps_a_range_a_b_to_sampling_percents_1_minus_b_to_1_m
     detailed = percent_schedule(EXAMPLE)
     assert [(s.start_percent, s.end_percent, s.weighted_text()) for s in detailed] == [
         (0.0, 0.15, "a red horse on the grass, (anime:1.5), detailed"),
-        (0.15, 1.0, "a red horse on the grass, (anime:1.5), "),
+        (0.15, 1.0, "a red horse on the grass, (anime:1.5)"),
     ]
 
 
@@ -203,26 +216,26 @@ def test_step_counts_are_bounded_in_every_renderer():
 # -- A1111 rendering -------------------------------------------------------------------------------------
 
 def test_a1111_rendering_of_the_pae_ranges_with_known_steps():
-    assert to_a1111("cat, [detailed:0.5-1:1.25]", 20) == "cat, [(detailed:1.25)::9]"
-    assert to_a1111("cat, [anime:0-0.5:1.5]", 20) == "cat, [(anime:1.5):9]"
+    assert to_a1111("cat, [detailed:0.5-1:1.25]", 20) == "cat[, (detailed:1.25)::9]"  # the ", " goes with the block
+    assert to_a1111("cat, [anime:0-0.5:1.5]", 20) == "cat[, (anime:1.5):9]"
     assert to_a1111("cat, [anime:0-1:1.5]", 20) == "cat, (anime:1.5)"
     assert to_a1111("cat, [anime:0-1:1]", 20) == "cat, anime"
 
 
 def test_a1111_rendering_of_general_ranges_nests_start_and_end():
-    assert to_a1111("cat, [x:0.2-0.7:0.5]", 20) == "cat, [[(x:0.5):5]::15]"  # steps 6..15
-    assert to_a1111("cat, [x:0.3-0.3:2]", 20) == "cat, "  # never active
-    assert to_a1111(EXAMPLE, 20) == "a red horse on the grass, (anime:1.5), [detailed::2]"
+    assert to_a1111("cat, [x:0.2-0.7:0.5]", 20) == "cat[[, (x:0.5):5]::15]"  # steps 6..15
+    assert to_a1111("cat, [x:0.3-0.3:2]", 20) == "cat"  # never active
+    assert to_a1111(EXAMPLE, 20) == "a red horse on the grass, (anime:1.5)[, detailed::2]"
 
 
 def test_a1111_rendering_without_steps_uses_fractions():
     assert to_a1111("cat, [detailed:0.5-1:1.25], [x:0.2-0.7:0.5]") == \
-        "cat, [(detailed:1.25)::0.5], [[(x:0.5):0.3]::0.8]"
+        "cat[, (detailed:1.25)::0.5][[, (x:0.5):0.3]::0.8]"
 
 
 def test_a1111_hires_rendering_counts_after_the_first_pass():
-    assert to_a1111("cat, [detailed:0.5-1:1.25]", 10, first_pass_steps=20) == "cat, [(detailed:1.25)::24]"
-    assert to_a1111("cat, [detailed:0.5-1:1.25]", first_pass_steps=20) == "cat, [(detailed:1.25)::1.5]"
+    assert to_a1111("cat, [detailed:0.5-1:1.25]", 10, first_pass_steps=20) == "cat[, (detailed:1.25)::24]"
+    assert to_a1111("cat, [detailed:0.5-1:1.25]", first_pass_steps=20) == "cat[, (detailed:1.25)::1.5]"
 
 
 @pytest.fixture(scope="module")
@@ -273,13 +286,13 @@ def test_webui_parser_is_one_step_off_with_fractions(webui_schedules):
 
 def test_cli_prints_the_schedule_a1111_and_json(capsys):
     assert main(["dfprompt", "cat, [detailed:0.5-1:1.25]", "--steps", "20", "--format", "a1111"]) == 0
-    assert capsys.readouterr().out.strip() == "cat, [(detailed:1.25)::9]"
+    assert capsys.readouterr().out.strip() == "cat[, (detailed:1.25)::9]"
     assert main(["dfprompt", "cat, [detailed:0.5-1:1.25]", "--steps", "20", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [(s["first_step"], s["last_step"], s["weighted_text"]) for s in data["segments"]] == [
-        (0, 9, "cat, (detailed:1.25)"), (10, 19, "cat, ")]
+        (0, 9, "cat, (detailed:1.25)"), (10, 19, "cat")]
     assert main(["dfprompt", "cat, [detailed:0.5-1:1.25]", "--steps", "20"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["steps 0-9: cat, (detailed:1.25)", "steps 10-19: cat, "]
+    assert capsys.readouterr().out.splitlines() == ["steps 0-9: cat, (detailed:1.25)", "steps 10-19: cat"]
 
 
 @pytest.mark.parametrize("fmt", ["schedule", "a1111", "json"])

@@ -30,8 +30,8 @@ def processing(prompts, negatives=None, *, steps=20, hr_steps=None, **extra):
 def test_prompts_with_df_blocks_are_rendered_with_integer_steps(script):
     p = processing([PROMPT, "a plain (cat:1.2)"], ["blurry, [ugly:0-0.5:1.5]", "blurry"], steps=20)
     assert script.optimize.render_dfprompt_processing(p) is True
-    assert p.all_prompts == ["a red horse, [(anime:1.5):9], [(detailed:1.25)::9]", "a plain (cat:1.2)"]
-    assert p.all_negative_prompts == ["blurry, [(ugly:1.5):9]", "blurry"]
+    assert p.all_prompts == ["a red horse[, (anime:1.5):9][, (detailed:1.25)::9]", "a plain (cat:1.2)"]
+    assert p.all_negative_prompts == ["blurry[, (ugly:1.5):9]", "blurry"]
     assert p.main_prompt == p.all_prompts[0]
     assert p.extra_generation_params["DF-Prompt"] == [PROMPT, "a plain (cat:1.2)"]
 
@@ -45,20 +45,20 @@ def test_prompts_without_df_blocks_are_left_alone(script):
 def test_hires_prompts_use_the_second_pass_steps_counted_after_the_first(script):
     p = processing([PROMPT], steps=20, hr_steps=10)
     script.optimize.render_dfprompt_processing(p)
-    assert p.all_prompts == ["a red horse, [(anime:1.5):9], [(detailed:1.25)::9]"]
-    assert p.all_hr_prompts == ["a red horse, [(anime:1.5):24], [(detailed:1.25)::24]"]
+    assert p.all_prompts == ["a red horse[, (anime:1.5):9][, (detailed:1.25)::9]"]
+    assert p.all_hr_prompts == ["a red horse[, (anime:1.5):24][, (detailed:1.25)::24]"]
     p = processing([PROMPT], steps=20, hr_steps=0)  # 0: the hires pass uses p.steps
     script.optimize.render_dfprompt_processing(p)
-    assert p.all_hr_prompts == ["a red horse, [(anime:1.5):29], [(detailed:1.25)::29]"]
+    assert p.all_hr_prompts == ["a red horse[, (anime:1.5):29][, (detailed:1.25)::29]"]
     p = processing([PROMPT], steps=20, hr_steps=10)
     script.optimize.render_dfprompt_processing(p, old_scheduling=True)
-    assert p.all_hr_prompts == ["a red horse, [(anime:1.5):4], [(detailed:1.25)::4]"]
+    assert p.all_hr_prompts == ["a red horse[, (anime:1.5):4][, (detailed:1.25)::4]"]
 
 
 def test_the_webuis_own_prompt_editing_keeps_working_beside_df_blocks(script):
     p = processing(["a [cat:dog:10], [detailed:0.5-1:1.25]"], steps=20)
     script.optimize.render_dfprompt_processing(p)
-    assert p.all_prompts == ["a [cat:dog:10], [(detailed:1.25)::9]"]
+    assert p.all_prompts == ["a [cat:dog:10][, (detailed:1.25)::9]"]
 
 
 def test_a_bad_block_stops_the_job_with_its_column(script):

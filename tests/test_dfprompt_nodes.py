@@ -156,8 +156,8 @@ def test_schema_declares_inputs_and_says_how_boundaries_map_to_steps():
 
 def test_to_text_node_renders_for_a1111_and_plain():
     run = v1_node(DFPromptToText)().run
-    assert run(text="cat, [detailed:0.5-1:1.25]", target="a1111", steps=20) == ("cat, [(detailed:1.25)::9]",)
-    assert run(text="cat, [detailed:0.5-1:1.25]", target="a1111", steps=0) == ("cat, [(detailed:1.25)::0.5]",)
+    assert run(text="cat, [detailed:0.5-1:1.25]", target="a1111", steps=20) == ("cat[, (detailed:1.25)::9]",)
+    assert run(text="cat, [detailed:0.5-1:1.25]", target="a1111", steps=0) == ("cat[, (detailed:1.25)::0.5]",)
     assert run(text=r"cat \[x\], [detailed:0.5-1:1.25]", target="plain") == ("cat [x], detailed",)
 
 

@@ -47,6 +47,17 @@ def test_a_missing_dependency_is_one_clear_log_line_and_startup_continues():
     assert len(errors) == 1 and "missing dependencies: open_clip_torch" in errors[0] and "install.py" in errors[0]
 
 
+def test_without_diffusers_comfyui_starts_silently_as_install_py_would_install_nothing():
+    # diffusers is for the headless generators and trainers; install.py skips it in ComfyUI by design.
+    prelude = ("import importlib.util as u; _find = u.find_spec; "
+               "u.find_spec = lambda name, *a: None if name == 'diffusers' else _find(name, *a)")
+    done = run_python(COMFY_STYLE_IMPORT.replace("PRELUDE", prelude))
+    assert done.returncode == 0, done.stderr
+    assert not [line for line in done.stderr.splitlines() if line.startswith("ERROR")], done.stderr
+    assert "missing dependencies" not in done.stderr
+    assert "'PromptistModelLoader', 'PromptistOptimizePrompt'" in done.stdout
+
+
 def test_another_package_named_trainer_is_reported_and_the_nodes_still_load(tmp_path):
     other = tmp_path / "trainer"
     other.mkdir()

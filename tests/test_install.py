@@ -43,6 +43,34 @@ def test_the_webui_is_detected_by_its_launch_module(installer, monkeypatch):
     assert installer.detect_host() == "a1111"
 
 
+def fake_webui(root, monkeypatch, forge_version: str | None):
+    """A webui folder whose `launch` module the installer imports; with modules_forge/ when `forge_version`."""
+    root.mkdir()
+    (root / "launch.py").write_text("")
+    if forge_version is not None:
+        (root / "modules_forge").mkdir()
+        (root / "modules_forge" / "forge_version.py").write_text(forge_version)
+    launch = types.ModuleType("launch")
+    launch.__file__ = str(root / "launch.py")
+    monkeypatch.setitem(sys.modules, "launch", launch)
+
+
+@pytest.mark.parametrize(("forge_version", "host", "name"), [
+    (None, "a1111", "AUTOMATIC1111"),
+    ("version = '1.0.2v1.10.1'\n", "forge", "Forge"),  # lllyasviel's Forge
+    ('version = "neo"\nrelease = "2.26"\n', "forge-neo", "Forge Neo"),
+])
+def test_forge_and_forge_neo_are_told_from_a1111_and_named_so(installer, tmp_path, monkeypatch, capsys,
+                                                               forge_version, host, name):
+    fake_webui(tmp_path / "webui", monkeypatch, forge_version)
+    monkeypatch.delenv("PROMPTIST_HOST", raising=False)
+    assert installer.detect_host() == host
+    assert installer.requirements_for(host) == installer.requirements_for("a1111")  # the same packages
+    monkeypatch.setattr(installer, "plan", lambda requirements: ([], []))
+    assert installer.main() == 0
+    assert capsys.readouterr().out.strip().endswith(f"all requirements are installed and import ({name})")
+
+
 def test_installed_packages_are_never_upgraded_only_reported(installer):
     missing, problems = installer.plan(["pytest>=1.0", "surely-not-a-package-xyz", "pytest>=999.0"])
     assert missing == ["surely-not-a-package-xyz"]

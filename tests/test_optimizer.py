@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from promptist_core import optimizer as optimizer_module
 from promptist_core.optimizer import MODES, PromptError, _load, load_optimizer
 
 PROMPTS = ["a cat riding a bike", "a fox in the snow", "portrait of an old man with a hat, oil", "a ship"]
@@ -178,6 +181,38 @@ def test_clip_token_count_is_reported_and_trim_cuts_at_a_comma(tiny_optimizer):
 def test_optimizer_is_loaded_once_and_reused(tiny_promptist_dir, tiny_optimizer):
     again = load_optimizer("tiny-promptist", models_dir=tiny_promptist_dir, device="cpu")
     assert again is tiny_optimizer
+
+
+def retrained_copy(tiny_promptist_dir: Path, target: Path, seed: int) -> Path:
+    """A copy of the tiny policy with its weights replaced by other (seeded random) ones, saved in place the way
+    a trainer rewrites its save folder."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    if not target.exists():
+        shutil.copytree(tiny_promptist_dir / "tiny-promptist", target)
+    model = AutoModelForCausalLM.from_pretrained(str(target))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(str(target))
+    return target
+
+
+def test_a_folder_retrained_in_place_is_loaded_again_and_an_unchanged_one_stays_cached(tiny_promptist_dir, tmp_path):
+    folder = retrained_copy(tiny_promptist_dir, tmp_path / "policy", seed=1)
+    first = load_optimizer(str(folder), device="cpu")
+    assert load_optimizer(str(folder), device="cpu") is first  # unchanged: the cached policy
+    retrained_copy(tiny_promptist_dir, folder, seed=2)
+    second = load_optimizer(str(folder), device="cpu")
+    assert second is not first
+    saved = load_file(folder / "model.safetensors")
+    assert torch.equal(second.model.state_dict()["transformer.wte.weight"], saved["transformer.wte.weight"])
+    assert not torch.equal(first.model.state_dict()["transformer.wte.weight"], saved["transformer.wte.weight"])
+    assert load_optimizer(str(folder), device="cpu") is second
+    assert first not in optimizer_module._CACHE.values()  # the old weights are not kept alive by the cache
 
 
 def test_model_folder_given_as_a_path_loads(tiny_promptist_dir):

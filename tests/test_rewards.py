@@ -72,6 +72,21 @@ def test_open_clip_weights_file_and_hub_folder_load_the_same_model(tiny_clip_mod
     assert torch.allclose(from_file.encode_texts(["a cat"]), open_clip_encoder.encode_texts(["a cat"]))
 
 
+def test_loading_an_open_clip_model_keeps_open_clips_random_init_note_out_of_the_log(tiny_clip_models_dir, caplog,
+                                                                                     monkeypatch):
+    import logging
+
+    from promptist_core import clip_models
+
+    monkeypatch.setattr(clip_models, "_CACHE", {})  # a real load, not the encoder another test loaded
+    with caplog.at_level(logging.WARNING):
+        load_clip(str(tiny_clip_models_dir / "tiny_open_clip.safetensors"), architecture=TINY_ARCH, device="cpu")
+        logging.getLogger().warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "initialized randomly" in m] == [  # only the one logged after the load
+        "No pretrained weights loaded for model 'x'. Model initialized randomly."]
+
+
 def test_encoders_return_normalized_embeddings_of_the_projection_size(open_clip_encoder, hf_encoder):
     for encoder in (open_clip_encoder, hf_encoder):
         image_emb, text_emb = encoder.encode_images(images(3)), encoder.encode_texts(["a cat", "a dog"])

@@ -6,6 +6,7 @@ generator; sample receives conditioning lists). No ComfyUI needed."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import types
@@ -328,6 +329,16 @@ def test_ppo_node_with_dfprompt_trains_heads_and_draws_each_rewrites_dfprompt_se
     assert any(len(p) == 2 for p in positives)  # a range 0-0.5 or 0.5-1 block: the text switches mid-sampling
     rows = (out / "train_log.csv").read_text().splitlines()
     assert "mean_weight" in rows[0] and len(rows) == 3
+
+
+def test_cancel_says_to_queue_again_with_the_same_save_name_not_the_command_lines_resume(models_dir, pairs_file,
+                                                                                         comfy, caplog):
+    comfy.cancel_at = 2
+    with caplog.at_level(logging.INFO, logger="promptist"), pytest.raises(Interrupt):
+        sft(pairs_file, save_name="cancelled", steps=4, batch_size=8, effective_batch_size=8, save_every=100)
+    (said,) = [r.getMessage() for r in caplog.records if "stopped at" in r.getMessage()]
+    assert said == (f"[promptist] stopped at step 2, checkpoint saved in {models_dir / 'cancelled' / 'checkpoints'}; "
+                    "to continue, queue the graph again with the same save name")
 
 
 def test_cancel_during_ppo_images_finishes_the_iteration_saves_and_resumes(models_dir, comfy):

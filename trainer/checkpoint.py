@@ -202,8 +202,13 @@ def check_resume_settings(config, checkpoint: Checkpoint, fixed: tuple[str, ...]
     saved = checkpoint.state.get("config", {})
     changed = [k for k in fixed if k in saved and saved[k] != getattr(config, k)]
     if changed:
-        raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {', '.join(changed)} differ from the run "
-                          f"being resumed ({', '.join(f'{k}={saved[k]!r}' for k in changed)})")
+        names = " and ".join([", ".join(changed[:-1]), changed[-1]] if len(changed) > 1 else changed)
+        verb = "differ" if len(changed) > 1 else "differs"
+        used = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {checkpoint.folder} exactly: {names} {verb} from the run being resumed "
+                          f"(it used {used}). Set {'them' if len(changed) > 1 else 'it'} back to continue this run, "
+                          "or choose a new save name (command line: a new --out) to start a new run with the new "
+                          f"{'settings' if len(changed) > 1 else 'setting'}")
 
 
 def restore_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:

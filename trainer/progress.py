@@ -10,12 +10,26 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 StepCallback = Callable[[int, int, dict], None]
 
 
 class StopTraining(Exception):
-    """Raised by a step callback to stop training after saving a checkpoint (Ctrl-C, Cancel, Interrupt)."""
+    """Raised by a step callback to stop training after saving a checkpoint (Ctrl-C, Cancel, Interrupt).
+
+    The trainer re-raises it as `StopTraining.saved(...)`: `stopped_at` ("iteration 2") and `checkpoints` (the
+    folder) say where the run stands, so that each host can phrase how to continue it; the text itself is the
+    command line's advice."""
+
+    def __init__(self, message: str = "", *, stopped_at: str | None = None, checkpoints: Path | None = None):
+        super().__init__(message)
+        self.stopped_at, self.checkpoints = stopped_at, checkpoints
+
+    @classmethod
+    def saved(cls, stopped_at: str, checkpoints: Path) -> StopTraining:
+        return cls(f"stopped at {stopped_at}; resume with --resume (checkpoint in {checkpoints})",
+                   stopped_at=stopped_at, checkpoints=checkpoints)
 
 
 def stop_requested(callback: StepCallback | None, step: int, total: int, metrics: dict, runtime) -> bool:

@@ -726,8 +726,7 @@ def train_ppo(
             if saved_at != iteration:
                 save(iteration)
             log.close()
-            raise StopTraining(f"stopped at iteration {iteration}; resume with --resume "
-                               f"(checkpoint in {out / 'checkpoints'})")
+            raise StopTraining.saved(f"iteration {iteration}", out / "checkpoints")
 
     # 10. the output folder: the last policy
     if saved_at != state["step"]:

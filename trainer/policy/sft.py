@@ -472,7 +472,7 @@ def train_sft(
             if saved_at != step:
                 save(step)
             log.close()
-            raise StopTraining(f"stopped at step {step}; resume with --resume (checkpoint in {out / 'checkpoints'})")
+            raise StopTraining.saved(f"step {step}", out / "checkpoints")
 
     # 5. the output folder: last/, then the selected weights at the top level
     if saved_at != state["step"]:

@@ -455,7 +455,7 @@ def train_tpo(
             if saved_at != step:
                 save(step)
             log.close()
-            raise StopTraining(f"stopped at step {step}; resume with --resume (checkpoint in {run_dir / 'checkpoints'})")
+            raise StopTraining.saved(f"step {step}", run_dir / "checkpoints")
 
     # 4. the LoRA file
     if saved_at != state["step"]:
