@@ -28,8 +28,8 @@ from .beam_search import beam_search, fast_beam_search_supported
 from .clip_tokens import CLIP_PROMPT_TOKENS, count_clip_tokens, trim_to_clip
 from .decoding_constraints import ConstraintProcessor, WrittenTokenConstraint, comma_token_ids
 from .devices import pick_device, pick_dtype
-from .policy_folder import DecodingDefaults, read_decoding_defaults
 from .fingerprint import contents_fingerprint
+from .policy_folder import DecodingDefaults, read_decoding_defaults
 from .quiet import no_progress_bars
 from .weights import choose_default_policy, load_tokenizer, reading_weights, resolve, resolve_tokenizer
 

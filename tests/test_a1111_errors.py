@@ -37,7 +37,7 @@ def test_a_missing_model_stops_the_job_and_df_blocks_are_still_rendered(webui):
     assert e.value.status_code == 500
     assert not p.sampled
     # DF rendering does not depend on the optimizer: the webui never sees a raw DF block
-    assert p.all_prompts == ["a red horse, (anime:1.5), [(detailed:1.25)::9]"]
+    assert p.all_prompts == ["a red horse, (anime:1.5)[, (detailed:1.25)::9]"]
 
 
 @pytest.mark.parametrize("prompt, column, expected, marked", [

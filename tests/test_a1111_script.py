@@ -67,7 +67,7 @@ def test_optimizing_a_dfprompt_rewrites_its_text_and_keeps_its_blocks(script, ti
     best = tiny_optimizer("a red horse on the grass")[0].prompt
     assert p.all_prompts == [best + ", [anime:0-1:1.5], [detailed:0.5-1:1.25]"]
     script.optimize.render_dfprompt_processing(p, steps=20, hires_steps=20)
-    assert p.all_prompts == [best + ", (anime:1.5), [(detailed:1.25)::9]"]
+    assert p.all_prompts == [best + ", (anime:1.5)[, (detailed:1.25)::9]"]  # a block takes its ", " along
 
 
 def test_the_bundled_policy_is_offered_and_rewrites_with_the_prompt_kept(script):

@@ -66,7 +66,7 @@ def test_generator_builds_one_job_per_batch_with_the_seeds_size_and_rendered_dfp
     assert images[1, 0, 0, 2] > 0.8
     first, second = processing.jobs
     # DF blocks rendered for the sampler's 20 model calls (2nd order, 10 steps), as txt2img would
-    assert first.prompt == ["a red horse, (anime:1.5), [(detailed:1.25)::9]", "a blue ship"]
+    assert first.prompt == ["a red horse, (anime:1.5)[, (detailed:1.25)::9]", "a blue ship"]
     assert second.prompt == ["a red car"]
     assert (first.seed, second.seed) == ([11, 12], [13])
     assert first.negative_prompt == ["blurry", "blurry"] and first.batch_size == 2 and first.n_iter == 1

@@ -259,7 +259,7 @@ def test_generator_gives_a_dfprompt_one_conditioning_entry_per_segment(comfy):
     dfprompt, broken = comfy.samples
     assert [(c[1]["text"], c[1].get("start_percent"), c[1].get("end_percent")) for c in dfprompt["positive"]] == [
         ("a horse, (anime:1.5), (detailed:1.25)", 0.0, comfy_percent(2, 4)),  # steps 0-1 of 4
-        ("a horse, (anime:1.5), ", comfy_percent(2, 4), 1.0)]  # the DF code keeps the separator
+        ("a horse, (anime:1.5)", comfy_percent(2, 4), 1.0)]  # a removed block takes its ", " along
     assert [c[1] for c in broken["positive"]] == [{"text": "a [broken horse"}]  # not a DF-Prompt: plain text
 
 
