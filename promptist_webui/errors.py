@@ -16,8 +16,14 @@ class PromptistError(RuntimeError):
     returns it from the API (`errors` field; HTTP `status_code`: 422 for a bad prompt, else 500)."""
 
     def __init__(self, message: str, status_code: int = 500):
-        super().__init__(message)
+        # The webui's error box escapes HTML and drops line breaks: a multi-line message (weights' "Looked
+        # in:" list) would run together there, so its lines are joined with " | ".
+        super().__init__(one_line(message))
         self.status_code = status_code  # read by the webui's API error handler (vars(e)['status_code'])
+
+
+def one_line(message: str) -> str:
+    return " | ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
 
 
 # The webui runs every script hook inside `try: ... except Exception: errors.report(...)`
@@ -54,7 +60,7 @@ def as_user_error(error: Exception, doing: str) -> PromptistError:
         return error
     detail = str(error).strip() or type(error).__name__
     status = 422 if isinstance(error, ValueError) else 500  # a bad prompt or option; else files or models
-    return PromptistError(f"Promptist: {doing}: {detail}", status_code=status)
+    return PromptistError(f"{doing}: {detail}", status_code=status)  # shown as "PromptistError: <doing>: ..."
 
 
 def guarded(p, doing: str, run, at: tuple[str, ...] = BEFORE_SAMPLING) -> bool:

@@ -135,7 +135,7 @@ def test_interrupt_saves_a_checkpoint_and_the_same_save_name_resumes_to_the_unin
     ({"save_name": "a/b"}, "Save name must be a plain folder name"),
     ({"save_name": "tiny-promptist"}, "holds a model that is not a training run"),
     ({"data_file": "/no/such/pairs.jsonl"}, "no such file"),
-    ({"base": "no-such-policy"}, "Promptist: training (SFT): model 'no-such-policy' was not found"),
+    ({"base": "no-such-policy"}, "training (SFT): model 'no-such-policy' was not found"),
     ({"effective_batch_size": 12}, "multiple"),
 ])
 def test_bad_sft_inputs_are_one_clear_error(webui, pairs_file, change, error):
