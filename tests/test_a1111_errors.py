@@ -90,7 +90,7 @@ def test_errors_of_several_steps_are_all_reported_once(webui):
     p = Job("a cat")
     webui.errors.stop_job(p, webui.errors.PromptistError("first"))
     webui.errors.stop_job(p, webui.errors.PromptistError("second"))
-    with pytest.raises(webui.errors.PromptistError, match="^first | second$"):
+    with pytest.raises(webui.errors.PromptistError, match=r"^first \| second$"):
         p.init([], [], [])
 
 
