@@ -42,7 +42,7 @@ def test_only_example_workflows_holds_workflows_the_template_browser_lists():
     names = {f.stem for f in UI_FILES}
     assert names == {"promptist_optimize_prompt", "promptist_dfprompt_encode", "promptist_score_images",
                      "promptist_sft_train", "promptist_ppo_train", "promptist_dfprompt_policy",
-                     "promptist_tpo_train"}
+                     "promptist_tpo_train", "promptist_evaluate"}
     used = {n["type"] for f in UI_FILES for n in json.loads(f.read_text())["nodes"]}
     assert set(OURS) <= used  # every node of the pack appears in an example
 
