@@ -181,12 +181,14 @@ def trained_model(out: Path, device: str) -> LoadedOptimizer:
     from transformers import AutoModelForCausalLM
 
     from promptist_core.dfprompt_policy import load_heads
+    from promptist_core.policy_folder import read_decoding_defaults
     from promptist_core.weights import load_tokenizer
 
     forget(out)
     compute = training_device(device)
     model = AutoModelForCausalLM.from_pretrained(str(out)).to("cpu", pick_dtype(compute))
-    optimizer = PromptOptimizer(model, load_tokenizer(out), name=out.name, dfprompt_heads=load_heads(out))
+    optimizer = PromptOptimizer(model, load_tokenizer(out), name=out.name, dfprompt_heads=load_heads(out),
+                                decoding=read_decoding_defaults(out))  # the policy's promptist.json, as a loader reads it
     return LoadedOptimizer(optimizer, ManagedModel(model, compute, "PromptistPolicy"))
 
 

@@ -62,7 +62,7 @@ def set_up(monkeypatch, tmp_path):
 
 def test_a_command_runs_promptist_core_from_any_folder(set_up, capfd):
     assert set_up(["dfprompt", "a horse, [anime:0.5-1:1.5]", "--steps", "4"]) == 0
-    assert capfd.readouterr().out.splitlines() == ["steps 0-1: a horse, (anime:1.5)", "steps 2-3: a horse, "]
+    assert capfd.readouterr().out.splitlines() == ["steps 0-1: a horse, (anime:1.5)", "steps 2-3: a horse"]
 
 
 def test_the_jobs_exit_code_is_run_pys(set_up, tmp_path, capfd):

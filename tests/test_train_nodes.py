@@ -379,3 +379,20 @@ def test_progress_reads_the_resumed_part_of_the_curve_from_the_log(tmp_path):
     progress = TrainingProgress(tmp_path, {"loss": ("loss", "valid_loss")}, "SFT")
     progress(3, 5, {"loss": 1.9})
     assert progress.curve.series == {"loss": [(1, 3.0), (2, 2.5), (3, 1.9)], "valid_loss": [(2, 2.7)]}
+
+
+def test_a_trained_model_on_the_output_wire_decodes_as_its_folder_says(tiny_promptist_dir, tmp_path):
+    """Seen in the real ComfyUI: SFT Train's output model (from promptist-mini) ignored its promptist.json and
+    rewrote the prompt; the loader of the same folder kept it."""
+    import json
+    import shutil
+
+    from nodes.train import trained_model
+    from promptist_core.policy_folder import DecodingDefaults
+
+    folder = tmp_path / "my-sft"
+    shutil.copytree(tiny_promptist_dir / "tiny-promptist", folder)
+    (folder / "promptist.json").write_text(json.dumps({"decoding": {"keep_prompt": True, "min_modifiers": 2}}))
+    loaded = trained_model(folder, "cpu")
+    assert loaded.optimizer.decoding == DecodingDefaults(keep_prompt=True, min_modifiers=2)
+    assert loaded.optimizer("a castle on a hill", max_new_tokens=20)[0].prompt.startswith("a castle on a hill, ")
