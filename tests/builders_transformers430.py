@@ -41,11 +41,6 @@ class OverlayPython:
                               text=True, timeout=timeout)
 
 
-def install_transformers430(site: Path) -> str | None:
-    """Install the 4.30 packages into `site` once; None when ready, else why pip could not."""
-    return install_overlay(site, PACKAGES)
-
-
 def install_overlay(site: Path, packages: tuple[str, ...]) -> str | None:
     """Install `packages` (without dependencies) into `site` once; None when ready, else why pip could not."""
     if (site / READY).is_file():

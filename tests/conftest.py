@@ -139,16 +139,24 @@ def transformers430_python(request):
     Returns a `builders_transformers430.OverlayPython` (`.run(code, *args)`); installed once into
     pytest's cache dir (reused across runs), skipped with pip's reason when it cannot be installed.
     """
-    from builders_transformers430 import OverlayPython, install_transformers430
+    from builders_transformers430 import PACKAGES
 
-    site = request.config.cache.mkdir("transformers430") / f"py{sys.version_info[0]}{sys.version_info[1]}"
-    why = install_transformers430(site)
+    return transformers_overlay(request, "transformers430", PACKAGES, "4.30")
+
+
+def transformers_overlay(request, cache_name: str, packages: tuple[str, ...], version: str):
+    """An OverlayPython with `packages` installed once under pytest's cache; skipped with pip's reason when they
+    cannot be installed, or when transformers `version` does not import over this environment."""
+    from builders_transformers430 import OverlayPython, install_overlay
+
+    site = request.config.cache.mkdir(cache_name) / f"py{sys.version_info[0]}{sys.version_info[1]}"
+    why = install_overlay(site, packages)
     if why is not None:
         pytest.skip(why)
     python = OverlayPython(site, ROOT)
     done = python.run("import transformers, tokenizers; print(transformers.__version__, tokenizers.__version__)")
-    if done.returncode != 0 or not done.stdout.startswith("4.30."):
-        pytest.skip(f"transformers 4.30 does not import over this environment: {done.stderr.strip()[-300:]}")
+    if done.returncode != 0 or not done.stdout.startswith(f"{version}."):
+        pytest.skip(f"transformers {version} does not import over this environment: {done.stderr.strip()[-300:]}")
     return python
 
 
@@ -156,17 +164,9 @@ def transformers430_python(request):
 def transformers456_python(request):
     """A Python with transformers 4.56.2 + tokenizers 0.22 (Forge Neo's pins) over this environment; cached like
     transformers430, skipped with pip's reason when it cannot be installed."""
-    from builders_transformers430 import TRANSFORMERS_456, OverlayPython, install_overlay
+    from builders_transformers430 import TRANSFORMERS_456
 
-    site = request.config.cache.mkdir("transformers456") / f"py{sys.version_info[0]}{sys.version_info[1]}"
-    why = install_overlay(site, TRANSFORMERS_456)
-    if why is not None:
-        pytest.skip(why)
-    python = OverlayPython(site, ROOT)
-    done = python.run("import transformers, tokenizers; print(transformers.__version__, tokenizers.__version__)")
-    if done.returncode != 0 or not done.stdout.startswith("4.56."):
-        pytest.skip(f"transformers 4.56 does not import over this environment: {done.stderr.strip()[-300:]}")
-    return python
+    return transformers_overlay(request, "transformers456", TRANSFORMERS_456, "4.56")
 
 
 @pytest.fixture(scope="session")
