@@ -1,5 +1,5 @@
-"""The Promptist tab (Optimize, Train SFT, Train PPO) and the settings page: the webui's UI over the
-functions of `optimize`, `score` and `train`, bound to the webui's `shared` objects. Used only inside the
+"""The Promptist tab (Optimize, Train SFT, Train PPO, Evaluate) and the settings page: the webui's UI over the
+functions of `optimize`, `score`, `train` and `evaluate`, bound to the webui's `shared` objects. Used only inside the
 webui (the entry registers `on_ui_tabs` and `on_ui_settings`)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from promptist_core.rewards import PRESET_NAMES
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
 from .errors import PromptistError, as_user_error, dfprompt_message
+from .evaluate import METRICS, PROMPT_SETS, default_out, evaluate_in_webui
 from .host import devices, gr, models_dirs, shared, wrap_gradio_gpu_call
 from .infotext import TITLE
 from .optimize import clean_rewrite, loaded_optimizer, sampler_steps, split_for_policy, unique
@@ -65,20 +66,26 @@ def _train_sft(id_task, base, data_file, data_format, save_name, steps, lr, batc
                               save_every=save_every, device=_train_device(),
                               models_dir=models_dirs(shared.models_path))
 
-def _train_ppo(id_task, policy, prompts, prompts_file, save_name, iterations, batch_size, images_per_prompt,
-               sampler_name, steps, cfg, width, height, negative, preset, lr, beta, trainable_top_blocks, seed,
-               save_every, dfprompt=False):
+def _generator(sampler_name: str, negative: str, **options) -> WebuiGenerator:
+    """The webui's txt2img with the loaded checkpoint as an image generator."""
     from modules import processing
 
     if not shared.sd_model:
         raise PromptistError("No Stable Diffusion checkpoint is loaded: choose one at the top of the page")
     checkpoint = getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "name_for_extra", "")
-    generator = WebuiGenerator(processing, shared.state, sampler_name=sampler_name, negative=negative or "",
-                               schedule_steps=lambda n: sampler_steps(sampler_name, n), checkpoint=checkpoint)
+    return WebuiGenerator(processing, shared.state, sampler_name=sampler_name, negative=negative or "",
+                          schedule_steps=lambda n: sampler_steps(sampler_name, n), checkpoint=checkpoint, **options)
+
+def _scorer(preset: str):
     try:
-        scorer = loaded_scorer(preset)
+        return loaded_scorer(preset)
     except Exception as e:
         raise as_user_error(e, "loading the scoring models (Settings → Promptist → Score)") from e
+
+def _train_ppo(id_task, policy, prompts, prompts_file, save_name, iterations, batch_size, images_per_prompt,
+               sampler_name, steps, cfg, width, height, negative, preset, lr, beta, trainable_top_blocks, seed,
+               save_every, dfprompt=False):
+    generator, scorer = _generator(sampler_name, negative), _scorer(preset)
     return train_ppo_in_webui(shared.state, generator, scorer, _train_root(), policy=policy, prompts=prompts,
                               prompts_file=prompts_file, save_name=save_name, iterations=iterations,
                               batch_size=batch_size, images_per_prompt=images_per_prompt, steps=steps, cfg=cfg,
@@ -178,6 +185,66 @@ def _ppo_section():
                       cfg, width, height, negative, preset, lr, beta, top, seed, save_every, dfprompt],
               outputs=[curve, status])
 
+def _evaluate(id_task, prompts, prompt_set, count, policies, seeds, seed, sampler_name, steps, cfg, width, height,
+              negative, metric, baseline, out_folder):
+    generator = _generator(sampler_name, negative, stop_on_interrupt=True)
+    out = Path(out_folder).expanduser() if (out_folder or "").strip() else default_out(getattr(shared, "data_path", None))
+    return evaluate_in_webui(shared.state, generator, _scorer("promptist"), out, prompts=prompts,
+                             prompt_set=prompt_set, count=count, policies=policies, seeds=seeds, seed=seed,
+                             steps=steps, cfg=cfg, width=width, height=height, metric=metric, baseline=baseline,
+                             models_dir=models_dirs(shared.models_path), device=_train_device())
+
+def _evaluate_section():
+    from modules import sd_samplers
+
+    samplers = [s.name for s in sd_samplers.visible_samplers()] or ["Euler a"]
+    gr.HTML("<p>Does it help on my model? Draws every prompt as typed (plain) and as each policy rewrites it, "
+            "with the same seeds for every variant, with the loaded checkpoint; scores each image with the models "
+            "of Settings → Promptist → Score. The table gives each score's mean [95% interval] and the paired win "
+            "rate vs plain. The webui is busy meanwhile; Interrupt stops between images and shows the prompts "
+            "whose images were all drawn.</p>")
+    with gr.Row():
+        with gr.Column():
+            task = gr.Textbox(visible=False)
+            prompts = gr.Textbox(label="Plain prompts, one per line", lines=4,
+                                 value="a cat riding a bike\na red horse on the grass\na castle on a hill\n"
+                                       "a bowl of fruit")
+            with gr.Row():
+                prompt_set = gr.Dropdown(label="Prompts from (coco, diffusiondb: shipped held-out sets)",
+                                         choices=list(PROMPT_SETS), value="typed")
+                count = gr.Number(label="Prompts from the set", value=16, precision=0)
+            policies = gr.Textbox(label="Policies, one per line: a name or folder, options after commas "
+                                        "(my-ppo,mode=sample,seed=1,name=sampled); plain is always included",
+                                  lines=3, value="promptist-mini")
+            with gr.Row():
+                seeds = gr.Number(label="Seeds per prompt", value=2, precision=0)
+                seed = gr.Number(label="Seed", value=0, precision=0)
+                sampler = gr.Dropdown(label="Sampler", choices=samplers, value=samplers[0])
+            with gr.Row():
+                steps = gr.Number(label="Sampling steps", value=20, precision=0)
+                cfg = gr.Number(label="CFG scale", value=7.0)
+                width = gr.Number(label="Width", value=512, precision=0)
+                height = gr.Number(label="Height", value=512, precision=0)
+            with gr.Row():
+                metric = gr.Dropdown(label="Metric (grid, win rates; pick, total_pae need PickScore)",
+                                     choices=list(METRICS), value="total_promptist")
+                baseline = gr.Textbox(label="Baseline: also compare with this variant (its name)", value="")
+            negative = gr.Textbox(label="Negative prompt for every image", value="")
+            out_folder = gr.Textbox(label="Output folder (empty: outputs/promptist-eval/<time>)", value="")
+            with gr.Row():
+                run = gr.Button("Evaluate", variant="primary", elem_id="promptist_eval_run")
+                stop = gr.Button("Interrupt", elem_id="promptist_eval_interrupt")
+        with gr.Column():
+            gr.HTML(elem_id="promptist_eval_progress")
+            status = gr.HTML(elem_id="promptist_eval_output")
+            grid = gr.Image(label="Grid: rows = prompts (first seed), columns = variants", type="pil",
+                            interactive=False, elem_id="promptist_eval_grid")
+            table = gr.Textbox(label="Table", lines=8, interactive=False, elem_id="promptist_eval_table")
+    stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+    run.click(wrap_gradio_gpu_call(_evaluate, extra_outputs=[None, ""]), _js="promptistStartEvaluate",
+              inputs=[task, prompts, prompt_set, count, policies, seeds, seed, sampler, steps, cfg, width, height,
+                      negative, metric, baseline, out_folder], outputs=[grid, table, status])
+
 def on_ui_tabs():
     from modules import infotext_utils
 
@@ -199,6 +266,8 @@ def on_ui_tabs():
             _sft_section()
         with gr.Tab("Train PPO"):
             _ppo_section()
+        with gr.Tab("Evaluate"):
+            _evaluate_section()
         for tabname, button in buttons.items():
             infotext_utils.register_paste_params_button(
                 infotext_utils.ParamBinding(paste_button=button, tabname=tabname, source_text_component=best))

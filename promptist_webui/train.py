@@ -66,11 +66,14 @@ class WebuiGenerator:
     prompt editing here instead. An Interrupt while images are drawn leaves partial images: they are drawn
     again without the flag, `stop_requested` is set and the step callback then stops the run after this
     iteration's checkpoint; a second Interrupt during that redraw stops at once (StopTraining, no save).
+    With `stop_on_interrupt` (the Evaluate section) an Interrupt raises StopTraining at once instead, and the
+    partial images are dropped.
     """
 
     def __init__(self, processing, state, *, sampler_name: str, negative: str = "",
-                 schedule_steps=lambda steps: steps, max_batch: int = 4, checkpoint: str = ""):
-        self.processing, self.state = processing, state
+                 schedule_steps=lambda steps: steps, max_batch: int = 4, checkpoint: str = "",
+                 stop_on_interrupt: bool = False):
+        self.processing, self.state, self.stop_on_interrupt = processing, state, stop_on_interrupt
         self.sampler_name, self.negative, self.schedule_steps = sampler_name, negative, schedule_steps
         self.max_batch = max(1, int(max_batch))
         self.fingerprint = f"{checkpoint}:{sampler_name}:{negative}"
@@ -101,6 +104,8 @@ class WebuiGenerator:
         from trainer.progress import StopTraining
 
         if self._interrupted():  # pressed between two batches
+            if self.stop_on_interrupt:
+                raise StopTraining("interrupted")
             self._clear_interrupt()
         progress = (self.state.job, self.state.job_no, self.state.job_count)  # process_images moves these
         try:
@@ -109,7 +114,7 @@ class WebuiGenerator:
         finally:
             self.state.job, self.state.job_no, self.state.job_count = progress
         if self._interrupted():  # the sampler stopped early: these images are partial
-            if self.stop_requested:
+            if self.stop_requested or self.stop_on_interrupt:
                 raise StopTraining("interrupted again while this iteration's images were drawn")
             self._clear_interrupt()
             return self._draw(prompts, seeds, steps, guidance, size)

@@ -16,8 +16,13 @@ from types import SimpleNamespace
 
 
 class _Component:
+    clicks: list = []  # (button, fn, inputs, outputs, other keywords) of every .click, for tests to press
+
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
+
+    def click(self, fn=None, inputs=(), outputs=(), **kwargs):
+        _Component.clicks.append((self, fn, list(inputs), list(outputs), kwargs))
 
     def __enter__(self):
         return self
