@@ -311,6 +311,7 @@ def test_stopped_ppo_resumes_to_identical_weights_and_logged_rewards(sft_policy,
         got = load_file(str(list_checkpoints(tmp_path / "stopped")[-1].folder / name))
         assert all(torch.equal(full[k], got[k]) for k in full), name
     assert _log(tmp_path / "full") == _log(tmp_path / "stopped")
+    assert not (tmp_path / "full" / "samples").exists()  # a text reward has no images: no validation
 
 
 def test_validation_grids_valid_reward_and_best_leave_training_and_resume_bit_exact(sft_policy, red_loving_scorer,
