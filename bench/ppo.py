@@ -123,7 +123,7 @@ def main() -> None:
         config = PPOConfig(prompts=str(work / "prompts.txt"), policy=str(work / "policy"), out=str(work / "out"),
                            iterations=args.iterations, batch_size=args.batch_size, num_beam_groups=args.groups,
                            max_new_tokens=args.max_new_tokens, save_every=0, sample_every=0, tensorboard=False,
-                           device=args.device)
+                           device=args.device, valid_every=0)  # training alone (no held-out validation)
         train_ppo(config, reward, callback=record, baseline_cache=reward.cache)
 
     later = rows[1:] or rows

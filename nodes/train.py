@@ -447,7 +447,8 @@ class PPOTrain:
                            lr=lr, beta=beta, trainable_top_blocks=trainable_top_blocks, seed=seed,
                            save_every=save_every, sample_every=1, device=str(compute), tensorboard=False,
                            preset=preset, images_per_prompt=images_per_prompt, image_steps=steps, guidance=cfg,
-                           width=width, height=height, dfprompt=bool(dfprompt))
+                           width=width, height=height, dfprompt=bool(dfprompt),
+                           valid_every=0)  # held-out validation: the trainer CLI's (not wired to this host's progress)
         # 2. the reward: images from the graph's models, scored by the reward model
         generator = _FinishImagesOnCancel(ComfyGenerator(model, clip, vae, sampler_name=sampler_name,
                                                          scheduler=scheduler, negative=negative or ""))

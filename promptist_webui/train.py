@@ -280,7 +280,8 @@ def train_ppo_in_webui(state, generator: WebuiGenerator, scorer, models_root: Pa
                            trainable_top_blocks=int(trainable_top_blocks), seed=int(seed), save_every=int(save_every),
                            sample_every=1, device=str(device), tensorboard=False, preset=preset,
                            images_per_prompt=int(images_per_prompt), image_steps=int(steps), guidance=float(cfg),
-                           width=int(width), height=int(height), dfprompt=bool(dfprompt))
+                           width=int(width), height=int(height), dfprompt=bool(dfprompt),
+                           valid_every=0)  # held-out validation: the trainer CLI's (not wired to this host's progress)
         reward = ImageReward(generator, scorer, preset=preset, images_per_prompt=int(images_per_prompt),
                              steps=int(steps), guidance=float(cfg), size=(int(width), int(height)), seed=int(seed))
     progress = WebuiProgress(state, out, {**PPO_PANELS, **(DF_PANELS if dfprompt else {})}, "PPO", generator)

@@ -379,13 +379,17 @@ def test_ppo_dfprompt_cli_on_a_tiny_diffusers_pipeline_writes_a_policy_whose_dfp
             "--models-dir", str(tiny_clip_models_dir), "--image-steps", "2", "--width", "64", "--height", "64",
             "--images-per-prompt", "1", "--out", str(tmp_path / "out"), "--batch-size", "2",
             "--num-beam-groups", "2", "--max-new-tokens", "16", "--sample-every", "1", "--device", "cpu",
-            "--no-progress", "--tensorboard", "false"]
+            "--no-progress", "--tensorboard", "false", "--valid-count", "2"]
     assert main([*args, "--iterations", "1"]) == 0
     assert main([*args, "--iterations", "2", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 2
     rows = _log(tmp_path / "out")
-    assert [r["step"] for r in rows] == ["1", "2"]
-    assert all(r["reward_pick"] != "" and r["modifiers"] != "" for r in rows)  # the pae preset: PickScore too
+    assert [r["step"] for r in rows] == ["0", "1", "2"]  # 0: the validation of the SFT policy alone
+    assert all(r["reward_pick"] != "" and r["modifiers"] != "" for r in rows[1:])  # the pae preset: PickScore too
+    assert [r["valid_reward"] != "" for r in rows] == [True, True, True]  # at 0, resumed at 1 (its end), at 2
+    summary = json.loads((tmp_path / "out" / "samples" / "iter-000002" / "summary.json").read_text())
+    assert summary["metric"] == "total_pae"  # validation scores with the run's preset, PickScore included
+    assert all(dfprompt.format_prompt(r) == r for r in summary["variants"][1]["rewrites"])  # the policy's DF-Prompts
     assert list_checkpoints(tmp_path / "out")[-1].state["config"]["dfprompt"] is True
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(dfprompt.format_prompt(s["rewrite"]) == s["rewrite"] for s in samples)

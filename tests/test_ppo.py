@@ -280,7 +280,7 @@ def test_image_reward_ppo_moves_the_policy_toward_the_colour_the_head_prefers(sf
                          images_per_prompt=1, steps=1, size=(32, 32))
     result = train_ppo(_config(sft_policy, tmp_path / "ppo", prompts=str(prompts)), reward,
                        baseline_cache=reward.cache)
-    rewards = [float(r["reward"]) for r in _log(tmp_path / "ppo")]
+    rewards = [float(r["reward"]) for r in _log(tmp_path / "ppo") if r["reward"]]  # step 0: validation only
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.5 * rewards[0] + 0.5, rewards
     saved, WORD = WORD, "red"
     try:
@@ -311,6 +311,57 @@ def test_stopped_ppo_resumes_to_identical_weights_and_logged_rewards(sft_policy,
         got = load_file(str(list_checkpoints(tmp_path / "stopped")[-1].folder / name))
         assert all(torch.equal(full[k], got[k]) for k in full), name
     assert _log(tmp_path / "full") == _log(tmp_path / "stopped")
+    assert not (tmp_path / "full" / "samples").exists()  # a text reward has no images: no validation
+
+
+def test_validation_grids_valid_reward_and_best_leave_training_and_resume_bit_exact(sft_policy, red_loving_scorer,
+                                                                                     tmp_path):
+    """Plain vs the current policy on fixed held-out prompts at 0, every 2 and at the end; the weights equal a
+    run without validation (it draws from no training RNG), and a stopped run resumes to the same weights,
+    log and validation results."""
+    from promptist_core.optimizer import load_optimizer
+
+    def run(out, callback=None, resume=False, **overrides):
+        reward = ImageReward(SolidColours(), red_loving_scorer, preset=red_loving_scorer.preset.with_weights(relevance=0),
+                             images_per_prompt=1, steps=1, size=(32, 32))
+        settings = dict(iterations=5, save_every=2, trainable_top_blocks=1, minibatch_size=4, valid_every=2,
+                        valid_count=3, keep_best_valid=True)
+        settings.update(overrides)
+        return train_ppo(_config(sft_policy, out, **settings), reward, callback=callback, resume=resume,
+                         baseline_cache=reward.cache)
+
+    def stop_at_3(step, total, metrics):
+        if step == 3:
+            raise StopTraining("test")
+
+    run(tmp_path / "full")
+    run(tmp_path / "plain", valid_every=0)
+    with pytest.raises(StopTraining):
+        run(tmp_path / "stopped", callback=stop_at_3)
+    run(tmp_path / "stopped", resume=True)
+    for other in ("plain", "stopped"):
+        for name in ("model.safetensors", "value.safetensors"):
+            full = load_file(str(list_checkpoints(tmp_path / "full")[-1].folder / name))
+            got = load_file(str(list_checkpoints(tmp_path / other)[-1].folder / name))
+            assert all(torch.equal(full[k], got[k]) for k in full), (other, name)
+    rows = _log(tmp_path / "full")
+    hits = "baseline_hits"  # a count of this process's cache look-ups: it restarts with the resumed process
+    assert [{k: v for k, v in r.items() if k != hits} for r in _log(tmp_path / "stopped")] == \
+        [{k: v for k, v in r.items() if k != hits} for r in rows]
+    assert [r["step"] for r in rows if r["valid_reward"]] == ["0", "2", "4", "5"]
+    trained = [{k: v for k, v in r.items() if not k.startswith("valid")} for r in rows if r["step"] != "0"]
+    assert trained == [{k: v for k, v in r.items() if not k.startswith("valid")} for r in _log(tmp_path / "plain")]
+    for step in (0, 2, 4, 5):
+        folder = f"samples/iter-{step:06d}"
+        assert (tmp_path / "full" / folder / "grid.png").is_file()
+        full, got = (json.loads((tmp_path / run_ / folder / "summary.json").read_text()) for run_ in ("full", "stopped"))
+        assert full == got and full["metric"] == "total_promptist" and full["settings"]["prompts"] == 3
+    assert not (tmp_path / "plain" / "samples").exists() and not (tmp_path / "plain" / "best").exists()
+    best = json.loads((tmp_path / "full" / "best" / "valid.json").read_text())
+    logged = {int(r["step"]): float(r["valid_reward"]) for r in rows if r["valid_reward"]}
+    assert best["iteration"] == max(logged, key=lambda s: (logged[s], -s))
+    assert best == json.loads((tmp_path / "stopped" / "best" / "valid.json").read_text())
+    assert load_optimizer(str(tmp_path / "full" / "best"), device="cpu")("a cat", max_new_tokens=10)[0].prompt
 
 
 def test_ppo_cli_with_a_text_reward_runs_resumes_and_its_output_loads(sft_policy, tmp_path, capsys, monkeypatch):
@@ -347,7 +398,8 @@ def test_ppo_end_to_end_on_a_tiny_diffusers_pipeline_writes_a_policy_the_optimiz
     scorer = load_scorer("tiny-open-clip-hub", str(tiny_clip_models_dir / "tiny-head.safetensors"),
                          models_dir=tiny_clip_models_dir, device="cpu")
     reward = ImageReward(generator, scorer, images_per_prompt=2, steps=2, size=(64, 64))
-    config = _config(sft_policy, tmp_path / "out", iterations=2, batch_size=2, num_beam_groups=2, save_every=1)
+    config = _config(sft_policy, tmp_path / "out", iterations=2, batch_size=2, num_beam_groups=2, save_every=1,
+                     valid_count=2)
     train_ppo(config, reward, baseline_cache=reward.cache)
     row = _log(tmp_path / "out")[-1]
     assert row["reward_aes"] != "" and row["reward_rel"] != ""
@@ -434,12 +486,18 @@ def test_ppo_cli_on_a_tiny_diffusers_pipeline_runs_resumes_and_its_output_loads(
             "--aesthetic-head", str(tiny_clip_models_dir / "tiny-head.safetensors"),
             "--models-dir", str(tiny_clip_models_dir), "--image-steps", "2", "--width", "64", "--height", "64",
             "--out", str(tmp_path / "out"), "--batch-size", "2", "--num-beam-groups", "2", "--max-new-tokens", "16",
-            "--device", "cpu", "--no-progress", "--tensorboard", "false"]
+            "--device", "cpu", "--no-progress", "--tensorboard", "false", "--valid-every", "1", "--valid-count", "2"]
     assert main([*args, "--iterations", "1"]) == 0
     assert main([*args, "--iterations", "2", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 2
     rows = _log(tmp_path / "out")
-    assert [r["step"] for r in rows] == ["1", "2"] and rows[-1]["reward_aes"] != ""
+    assert [r["step"] for r in rows] == ["0", "1", "2"] and rows[-1]["reward_aes"] != ""
+    assert rows[0]["reward"] == "" and all(r["valid_reward"] != "" for r in rows)  # 0: the SFT policy's baseline
+    for step in (0, 1, 2):  # the tiny SD's validation grids, plain vs the policy, one per validation
+        folder = tmp_path / "out" / "samples" / f"iter-{step:06d}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert (folder / "grid.png").is_file() and [v["name"] for v in summary["variants"]] == ["plain", "policy"]
+        assert summary["settings"]["iteration"] == step and summary["settings"]["prompts"] == 2
     state = list_checkpoints(tmp_path / "out")[-1].state
     assert len(state["baseline_cache"]) == 2 * 2 * 2  # 2 iterations x 2 prompts x 2 images, kept across the resume
     assert promptist_main(["optimize", "--model", str(tmp_path / "out"), "--offline", "--max-new-tokens", "16",

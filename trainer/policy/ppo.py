@@ -18,6 +18,7 @@ option) is fed the KL to the reference, and every random choice comes from (seed
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -52,7 +53,8 @@ ROLLOUTS = ("beam", "sample")
 ADVANTAGES = ("gae", "rloo")
 KL_CONTROLLERS = ("fixed", "adaptive")
 LOG_COLUMNS = ("reward", "reward_aes", "reward_rel", "reward_pick", "kl", "beta", "approx_kl", "clip_frac",
-               "entropy", "policy_loss", "value_loss", "explained_var", "response_len", "baseline_hits")
+               "entropy", "policy_loss", "value_loss", "explained_var", "response_len", "baseline_hits",
+               "valid_reward", "valid_win")
 DF_COLUMNS = ("kl_weight", "kl_range", "modifiers", "mean_weight")
 RESUME_FIXED = ("prompts", "policy", "seed", "batch_size", "column", "dfprompt", "keep_prompt", "no_repeat_ngram_size")
 PRESETS = ("auto", "promptist", "pae")
@@ -133,6 +135,17 @@ class PPOConfig:
     clip_model: str = option("ViT-L-14/openai", "CLIP for relevance and aesthetics.")
     aesthetic_head: str = option("improved", "LAION aesthetic head: improved, laion-v1, or a file.")
     pick_model: str | None = option(None, "PickScore model (the pae preset loads the default when empty).")
+    # validation (image rewards only): plain vs the current policy on fixed prompts and seeds
+    valid_every: int = option(50, "Validate at iteration 0, every this many iterations and at the end: plain vs the "
+                              "current policy on `valid_prompts`, the same seeds each time, by `trainer evaluate`'s "
+                              "evaluation; grids in samples/iter-NNNNNN/, valid_reward in the log. 0 = off. Text "
+                              "rewards have no images: no validation.")
+    valid_prompts: str = option("coco", "Validation prompts: coco (the shipped held-out COCO val2017 captions), "
+                                "diffusiondb, or a prompt file; the first `valid_count` are used.")
+    valid_count: int = option(8, "Validation prompts used.")
+    valid_seeds: int = option(1, "Validation images per prompt (seeds derived from `seed`, shared by both variants).")
+    keep_best_valid: bool = option(False, "Also keep the policy with the best held-out reward in best/ (the "
+                                   "iteration-0 SFT policy included), with best/valid.json.")
     # DF-Prompt policy (PAE stage 2)
     dfprompt: bool = option(False, "Train a DF-Prompt policy: at each modifier's end the weight and range heads "
                             "sample a class too (one joint action, each part's ratio clipped); the reward sees "
@@ -454,6 +467,8 @@ def check_config(config: PPOConfig, runtime: Runtime) -> None:
         raise ConfigError(f"rloo_samples ({config.rloo_samples}) cannot exceed num_beam_groups ({config.num_beam_groups})")
     if config.lr <= 0 or config.beta < 0 or config.kl_target <= 0 or config.grad_clip < 0:
         raise ConfigError("need lr > 0, beta >= 0, kl_target > 0 and grad_clip >= 0")
+    if config.valid_every < 0 or not 1 <= config.valid_count <= 10_000 or not 1 <= config.valid_seeds <= 64:
+        raise ConfigError("need valid_every >= 0, 1 <= valid_count <= 10000 and 1 <= valid_seeds <= 64")
     if config.beta_weight < 0 or config.beta_range < 0 or config.head_entropy < 0 or \
             (config.head_lr is not None and config.head_lr <= 0):
         raise ConfigError("need beta_weight >= 0, beta_range >= 0, head_entropy >= 0 and head_lr > 0")
@@ -480,6 +495,67 @@ def load_prompts(config: PPOConfig) -> list[str]:
     from .corpus import read_corpus
 
     return read_corpus(config.prompts, column=config.column).prompts
+
+
+VALID_DIR = "samples"
+BEST_DIR = "best"
+
+
+class Validation:
+    """Plain vs the current policy on fixed prompts and seeds, by `trainer.evaluate.evaluate` with the run's
+    own image generator and scorer: `samples/iter-NNNNNN/` (grid.png, summary.json, results.csv,
+    report.html) and the held-out reward (the run's preset total as the evaluation computes it: Promptist's
+    aesthetic delta vs plain + relevance) with the policy's paired win rate over plain.
+
+    It leaves the training as it found it: the policy's and heads' train/eval mode, the tokenizer (the
+    evaluation rewrites with its own copy, left-padded), and every random generator (image seeds come from
+    (seed, prompt, index), beam search draws nothing, and the global RNGs are forked around it), so a run
+    with validation trains to the same weights as one without, and resumes bit-exactly."""
+
+    def __init__(self, config: PPOConfig, reward, tokenizer, decoding, out: Path):
+        from ..evaluate import read_prompts
+
+        self.generator, self.scorer = reward.generator, reward.scorer
+        self.steps, self.guidance, self.size = reward.steps, reward.guidance, tuple(reward.size)
+        self.config, self.decoding, self.out = config, decoding, out
+        self.prompts = read_prompts(config.valid_prompts, limit=config.valid_count)
+        self.tokenizer = copy.deepcopy(tokenizer)
+        preset = reward_preset(config)
+        self.metric = f"total_{preset}"
+
+    @staticmethod
+    def applies(config: PPOConfig, reward) -> bool:
+        return bool(config.valid_every) and all(hasattr(reward, a) for a in ("generator", "scorer", "steps", "size"))
+
+    @staticmethod
+    def due(config: PPOConfig, iteration: int) -> bool:
+        return iteration == 0 or iteration % config.valid_every == 0 or iteration == config.iterations
+
+    def __call__(self, iteration: int, policy: nn.Module, heads) -> dict:
+        from promptist_core.optimizer import PromptOptimizer
+
+        from ..evaluate import PLAIN, Variant, evaluate, write_outputs
+
+        modes = [(m, m.training) for m in (policy, heads) if m is not None]
+        device = next(policy.parameters()).device
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                optimizer = PromptOptimizer(policy, self.tokenizer, "policy", heads, decoding=self.decoding)
+                variants = [Variant(PLAIN), Variant("policy", optimizer=optimizer,
+                                                    options={"max_new_tokens": self.config.max_new_tokens})]
+                result = evaluate(self.prompts, variants, self.generator, self.scorer, self.config.valid_seeds,
+                                  seed=self.config.seed, steps=self.steps, guidance=self.guidance, size=self.size,
+                                  metric="total_promptist", grid_prompts=len(self.prompts), device=str(device))
+        finally:
+            for module, training in modes:
+                module.train(training)
+        if self.metric in result.metrics:
+            result.metric = self.metric
+        result.settings["iteration"] = iteration
+        write_outputs(result, self.out / VALID_DIR / f"iter-{iteration:06d}")
+        summary = result.summary("policy")
+        return {"valid_reward": summary.means[result.metric].mean,
+                "valid_win": summary.win_vs_plain[result.metric].win_rate}
 
 
 def train_ppo(
@@ -555,7 +631,8 @@ def train_ppo(
 
     # 3. state (restored when resuming)
     cache = baseline_cache if baseline_cache is not None else BaselineCache()
-    state = {"trainer": "ppo", "step": 0, "cursor": {"epoch": 0, "index": 0}, "beta": config.beta}
+    state = {"trainer": "ppo", "step": 0, "cursor": {"epoch": 0, "index": 0}, "beta": config.beta,
+             "best_valid": None}
     if checkpoint is not None:
         restore_training_state(checkpoint, optimizer)
         state.update({k: v for k, v in checkpoint.state.items() if k in state})
@@ -574,12 +651,37 @@ def train_ppo(
             save_checkpoint(out, model=policy, tokenizer=tokenizer, optimizer=optimizer, state=full,
                             keep=config.keep_checkpoints, extra={"value": value.state_dict()} if value else None,
                             dfprompt_heads=heads, decoding=decoding)
-            panels = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick"), "KL": ("kl", "approx_kl"),
+            panels = {"reward": ("reward", "reward_aes", "reward_rel", "reward_pick", "valid_reward"),
+                      "KL": ("kl", "approx_kl"),
                       "value loss": ("value_loss",)}
             if heads is not None:
                 panels.update({"mean weight": ("mean_weight",), "head KL": ("kl_weight", "kl_range")})
             log.draw(panels, "PPO").save(out / CURVES_FILE)
         runtime.barrier()
+
+    validation = Validation(config, reward, tokenizer, decoding, out) \
+        if runtime.is_main and Validation.applies(config, reward) else None
+
+    def validate(iteration: int) -> dict:
+        """The held-out numbers at `iteration` (main rank; the others wait), and best/ when they are the best."""
+        found = {}
+        if not (Validation.applies(config, reward) and Validation.due(config, iteration)):
+            return found
+        if validation is not None:
+            found = validation(iteration, policy, heads)
+            best = state["best_valid"]
+            if config.keep_best_valid and (best is None or found["valid_reward"] > best["valid_reward"]):
+                from promptist_core.policy_folder import save_policy_folder
+
+                save_policy_folder(policy, tokenizer, out / BEST_DIR, dfprompt_heads=heads, decoding=decoding)
+                state["best_valid"] = {"iteration": iteration, **found}
+                (out / BEST_DIR / "valid.json").write_text(json.dumps(state["best_valid"], indent=1) + "\n",
+                                                           encoding="utf-8")
+        runtime.barrier()
+        return found
+
+    if state["step"] == 0 and Validation.applies(config, reward):  # the SFT policy's baseline
+        log.log(0, validate(0))
 
     saved_at, metrics = state["step"], {}
     while state["step"] < config.iterations:
@@ -715,6 +817,7 @@ def train_ppo(
             state["beta"] = adaptive_beta(state["beta"], metrics["kl"], int(n_rewrites), config.kl_target,
                                           config.kl_horizon)
         state["step"] = iteration = iteration + 1
+        metrics.update(validate(iteration))
         log.log(iteration, metrics)
         if runtime.is_main and config.sample_every and iteration % config.sample_every == 0:
             _write_samples(out, iteration, plains, rewrites, scored)
@@ -739,8 +842,6 @@ def train_ppo(
 
 
 def _write_samples(out: Path, iteration: int, plains, rewrites, scored) -> None:
-    import json
-
     with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
         for i, (plain, rewrite) in enumerate(zip(plains, rewrites, strict=True)):
             row = {"iteration": iteration, "plain": plain, "rewrite": rewrite, "reward": scored.total[i],
