@@ -347,3 +347,23 @@ def test_sft_runs_under_transformers_430_and_its_folders_load_in_430_and_current
             "print(load_optimizer(sys.argv[1], device='cpu')('a red cat', num_beams=1, max_new_tokens=8)[0].prompt)",
             str(folder))
         assert loaded.returncode == 0, (folder, loaded.stderr[-2000:])
+
+
+def test_a_step_plan_is_said_and_data_smaller_than_one_step_is_warned_with_the_setting_to_change():
+    from trainer.runtime import step_plan
+
+    plan, small = step_plan(40, 8, 32, 1, what="pairs", setting="effective_batch_size", suggestion="8")
+    assert plan == "each step: 32 micro-batches of 8 pairs = 256 pairs per step; 40 pairs to train on"
+    assert small == ("the data (40 pairs) is smaller than one step (256): every step goes over it 6.4 times; "
+                     "for data this small set effective_batch_size to 8")
+    assert step_plan(500, 8, 32, 1, what="pairs", setting="x", suggestion="8")[1] is None
+
+
+def test_sft_on_a_few_pairs_with_the_paper_batch_warns_at_the_start(rule_data, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="trainer.policy.sft")
+    train_sft(_config(rule_data, tmp_path / "out", max_steps=1, effective_batch_size=4096, batch_size=8))
+    messages = [r.getMessage() for r in caplog.records if r.name == "trainer.policy.sft"]
+    assert any(m.startswith("each step: 512 micro-batches of 8 pairs") for m in messages), messages
+    assert any("set effective_batch_size to 8 (batch_size x devices)" in m for m in messages), messages

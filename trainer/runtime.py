@@ -141,3 +141,18 @@ def runtime_from_env(device: str | torch.device = "auto", precision: str = "auto
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(target, autocast_dtype(target, precision), world, rank)
+
+
+def step_plan(items: int, micro_batch: int, accumulation: int, devices: int, *, what: str,
+              setting: str, suggestion: str) -> tuple[str, str | None]:
+    """What one optimizer step costs, said at the start of a run, and a warning when the data is smaller than
+    one step (a paper-scale effective batch on a few dozen pairs re-reads them many times per step, slowly and
+    with no hint). Returns (the plan line, the warning or None)."""
+    per_step = micro_batch * accumulation * devices
+    plan = (f"each step: {accumulation} micro-batch{'es' if accumulation != 1 else ''} of {micro_batch} {what}"
+            f"{f' on each of {devices} devices' if devices > 1 else ''} = {per_step} {what} per step; "
+            f"{items} {what} to train on")
+    if items >= per_step:
+        return plan, None
+    return plan, (f"the data ({items} {what}) is smaller than one step ({per_step}): every step goes over it "
+                  f"{per_step / max(items, 1):.1f} times; for data this small set {setting} to {suggestion}")

@@ -34,7 +34,7 @@ from ..checkpoint import (
 )
 from ..config import ConfigError, config_to_dict, option
 from ..progress import StepCallback, StopTraining, stop_requested
-from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
+from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step, step_plan
 from ..training_log import CURVES_FILE, TrainingLog
 from .pairs import Pair, make_pairs, read_pairs
 
@@ -360,6 +360,12 @@ def train_sft(
     train_pairs, valid_pairs = load_pairs(config)
     if not train_pairs:
         raise ConfigError("every pair went to validation: lower valid_fraction or add pairs")
+    plan, small = step_plan(len(train_pairs), config.batch_size, accumulation, runtime.world_size, what="pairs",
+                            setting="effective_batch_size",
+                            suggestion=f"{config.batch_size * runtime.world_size} (batch_size x devices)")
+    logger.info(plan)
+    if small:
+        logger.warning(small)
 
     # 2. model (from the checkpoint when resuming) and tokens
     torch.manual_seed(config.seed)

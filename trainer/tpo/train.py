@@ -42,7 +42,7 @@ from ..checkpoint import (
 from ..config import ConfigError, config_to_dict, option
 from ..policy.sft import micro_batches
 from ..progress import StepCallback, StopTraining, stop_requested
-from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step
+from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step, step_plan
 from ..training_log import CURVES_FILE, TrainingLog
 from .denoiser import Denoiser
 
@@ -374,6 +374,11 @@ def train_tpo(
         data = load_latent_pairs(data, denoiser, resolution=config.resolution, batch_size=config.batch_size)
     if not data.train:
         raise ConfigError("the data holds no training pairs (every item is in the valid split?)")
+    plan, small = step_plan(len(data.train), config.batch_size, config.grad_accum, runtime.world_size,
+                            what="caption pairs", setting="grad_accum", suggestion="1")
+    logger.info(plan)
+    if small:
+        logger.warning(small)
     latents = data.latents.float()
     valid = data.valid[:config.max_valid_pairs]
 
