@@ -47,7 +47,12 @@ OFFLINE_HINT = ("To work offline, set PROMPTIST_OFFLINE=1 (or HF_HUB_OFFLINE=1; 
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """A model could not be found locally and could not (or may not) be downloaded."""
+    """A model could not be found locally and could not (or may not) be downloaded. `reason`, when set: why
+    not, in a few words ("downloads are disabled (...)"), for callers that say it in their own sentence."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 class UnreadableWeightsError(WeightsNotFoundError):
@@ -386,7 +391,8 @@ def resolve(
         f"model '{name}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
         f"Put the model files ({needed}, plus the tokenizer files) in: {target}"
         + (f"\n(download them from https://huggingface.co/{name})" if is_hub_id else "")
-        + (f"\n{OFFLINE_HINT}" if tried else "")
+        + (f"\n{OFFLINE_HINT}" if tried else ""),
+        reason=why,
     )
 
 
@@ -401,7 +407,7 @@ def choose_default_policy(*, models_dir=None, allow_download: bool | None = None
     except UnreadableWeightsError:
         raise
     except WeightsNotFoundError as e:
-        why = str(e).splitlines()[0].split(" was not found and ", 1)[-1].rstrip(".")
+        why = e.reason or "it is in none of the places looked at"
         target = _as_dirs(models_dir)[0] / local_folder_name(DEFAULT_OPTIMIZER_MODEL)
         return BUNDLED_POLICY, (f"promptist: using the bundled policy {BUNDLED_POLICY} (small, SFT only): "
                                 f"{DEFAULT_OPTIMIZER_MODEL} is not here and {why}; for the paper's RL policy, "
