@@ -77,16 +77,14 @@ def _add_optimize(sub) -> None:
 
 
 def _run_optimize(args) -> int:
-    from .optimizer import MAX_NGRAM, PromptOptimizer, check_prompts, load_optimizer
+    from .optimizer import PromptOptimizer, check_prompts, load_optimizer
 
     # Fail before loading the model: bad prompts, and sizes out of range (max_new_tokens against the
     # policy's context is checked once it is loaded).
     prompts = check_prompts(read_prompts(args.prompts, args.file))
     PromptOptimizer._check_options(args.mode, args.candidates, args.num_beams, args.max_new_tokens,
                                    args.num_beam_groups, args.diversity_penalty, args.temperature, args.top_k,
-                                   args.top_p, args.batch_size, args.seed)
-    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= MAX_NGRAM:
-        raise ValueError(f"--no-repeat-ngram must be between 0 and {MAX_NGRAM}; got {args.no_repeat_ngram}")
+                                   args.top_p, args.batch_size, args.seed, args.no_repeat_ngram)
     allow_download = False if args.offline else None
     name = args.model
     if name is None:

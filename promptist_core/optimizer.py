@@ -133,7 +133,7 @@ class PromptOptimizer:
         # falls back to the default where unsupported), None or "dynamic" = transformers' default,
         # "static" = transformers' preallocated cache (slower on CPU).
         self.cache_implementation: str | None = "beam"
-        # What `keep_prompt` and `no_repeat_ngram_size` mean when a call leaves them unset (the policy's own).
+        # The policy's own decoding (its promptist.json): what a call's unset decoding options mean.
         self.decoding = decoding or DecodingDefaults()
         # One generate at a time per model: HF generate is not re-entrant on a shared cache.
         self._lock = threading.Lock()
@@ -206,16 +206,12 @@ class PromptOptimizer:
         if head_choice not in ("argmax", "sample"):
             raise ValueError(f"head_choice must be argmax or sample; got {head_choice!r}")
         self._check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
-                            temperature, top_k, top_p, batch_size, seed)
+                            temperature, top_k, top_p, batch_size, seed, no_repeat_ngram_size, min_modifiers)
         keep = self.decoding.keep_prompt if keep_prompt is None else bool(keep_prompt)
         if length_penalty is None:
             length_penalty = self.decoding.length_penalty
         ngram = self.decoding.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
-        if not isinstance(ngram, int) or not 0 <= ngram <= MAX_NGRAM:
-            raise ValueError(f"no_repeat_ngram_size must be between 0 and {MAX_NGRAM}; got {ngram!r}")
         least = self.decoding.min_modifiers if min_modifiers is None else min_modifiers
-        if not isinstance(least, int) or not 0 <= least <= MAX_MIN_MODIFIERS:
-            raise ValueError(f"min_modifiers must be between 0 and {MAX_MIN_MODIFIERS}; got {least!r}")
         if trim_to_clip_window is None:
             trim_to_clip_window = self.decoding.trim_to_clip
         # A kept prompt's forced comma opens the first modifier: the policy then writes the other separators.
@@ -313,7 +309,15 @@ class PromptOptimizer:
 
     @staticmethod
     def _check_options(mode, candidates, num_beams, max_new_tokens, num_beam_groups, diversity_penalty,
-                       temperature, top_k, top_p, batch_size, seed=None) -> None:
+                       temperature, top_k, top_p, batch_size, seed=None, no_repeat_ngram_size=None,
+                       min_modifiers=None) -> None:
+        """Every size and option a user can type, checked before any model work (None: the policy's default)."""
+        if no_repeat_ngram_size is not None and (not isinstance(no_repeat_ngram_size, int)
+                                                 or not 0 <= no_repeat_ngram_size <= MAX_NGRAM):
+            raise ValueError(f"no_repeat_ngram_size must be between 0 and {MAX_NGRAM}; got {no_repeat_ngram_size!r}")
+        if min_modifiers is not None and (not isinstance(min_modifiers, int)
+                                          or not 0 <= min_modifiers <= MAX_MIN_MODIFIERS):
+            raise ValueError(f"min_modifiers must be between 0 and {MAX_MIN_MODIFIERS}; got {min_modifiers!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         if not 1 <= candidates <= MAX_CANDIDATES:

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # What transformers 4.30 maps a byte-level BPE (GPT-2 style) tokenizer to; 5.x reads it too.
@@ -45,9 +45,7 @@ class DecodingDefaults:
     trim_to_clip: bool = False
 
     def to_dict(self) -> dict:
-        return {"keep_prompt": self.keep_prompt, "no_repeat_ngram_size": self.no_repeat_ngram_size,
-                "length_penalty": self.length_penalty, "min_modifiers": self.min_modifiers,
-                "trim_to_clip": self.trim_to_clip}
+        return asdict(self)
 
 
 def read_decoding_defaults(folder: Path | str) -> DecodingDefaults:

@@ -64,6 +64,7 @@ def test_bad_option_exits_2(tiny_promptist_dir, capsys):
     ("--batch-size", "1000000000", "batch_size must be between 1 and 256; got 1000000000"),
     ("--max-new-tokens", "100000", "max_new_tokens must be between 1 and 512; got 100000"),
     ("--seed", "-1", "seed must be between 0 and 2**64-1; got -1"),
+    ("--no-repeat-ngram", "17", "no_repeat_ngram_size must be between 0 and 16; got 17"),
 ])
 def test_sizes_out_of_range_exit_2_before_the_model_is_looked_for(tmp_path, capsys, option, value, message):
     # No model in tmp_path: looking for it would exit 3 instead.

@@ -193,7 +193,8 @@ def check_variants(variants: Sequence[Variant], generator, *, models_dir=None, d
                     v.options.get("mode", "beam"), 1, v.options.get("num_beams", 8),
                     v.options.get("max_new_tokens", 75), v.options.get("num_beam_groups"),
                     v.options.get("diversity_penalty", 1.0), v.options.get("temperature", 1.0),
-                    v.options.get("top_k", 50), v.options.get("top_p", 1.0), 16, v.options.get("seed"))
+                    v.options.get("top_k", 50), v.options.get("top_p", 1.0), 16, v.options.get("seed"),
+                    v.options.get("no_repeat_ngram_size"), v.options.get("min_modifiers"))
             elif v.options:
                 raise ValueError(f"decoding options {sorted(v.options)} need a policy (this variant has none)")
             loras = None
