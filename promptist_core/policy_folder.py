@@ -69,6 +69,13 @@ def read_decoding_defaults(folder: Path | str) -> DecodingDefaults:
     return DecodingDefaults(keep, ngram, float(penalty), least, trim)
 
 
+def write_decoding_defaults(folder: Path | str, decoding: DecodingDefaults) -> Path:
+    """`folder/promptist.json` holding `decoding` (what `read_decoding_defaults` reads back)."""
+    path = Path(folder) / DECODING_FILE
+    path.write_text(json.dumps({"decoding": decoding.to_dict()}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=None,
                        decoding: DecodingDefaults | None = None) -> Path:
     """Save `model` + `tokenizer` as a policy folder for `promptist_core.optimizer.load_optimizer`.
@@ -92,8 +99,7 @@ def save_policy_folder(model, tokenizer, folder: Path | str, *, dfprompt_heads=N
 
             save_heads(dfprompt_heads, tmp)
         if decoding is not None and decoding != DecodingDefaults():
-            (tmp / DECODING_FILE).write_text(json.dumps({"decoding": decoding.to_dict()}, indent=2) + "\n",
-                                             encoding="utf-8")
+            write_decoding_defaults(tmp, decoding)
         fsync_tree(tmp)
         _replace_folder(tmp, folder)
     except BaseException:

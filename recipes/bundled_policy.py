@@ -16,7 +16,6 @@ The same seeds give the same tokenizer, pairs and data order; the weights match 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -24,9 +23,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from promptist_core.policy_folder import DecodingDefaults, write_decoding_defaults  # noqa: E402
+from promptist_core.weights import BUNDLED_POLICY_DIR, sha256_of  # noqa: E402
+
 CORPUS = ROOT / "data" / "diffusiondb" / "prompts.txt"
 RECIPE = ROOT / "recipes" / "bundled-policy.toml"
-SHIPPED = ROOT / "promptist_core" / "policies" / "promptist-mini"
+SHIPPED = BUNDLED_POLICY_DIR
 MANIFEST = "manifest.json"
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 8192
@@ -39,14 +43,6 @@ SEED = 0
 # modifiers, and the result trimmed at a comma to CLIP's window.
 DECODING = {"keep_prompt": True, "no_repeat_ngram_size": 2, "length_penalty": 1.0, "min_modifiers": 3,
             "trim_to_clip": True}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def train_tokenizer(corpus: Path):
@@ -93,7 +89,7 @@ def export_fp16(trained: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
     tensors = {k: v.half().contiguous() for k, v in load_file(str(trained / "model.safetensors")).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "promptist.json").write_text(json.dumps({"decoding": DECODING}, indent=2) + "\n", encoding="utf-8")
+    write_decoding_defaults(out, DecodingDefaults(**DECODING))
     files = {p.name: sha256_of(p) for p in sorted(out.iterdir()) if p.is_file()}
     manifest = {"name": out.name, "recipe": RECIPE.relative_to(ROOT).as_posix(), "recipe_sha256": sha256_of(RECIPE),
                 "corpus_sha256": sha256_of(CORPUS), "architecture": ARCHITECTURE, "vocab_size": VOCAB_SIZE, "decoding": DECODING,
@@ -108,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
     if not (work / "base" / "model.safetensors").is_file():
         build_base(work / "base")
     if not (work / "pairs.jsonl").is_file():

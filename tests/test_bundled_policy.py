@@ -3,7 +3,6 @@ of prompts it never saw read like engineered prompts (judged as a user reads the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -20,15 +19,12 @@ from promptist_core.weights import (
     OFFLINE_ENV_VARS,
     WeightsNotFoundError,
     choose_default_policy,
+    sha256_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT / "data" / "coco" / "captions_val2017.txt"
 CORPUS = ROOT / "data" / "diffusiondb" / "prompts.txt"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +49,10 @@ def test_the_shipped_files_are_the_ones_the_recipe_recorded():
     shipped = {p.name for p in BUNDLED_POLICY_DIR.iterdir() if p.is_file() and p.name != "manifest.json"}
     assert shipped == set(manifest["files"])
     for name, digest in manifest["files"].items():
-        assert sha256(BUNDLED_POLICY_DIR / name) == digest, f"{name} is not the file the recipe wrote"
+        assert sha256_of(BUNDLED_POLICY_DIR / name) == digest, f"{name} is not the file the recipe wrote"
     assert manifest["recipe"] == "recipes/bundled-policy.toml"
-    assert sha256(ROOT / manifest["recipe"]) == manifest["recipe_sha256"], "the recipe changed: rebuild the policy"
-    assert sha256(CORPUS) == manifest["corpus_sha256"]
+    assert sha256_of(ROOT / manifest["recipe"]) == manifest["recipe_sha256"], "the recipe changed: rebuild the policy"
+    assert sha256_of(CORPUS) == manifest["corpus_sha256"]
     config = json.loads((BUNDLED_POLICY_DIR / "config.json").read_text(encoding="utf-8"))
     assert {k: config[k] for k in manifest["architecture"]} == manifest["architecture"]
     assert (BUNDLED_POLICY_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
