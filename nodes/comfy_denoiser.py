@@ -187,6 +187,9 @@ class ComfyDenoiser:
         a = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise  # predict returns epsilon, whatever the model predicts
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: ComfyCond) -> torch.Tensor:
         # ComfyUI's models take x = x_0 + sigma * eps (the DDPM x_t times sqrt(1 + sigma^2)) and the sigma,
         # and return the denoised x_0 whatever they predict; eps = (x - x_0) / sigma.

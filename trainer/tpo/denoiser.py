@@ -5,8 +5,11 @@ noise latents, predict the noise with or without its LoRA, hand over the LoRA's 
 them. Headless that is `DiffusersDenoiser` (SD 1.x, 2.x, SDXL); inside ComfyUI an adapter over the graph's
 MODEL/CLIP/VAE implements the same few members, so the same `train_tpo` loop runs on both.
 
-Every prediction is returned as epsilon (the noise): a v-prediction model's output is converted, so the
-denoising errors the losses compare mean the same thing on every model.
+The losses compare `predict` with `target` in the model's own prediction space: epsilon (the noise) for SD
+1.x/2.x/SDXL (a v-prediction model's output is converted to it, so the errors mean the same on every UNet),
+the flow velocity `noise - x_0` for flow-matching models (SD3: `DiffusersFlowDenoiser`), whose `add_noise`
+is the matching interpolation x_t = (1 - sigma) x_0 + sigma noise. A model of another kind is refused
+when the denoiser is built, before any step.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .lora import DEFAULT_TARGETS, adapters_enabled, attach_lora, save_kohya_lora
+from .lora import DEFAULT_TARGETS, TRANSFORMER_PREFIX, adapters_enabled, attach_lora, save_kohya_lora
 
 
 @runtime_checkable
@@ -46,11 +49,17 @@ class Denoiser(Protocol):
         ...
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise, in the model's training schedule."""
+        """x_t in the model's training noising: sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (DDPM), or
+        (1 - sigma_t) x_0 + sigma_t noise (flow matching, sigma_t as the model samples it)."""
+        ...
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What `predict` should return for `add_noise(latents, noise, timesteps)`: the noise (epsilon models,
+        and v-prediction ones, whose output `predict` converts), or the velocity noise - latents (flow)."""
         ...
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
-        """The predicted noise (epsilon) for `noisy`, with the LoRA as `adapters` currently sets it."""
+        """The model's prediction for `noisy`, in the space of `target`, with the LoRA as `adapters` sets it."""
         ...
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -166,6 +175,9 @@ class DiffusersDenoiser:
         a = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise  # predict returns epsilon, also for v-prediction
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextCond) -> torch.Tensor:
         dtype = self.unet.dtype
         extra = {}
@@ -225,6 +237,107 @@ class DiffusersDenoiser:
                          return_tensors="pt").input_ids.to(self.device)
 
 
+def flow_sigmas(num_train_timesteps: int, shift: float) -> torch.Tensor:
+    """sigma_t for timestep index t = 0 .. N-1 of a flow-matching model: the shifted s = (t + 1) / N,
+    shift * s / (1 + (shift - 1) * s), as ComfyUI's ModelSamplingDiscreteFlow and diffusers'
+    FlowMatchEulerDiscreteScheduler (reversed) define it; timestep N-1 is pure noise (sigma 1)."""
+    s = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+class DiffusersFlowDenoiser(DiffusersDenoiser):
+    """A diffusers SD3Transformer2DModel (flow matching) with our LoRA on its attention projections.
+
+    Built from a StableDiffusion3Pipeline: captions are encoded by the pipeline's own `encode_prompt` (CLIP-L,
+    CLIP-G and, when present, T5: token states and the pooled vector); the noising is the flow
+    interpolation with the scheduler's shift, the prediction and target the velocity noise - x_0. The
+    transformer takes the timestep as sigma * N (the pipeline's convention). The LoRA file uses
+    `lora_transformer_<diffusers path>` names, which ComfyUI's LoraLoader maps for SD3."""
+
+    def __init__(self, pipe, *, rank: int = 8, alpha: float | None = None, targets: Iterable[str] = DEFAULT_TARGETS,
+                 gradient_checkpointing: bool = False, base_model: str = "",
+                 base_hash: Callable[[], str | None] | None = None, max_sequence_length: int = 256):
+        transformer = getattr(pipe, "transformer", None)
+        kind = type(transformer).__name__
+        if kind != "SD3Transformer2DModel":
+            raise NotImplementedError(f"TPO does not train {type(pipe).__name__} ({kind}): flow-matching models "
+                                      "supported headless are SD3 (SD3Transformer2DModel)")
+        config = pipe.scheduler.config
+        if config.get("use_dynamic_shifting"):
+            raise NotImplementedError(f"{type(pipe.scheduler).__name__} with use_dynamic_shifting (resolution-"
+                                      "dependent shift) is not supported by TPO; use a fixed shift")
+        self.pipe, self.unet, self.vae = pipe, transformer, pipe.vae
+        self.scheduler = pipe.scheduler
+        self.prediction_type = "flow"
+        self.sdxl = False
+        self.num_train_timesteps = int(config.num_train_timesteps)
+        self.device = transformer.device
+        for part in (transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2,
+                     getattr(pipe, "text_encoder_3", None)):
+            if part is not None:
+                part.requires_grad_(False)
+                part.eval()
+        self.loras = attach_lora(transformer, rank, alpha if alpha is not None else rank, targets)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+            transformer.train()
+        self.base_model, self._base_hash = base_model, base_hash
+        self._latents_fingerprint: str | None = None
+        self._sigmas = flow_sigmas(self.num_train_timesteps, float(config.get("shift", 1.0))).to(self.device)
+        self.max_sequence_length = max_sequence_length  # T5 tokens (zeros without T5), as the pipeline's default
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs) -> DiffusersFlowDenoiser:
+        return cls(pipe, **kwargs)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> TextCond:
+        hidden, _, pooled, _ = self.pipe.encode_prompt(list(texts), None, None, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return TextCond(hidden.float(), pooled.float())
+
+    def _sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return self._sigmas.to(timesteps.device)[timesteps].view(-1, 1, 1, 1)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(timesteps)
+        return (1 - sigma) * latents + sigma * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextCond) -> torch.Tensor:
+        dtype = self.unet.dtype
+        t = self._sigma(timesteps).flatten() * self.num_train_timesteps
+        return self.unet(hidden_states=noisy.to(dtype), timestep=t.to(dtype), encoder_hidden_states=cond.hidden.to(dtype),
+                         pooled_projections=cond.pooled.to(dtype), return_dict=False)[0]
+
+    def save_lora(self, path: Path | str, metadata: dict, *, dtype: torch.dtype = torch.float16) -> Path:
+        return save_kohya_lora(path, self.loras, {**self.base_metadata(), **metadata}, dtype=dtype,
+                               prefix=TRANSFORMER_PREFIX)
+
+    def base_metadata(self) -> dict[str, str]:
+        meta = {"ss_base_model_version": "sd3", "ss_sd_model_name": self.base_model,
+                "modelspec.architecture": "stable-diffusion-v3-medium/lora", "modelspec.sai_model_spec": "1.0.0"}
+        model_hash = self._base_hash() if self._base_hash is not None else None
+        if model_hash:
+            meta["ss_sd_model_hash"] = model_hash
+        return meta
+
+
+def denoiser_from_pipeline(pipe, **kwargs) -> DiffusersDenoiser:
+    """The denoiser for a loaded pipeline: a UNet one (SD 1.x, 2.x, SDXL) or a flow one (SD3); any other
+    model is refused here, in one line naming it, before any training step."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        return DiffusersFlowDenoiser.from_pipeline(pipe, **kwargs)
+    if getattr(pipe, "unet", None) is None:
+        raise NotImplementedError(f"TPO does not train {type(pipe).__name__}: it needs a UNet (SD 1.x, 2.x, SDXL) "
+                                  "or an SD3 transformer")
+    return DiffusersDenoiser.from_pipeline(pipe, **kwargs)
+
+
 def _weights_hash(spec: str) -> Callable[[], str | None]:
     """The base model's sha256 (A1111 shows its first 10 digits), computed once when first asked: of the
     checkpoint file, or of a diffusers folder's UNet weights; None for a Hub id."""
@@ -252,5 +365,5 @@ def load_diffusers_denoiser(spec: str, *, device: str | torch.device | None = "a
 
     pipe = load_diffusers_generator(spec, device=device, dtype=dtype, config_folder=config_folder,
                                     allow_download=allow_download).pipe
-    return DiffusersDenoiser.from_pipeline(pipe, base_model=Path(spec).name if Path(spec).exists() else spec,
-                                           base_hash=_weights_hash(spec), **kwargs)
+    return denoiser_from_pipeline(pipe, base_model=Path(spec).name if Path(spec).exists() else spec,
+                                  base_hash=_weights_hash(spec), **kwargs)

@@ -26,6 +26,9 @@ from torch import nn
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 KOHYA_PREFIX = "lora_unet_"
+# Flow transformers (SD3's MMDiT): the kohya-style names ComfyUI's LoraLoader maps to a diffusers
+# SD3Transformer2DModel path (comfy/lora.py, "OneTrainer lora"); `lora_unet_` is for UNets only.
+TRANSFORMER_PREFIX = "lora_transformer_"
 
 
 class LoRALinear(nn.Module):
@@ -56,9 +59,9 @@ class LoRALinear(nn.Module):
         return y + (self.up(self.down(x.to(self.down.weight.dtype))) * self.scale).to(y.dtype)
 
 
-def kohya_name(path: str) -> str:
+def kohya_name(path: str, prefix: str = KOHYA_PREFIX) -> str:
     """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` -> `lora_unet_down_blocks_0_..._to_out_0`."""
-    return KOHYA_PREFIX + path.replace(".", "_")
+    return prefix + path.replace(".", "_")
 
 
 def _linear_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -110,11 +113,12 @@ def adapters_enabled(loras: dict[str, LoRALinear], enabled: bool) -> Iterator[No
             lora.enabled = before[path]
 
 
-def kohya_state_dict(loras: dict[str, LoRALinear], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def kohya_state_dict(loras: dict[str, LoRALinear], dtype: torch.dtype = torch.float16, *,
+                     prefix: str = KOHYA_PREFIX) -> dict[str, torch.Tensor]:
     """The kohya tensors of `loras` in `dtype` (fp16 as kohya writes by default, or fp32)."""
     tensors = {}
     for path, lora in sorted(loras.items()):
-        name = kohya_name(path)
+        name = kohya_name(path, prefix)
         tensors[f"{name}.lora_down.weight"] = lora.down.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = lora.up.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
@@ -122,8 +126,9 @@ def kohya_state_dict(loras: dict[str, LoRALinear], dtype: torch.dtype = torch.fl
 
 
 def save_kohya_lora(path: Path | str, loras: dict[str, LoRALinear], metadata: dict | None = None, *,
-                    dtype: torch.dtype = torch.float16) -> Path:
-    """Write `loras` as a kohya LoRA file, atomically (temporary file, fsync, rename).
+                    dtype: torch.dtype = torch.float16, prefix: str = KOHYA_PREFIX) -> Path:
+    """Write `loras` as a kohya LoRA file, atomically (temporary file, fsync, rename); `prefix` names the
+    model part (`lora_unet_`, or `lora_transformer_` for a flow transformer).
 
     The safetensors metadata gets kohya's `ss_network_module/dim/alpha` plus `metadata` (values that are not
     strings are stored as JSON), e.g. `ss_sd_model_hash`, `promptist_config`, `modelspec.title`."""
@@ -142,7 +147,7 @@ def save_kohya_lora(path: Path | str, loras: dict[str, LoRALinear], metadata: di
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(kohya_state_dict(loras, dtype), str(tmp), metadata=meta)
+        save_file(kohya_state_dict(loras, dtype, prefix=prefix), str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -152,7 +157,7 @@ def save_kohya_lora(path: Path | str, loras: dict[str, LoRALinear], metadata: di
     return path
 
 
-def load_kohya_lora(unet: nn.Module, path: Path | str) -> dict[str, LoRALinear]:
+def load_kohya_lora(unet: nn.Module, path: Path | str, *, prefix: str = KOHYA_PREFIX) -> dict[str, LoRALinear]:
     """Attach the LoRA in kohya file `path` to `unet` (a diffusers UNet2DConditionModel) and load its
     weights; modules that already carry a LoRA get the file's weights. Returns {diffusers path: LoRALinear}.
 
@@ -165,10 +170,11 @@ def load_kohya_lora(unet: nn.Module, path: Path | str) -> dict[str, LoRALinear]:
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    names = sorted({k.split(".", 1)[0] for k in tensors if k.startswith(KOHYA_PREFIX)})
+    names = sorted({k.split(".", 1)[0] for k in tensors if k.startswith(prefix)})
     if not names:
-        raise ValueError(f"{path} holds no UNet LoRA (no '{KOHYA_PREFIX}*' keys); is it a kohya-format LoRA?")
-    by_name = {kohya_name(p): (p, m) for p, m in _linear_modules(unet)}
+        part = "UNet" if prefix == KOHYA_PREFIX else "transformer"
+        raise ValueError(f"{path} holds no {part} LoRA (no '{prefix}*' keys); is it a kohya-format LoRA?")
+    by_name = {kohya_name(p, prefix): (p, m) for p, m in _linear_modules(unet)}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} LoRA modules match no Linear layer of this UNet (another base "

@@ -6,7 +6,9 @@ edited caption c_l that no longer matches it. The model learns to denoise x bett
 c_l, relative to the frozen base. What the user gets is a kohya-format LoRA for their own checkpoint.
 
 For one pair, draw one noise and one timestep (shared by both captions), noise the image's latents, and
-take the denoising error e(c) = mean (eps_theta(x_t, t, c) - eps)^2. With the reference model (the same
+take the denoising error e(c) = mean (eps_theta(x_t, t, c) - eps)^2, in the model's own prediction space
+(epsilon; for flow-matching models the velocity, e(c) = mean (v_theta(x_t, t, c) - (eps - x_0))^2 with
+x_t = (1 - sigma_t) x_0 + sigma_t eps; `Denoiser.add_noise` / `target`). With the reference model (the same
 UNet with the LoRA off), D(c) = e_model(c) - e_ref(c); the losses push D(c_w) below D(c_l):
 - TDPO: -log sigmoid(-beta/2 * (D(c_w) - clip(D(c_l)))),
 - TKTO: g = -D, z0 = max(mean g over the batch, 0) (no gradient), loss = 1 - sigmoid(sign * beta * (g - z0))
@@ -232,7 +234,8 @@ def pair_terms(denoiser: Denoiser, latents: torch.Tensor, noise: torch.Tensor, t
     with it off, without gradient (the reference)."""
     cond = denoiser.encode_text(list(chosen) + list(rejected))
     noisy = denoiser.add_noise(latents, noise, timesteps)
-    noisy2, t2, target = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([noise, noise])
+    target = denoiser.target(latents, noise, timesteps)  # in the model's prediction space (epsilon, velocity)
+    noisy2, t2, target = torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([target, target])
     model = (denoiser.predict(noisy2, t2, cond).float() - target).pow(2).mean(dim=(1, 2, 3))
     with torch.no_grad(), denoiser.adapters(False):
         ref = (denoiser.predict(noisy2, t2, cond).float() - target).pow(2).mean(dim=(1, 2, 3))
