@@ -106,6 +106,58 @@ def trainable_copies(module: nn.Module) -> int:
     return swapped
 
 
+PREDICTIONS = ("EPS", "V_PREDICTION", "EDM", "X0", "IMG_TO_IMG", "CONST", "COSMOS_RFLOW")  # comfy.model_sampling
+FLOW_MODELS = ("SD3",)  # comfy.model_base classes of the flow models TPO trains
+
+
+def prediction_kind(sampling) -> str | None:
+    """The comfy.model_sampling prediction mixin of `sampling` (its most derived one: "V_PREDICTION" for a
+    v model, "CONST" for flow matching), by class name; None when it has none of them."""
+    return next((c.__name__ for c in type(sampling).__mro__ if c.__name__ in PREDICTIONS), None)
+
+
+def model_sampling(model):
+    """The sampling the graph samples MODEL with (ModelSamplingSD3 and the like set it as an object patch)."""
+    get_object = getattr(model, "get_model_object", None)
+    return get_object("model_sampling") if get_object is not None else model.model.model_sampling
+
+
+def check_supported(model) -> str | None:
+    """MODEL's prediction kind (`prediction_kind`), or a one-line refusal naming a model TPO has no loss for:
+    epsilon and v-prediction UNets (SD 1.x, 2.x, SDXL) and SD3's flow matching are covered; EDM, x0, Cosmos,
+    Flux and other flow models are not. Cheap: the node calls it before drawing or encoding anything."""
+    base_model, sampling = model.model, model_sampling(model)
+    prediction = prediction_kind(sampling)
+    kinds = [c.__name__ for c in type(base_model).__mro__]
+    if prediction in (None, "EPS", "V_PREDICTION") or (prediction == "CONST" and any(k in FLOW_MODELS for k in kinds)):
+        return prediction
+    raise ValueError(f"TPO does not train {type(base_model).__name__} models ({type(sampling).__name__}, {prediction} "
+                     "prediction): it trains epsilon and v-prediction UNets (SD 1.x, 2.x, SDXL) and SD3 (flow)")
+
+
+class RowSlicedLoRA(nn.Module):
+    """Several LoRAs on row slices of one weight (SD3's fused qkv: to_q, to_k, to_v): `weight -> weight +
+    [delta_q; delta_k; delta_v]`, zeros where no LoRA sits."""
+
+    def __init__(self, out_features: int, rows: list[tuple[int, WeightLoRA]]):
+        super().__init__()
+        self.out_features = out_features
+        self.offsets = [offset for offset, _ in rows]
+        self.parts = nn.ModuleList(lora for _, lora in rows)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        blocks, end = [], 0
+        for offset, lora in zip(self.offsets, self.parts, strict=True):
+            if offset > end:
+                blocks.append(weight.new_zeros(offset - end, weight.shape[1]))
+            size = lora.up.weight.shape[0]
+            blocks.append(lora(weight.new_zeros(size, weight.shape[1])))  # its delta (zeros when disabled)
+            end = offset + size
+        if end < weight.shape[0]:
+            blocks.append(weight.new_zeros(weight.shape[0] - end, weight.shape[1]))
+        return weight + torch.cat(blocks)
+
+
 class ComfyDenoiser:
     """A clone of ComfyUI's MODEL with our LoRA on its attention projections, as a TPO `Denoiser`."""
 
@@ -114,23 +166,36 @@ class ComfyDenoiser:
         self.patcher = model.clone()
         self.clip, self.vae = clip, vae
         self.base = self.patcher.model
-        sampling = self.base.model_sampling
+        sampling = model_sampling(self.patcher)
+        self.prediction = check_supported(self.patcher)
+        self.flow = self.prediction == "CONST"
         sigmas = getattr(sampling, "sigmas", None)
         if sigmas is None or sigmas.ndim != 1 or len(sigmas) < 2:
-            raise ValueError(f"TPO trains SD 1.x, 2.x and SDXL (discrete-timestep UNet) models; this MODEL samples "
-                             f"with {type(sampling).__name__}, which has no discrete noise schedule")
+            raise ValueError(f"TPO trains SD 1.x, 2.x, SDXL (discrete-timestep UNet) and SD3 models; this MODEL "
+                             f"samples with {type(sampling).__name__}, which has no discrete noise schedule")
         self.device = device or comfy_host.load_device()
         self._sigmas = sigmas.detach().float().to(self.device).clone()
         self._alphas_cumprod = 1.0 / (1.0 + self._sigmas ** 2)
         self.num_train_timesteps = len(self._sigmas)
-        names = diffusers_module_names(self.base)
-        if not names:
-            raise ValueError(f"{type(self.base).__name__} is not a UNet model (SD 1.x, 2.x, SDXL): TPO's LoRA "
-                             "targets its attention projections")
         targets = tuple(targets)
         alpha = float(alpha if alpha is not None else rank)
         self.base.requires_grad_(False)
         self.loras: dict[str, WeightLoRA] = {}  # diffusers path -> LoRA
+        if self.flow:
+            self._attach_transformer_loras(targets, rank, alpha)
+        else:
+            self._attach_unet_loras(targets, rank, alpha)
+        if not self.loras:
+            raise ValueError(f"no Linear layer of the diffusion model ends with any of {', '.join(targets)}")
+        self._texts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._latents_fingerprint: str | None = None
+
+    def _attach_unet_loras(self, targets: tuple[str, ...], rank: int, alpha: float) -> None:
+        """One weight wrapper per targeted Linear of the UNet, saved under its diffusers path."""
+        names = diffusers_module_names(self.base)
+        if not names:
+            raise ValueError(f"{type(self.base).__name__} is not a UNet model (SD 1.x, 2.x, SDXL): TPO's LoRA "
+                             "targets its attention projections")
         for path, module in self.base.diffusion_model.named_modules():
             if not isinstance(module, nn.Linear) or not any(path == t or path.endswith("." + t) for t in targets):
                 continue
@@ -140,10 +205,34 @@ class ComfyDenoiser:
             lora = WeightLoRA(module.out_features, module.in_features, rank, alpha, self.device)
             self.patcher.add_weight_wrapper(f"diffusion_model.{path}.weight", lora)
             self.loras[names[path]] = lora
-        if not self.loras:
-            raise ValueError(f"no Linear layer of the diffusion model ends with any of {', '.join(targets)}")
-        self._texts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._latents_fingerprint: str | None = None
+
+    def _attach_transformer_loras(self, targets: tuple[str, ...], rank: int, alpha: float) -> None:
+        """SD3's MMDiT: `targets` name diffusers SD3Transformer2DModel modules (`transformer_blocks.0.attn.to_q`);
+        ComfyUI fuses q, k and v into one `qkv` Linear, so each of them is a LoRA on a row slice of that weight
+        (the slices `comfy.utils.mmdit_to_diffusers` gives, which ComfyUI's LoraLoader applies them to)."""
+        import comfy.utils
+
+        slices: dict[str, list[tuple[int, int, str]]] = {}
+        mapping = comfy.utils.mmdit_to_diffusers(self.base.model_config.unet_config, output_prefix="")
+        for diffusers_key, to in mapping.items():
+            path = diffusers_key[:-len(".weight")]
+            if not diffusers_key.endswith(".weight") or not any(path == t or path.endswith("." + t) for t in targets):
+                continue
+            ldm_key, (offset, size) = (to, (0, None)) if isinstance(to, str) else (to[0], to[1][1:])
+            slices.setdefault(ldm_key[:-len(".weight")], []).append((offset, size, path))
+        for ldm_path, parts in sorted(slices.items()):
+            try:
+                module = self.base.diffusion_model.get_submodule(ldm_path)
+            except AttributeError:
+                continue  # e.g. attn2 of a block without x_block self-attention
+            if not isinstance(module, nn.Linear):
+                continue
+            rows = []
+            for offset, size, path in sorted(parts):
+                lora = WeightLoRA(size or module.out_features, module.in_features, rank, alpha, self.device)
+                self.loras[path] = lora
+                rows.append((offset, lora))
+            self.patcher.add_weight_wrapper(f"diffusion_model.{ldm_path}.weight", RowSlicedLoRA(module.out_features, rows))
 
     def load(self) -> None:
         """Put the clone on the compute device with its wrappers in place (evicting other models: training
@@ -184,17 +273,22 @@ class ComfyDenoiser:
         return self.base.process_latent_in(latents.float()).to(self.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.flow:  # x_t = (1 - sigma) x_0 + sigma eps, sigma from ModelSamplingDiscreteFlow (its shift)
+            sigma = self._sigmas[timesteps].view(-1, 1, 1, 1)
+            return (1 - sigma) * latents + sigma * noise
         a = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return noise  # predict returns epsilon, whatever the model predicts
+        # epsilon models and v ones (predict converts) aim at the noise; flow models at the velocity
+        return noise - latents if self.flow else noise
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: ComfyCond) -> torch.Tensor:
         # ComfyUI's models take x = x_0 + sigma * eps (the DDPM x_t times sqrt(1 + sigma^2)) and the sigma,
         # and return the denoised x_0 whatever they predict; eps = (x - x_0) / sigma.
+        # Flow (CONST): x is x_t itself and denoised = x - v * sigma, so the same formula gives the velocity v.
         sigma = self._sigmas[timesteps]
-        x = noisy.float() * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
+        x = noisy.float() if self.flow else noisy.float() * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         extra = {}
         adm = self._adm(cond, noisy)
         if adm is not None:
@@ -213,6 +307,12 @@ class ComfyDenoiser:
     def save_lora(self, path: Path | str, metadata: dict, *, dtype: torch.dtype = torch.float16) -> Path:
         from trainer.tpo.lora import save_kohya_lora
 
+        if self.flow:  # lora_transformer_<diffusers path>: the names ComfyUI's LoraLoader maps for SD3
+            from trainer.tpo.lora import TRANSFORMER_PREFIX
+
+            base = {"ss_base_model_version": "sd3", "modelspec.architecture": "stable-diffusion-v3-medium/lora",
+                    "modelspec.sai_model_spec": "1.0.0"}
+            return save_kohya_lora(path, self.loras, {**base, **metadata}, dtype=dtype, prefix=TRANSFORMER_PREFIX)
         return save_kohya_lora(path, self.loras, {**self.base_metadata(), **metadata}, dtype=dtype)
 
     @property

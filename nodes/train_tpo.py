@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import comfy_host
-from .comfy_denoiser import ComfyDenoiser
+from .comfy_denoiser import ComfyDenoiser, check_supported
 from .comfy_generator import SAMPLERS, SCHEDULERS, ComfyGenerator
 from .comfy_host import load_device, models_dirs
 from .comfy_schema import comfy_node
@@ -243,6 +243,7 @@ class TPOTrain:
         # 1. the run folder, the LoRA file, the data (images drawn under ComfyUI's inference mode)
         if source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
+        check_supported(model)  # a model type TPO does not cover is refused before anything is drawn
         out = run_folder(save_name)
         lora_path = loras_dir() / f"{save_name}.safetensors"
         resume = bool(list_checkpoints(out))
