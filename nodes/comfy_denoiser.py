@@ -12,6 +12,13 @@ latent for EPS and v-prediction models alike, and are converted back to epsilon,
 the diffusers path. The LoRA is saved under kohya names of the *diffusers* module paths
 (`comfy.utils.unet_to_diffusers` maps ComfyUI's ldm paths), the one key format ComfyUI, A1111 and
 diffusers all load.
+
+SD3 (a CONST, flow-matching MODEL) is trained in its own prediction space: x_t = (1 - sigma) x_0 + sigma eps
+with the MODEL's ModelSamplingDiscreteFlow sigmas (its shift, also one set by ModelSamplingSD3), target the
+velocity eps - x_0, which `(x - denoised) / sigma` gives back from `apply_model`. Its LoRA sits on the
+MMDiT's fused qkv weights as row slices (diffusers' to_q/to_k/to_v) and is saved as `lora_transformer_*`,
+the names ComfyUI's LoraLoader maps for SD3. Other prediction kinds and flow models are refused by
+`check_supported`.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class TPOTrain:
     @classmethod
     def inputs(cls):
         return [
-            ("model", "MODEL", {"tooltip": "The diffusion model to train a LoRA for (SD 1.x, 2.x, SDXL). A clone "
+            ("model", "MODEL", {"tooltip": "The diffusion model to train a LoRA for (SD 1.x, 2.x, SDXL, SD3). A clone "
                                            "is trained; the input MODEL is not changed."}),
             ("clip", "CLIP", {"tooltip": "Its text encoder (captions are encoded once)."}),
             ("vae", "VAE", {"tooltip": "Its VAE (images are encoded once; latents cached in the run folder)."}),
