@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_tpo import base_state, text_parts  # noqa: F401 (fixtures)
-from test_tpo_node import FakeModelPatcher, graph  # noqa: F401 (fixture)
+from test_tpo_node import FakeBaseModel, FakeModelPatcher
 from test_train_nodes import comfy  # noqa: F401 (fixture)
 
 from nodes.comfy_denoiser import RowSlicedLoRA, WeightLoRA, check_supported, prediction_kind
@@ -70,14 +69,17 @@ def test_prediction_kinds_and_the_models_tpo_covers():
         assert name in str(e.value) and "\n" not in str(e.value)
 
 
-def test_node_refuses_an_uncovered_model_before_drawing_or_training(graph, tmp_path, monkeypatch):  # noqa: F811
-    model, clip, vae = graph
+def test_node_refuses_an_uncovered_model_before_drawing_or_training(comfy, tmp_path, monkeypatch):  # noqa: F811
+    from builders_sd import build_tiny_unet
+
+    monkeypatch.setenv("PROMPTIST_MODELS_DIR", str(tmp_path / "models" / "promptist"))
+    model = FakeModelPatcher(FakeBaseModel(build_tiny_unet()))  # the graph's MODEL, here with EDM sampling
     monkeypatch.setattr(model.model, "model_sampling", sampling_of(EDM))
     drawn = []
     monkeypatch.setattr("nodes.train_tpo.ComfyGenerator", lambda *a, **k: drawn.append(a))
     with pytest.raises(ValueError, match=r"TPO does not train FakeBaseModel models \(ModelSampling, EDM"), \
             torch.inference_mode():
-        TPOTrain.run(model, clip, vae, source="prompts", captions="a red square\na blue car", save_name="edm",
+        TPOTrain.run(model, object(), object(), source="prompts", captions="a red square\na blue car", save_name="edm",
                      steps=2, rank=2, beta=0.0, learning_rate=1e-3, batch_size=1, grad_accum=1, resolution=64, seed=0,
                      save_every=1, negatives_per_caption=1, valid_fraction=0.0)
-    assert not drawn and not (tmp_path / "models" / "loras").exists()
+    assert not drawn and not (tmp_path / "models").exists()
