@@ -69,3 +69,17 @@ def test_unreadable_single_file_is_one_clear_error(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match=r"broken\.safetensors: not a readable \.safetensors checkpoint"):
         load_diffusers_generator(str(bad), device="cpu", allow_download=False)
+
+
+def test_headless_evaluate_draws_and_scores_on_the_sdxl_single_file(sdxl_file, tmp_path, tiny_promptist_dir,
+                                                                    tiny_clip_models_dir, capsys):
+    file, config = sdxl_file
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red car on a street\na cat on a couch\n")
+    code = main(["evaluate", "--sd", str(file), "--sd-config", str(config), "--prompts", str(prompts), "--n", "2",
+                 "--seeds", "1", "--variant", "tiny-promptist,max_new_tokens=8", "--steps", "2", "--size", "64",
+                 "--clip-model", "tiny-open-clip-hub", "--aesthetic-head", "tiny-head.safetensors", "--models-dir",
+                 str(tiny_clip_models_dir), "--models-dir", str(tiny_promptist_dir), "--device", "cpu",
+                 "--out", str(tmp_path / "out"), "--save-images"])
+    assert code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 2 * 2  # plain + the variant, 2 prompts
