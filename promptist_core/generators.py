@@ -73,15 +73,34 @@ class DiffusersGenerator:
         return torch.cat(images)
 
 
+# A key only SDXL-family single files have: the second text encoder (OpenCLIP ViT-bigG) of SDXL base.
+SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders.1."
+
+
+def single_file_pipeline_class(path) -> type:
+    """The diffusers pipeline for a single-file checkpoint, from its keys: SDXL-family files (SDXL, Pony,
+    Illustrious, Segmind Vega, SSD-1B) have two text encoders under `conditioner.embedders`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sdxl = any(k.startswith(SDXL_SINGLE_FILE_PREFIX) for k in f.keys())
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable .safetensors checkpoint ({e}); download or convert it again") from None
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+
+
 def load_diffusers_generator(spec: str, *, device: str | torch.device | None = "auto",
                              dtype: str | torch.dtype | None = None, config_folder: str | None = None,
                              allow_download: bool | None = None, **kwargs) -> DiffusersGenerator:
     """A `DiffusersGenerator` from what users have: a diffusers folder, a Hub id, or a single-file
-    `.safetensors` checkpoint (the file kept in a host's checkpoints folder; `config_folder`, a local
-    diffusers folder of the same architecture, lets it load offline). DPM-Solver++ as the sampler."""
+    `.safetensors` checkpoint of SD 1.x/2.x or SDXL (the file kept in a host's checkpoints folder;
+    `config_folder`, a local diffusers folder of the same architecture, lets it load offline). DPM-Solver++
+    as the sampler."""
     from pathlib import Path
 
-    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
     from .devices import pick_device, pick_dtype
     from .weights import WeightsNotFoundError, downloads_allowed
@@ -97,7 +116,10 @@ def load_diffusers_generator(spec: str, *, device: str | torch.device | None = "
                 raise ValueError(f"{path}: a single-file checkpoint must be .safetensors (.ckpt files are pickles "
                                  "and are not loaded; convert it)")
             extra = {"config": config_folder} if config_folder else {}
-            pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=local_only, **extra, **common)
+            pipeline_class = single_file_pipeline_class(path)
+            if pipeline_class.__name__ == "StableDiffusionXLPipeline":  # takes no safety checker
+                common = {"torch_dtype": torch_dtype}
+            pipe = pipeline_class.from_single_file(str(path), local_files_only=local_only, **extra, **common)
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise ValueError(f"{path} is not a diffusers folder (no model_index.json)")

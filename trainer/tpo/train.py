@@ -67,7 +67,7 @@ class TPOConfig:
 
     data: str | None = option(None, "TPO data folder holding tpo_pairs.jsonl (from `python -m trainer tpo-data`).")
     sd: str | None = option(None, "Base model the LoRA is for: a diffusers folder, a Hub id, or a single-file "
-                            ".safetensors checkpoint (SD 1.x, 2.x; SDXL from a folder or Hub id).")
+                            ".safetensors checkpoint (SD 1.x, 2.x, SDXL).")
     sd_config: str | None = option(None, "For a single-file checkpoint offline: a local diffusers folder of the "
                                    "same architecture to read its configs from.")
     out: str | None = option(None, "The LoRA file to write (.safetensors, kohya format: ComfyUI LoraLoader, "
