@@ -232,7 +232,7 @@ class TPOTrain:
             negatives_per_caption: int = 2, valid_fraction: float = 0.1, images=None, folder: str | None = "",
             negatives: str | None = "", sampler_name: str = "euler", scheduler: str = "normal",
             image_steps: int = 25, cfg: float = 7.5):
-        from trainer.checkpoint import list_checkpoints
+        from trainer.checkpoint import list_checkpoints, seeded
         from trainer.progress import StopTraining
         from trainer.runtime import local_runtime
         from trainer.tpo.caption_edits import editor_from_spec
@@ -277,7 +277,8 @@ class TPOTrain:
         progress = TrainingProgress(out, TPO_PANELS, f"TPO ({loss})")
         try:
             with torch.inference_mode(False):
-                denoiser = ComfyDenoiser(model, clip, vae, rank=rank, device=compute)
+                with seeded(seed):  # the new LoRA's init: the same seed gives the same run
+                    denoiser = ComfyDenoiser(model, clip, vae, rank=rank, device=compute)
                 pairs = load_latent_pairs(data, denoiser, resolution=resolution, batch_size=batch_size)
                 denoiser.encode_captions([t for p in pairs.train + pairs.valid for t in (p.chosen, p.rejected)])
                 denoiser.load()

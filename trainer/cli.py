@@ -445,7 +445,7 @@ def _add_tpo(sub) -> None:
 
 
 def _run_tpo(args) -> int:
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, seeded
     from .progress import ConsoleProgress, StopTraining
     from .runtime import local_runtime
     from .tpo.denoiser import load_diffusers_denoiser
@@ -462,11 +462,12 @@ def _run_tpo(args) -> int:
     if not Path(config.data).expanduser().exists():
         raise ValueError(f"data folder {config.data} does not exist; build one with: python -m trainer tpo-data")
     runtime = local_runtime(config.device, config.precision)
-    denoiser = load_diffusers_denoiser(
-        config.sd, device=runtime.device, dtype=None if config.precision == "auto" else config.precision,
-        config_folder=config.sd_config, rank=config.rank, alpha=config.alpha,
-        targets=[t.strip() for t in config.targets.split(",") if t.strip()],
-        gradient_checkpointing=config.gradient_checkpointing)
+    with seeded(config.seed):  # the new LoRA's init: the same seed gives the same run in any process
+        denoiser = load_diffusers_denoiser(
+            config.sd, device=runtime.device, dtype=None if config.precision == "auto" else config.precision,
+            config_folder=config.sd_config, rank=config.rank, alpha=config.alpha,
+            targets=[t.strip() for t in config.targets.split(",") if t.strip()],
+            gradient_checkpointing=config.gradient_checkpointing)
     checkpoint = latest_checkpoint(run_dir_for(config)) if args.resume else None
     progress = ConsoleProgress(config.max_steps, initial=checkpoint.step if checkpoint else 0, desc="tpo",
                                enabled=not args.no_progress, shown=("loss", "accuracy", "valid_accuracy"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from ..checkpoint import (
     load_extra,
     publish_model_files,
     restore_training_state,
+    resume_checkpoint,
     save_checkpoint,
 )
 from ..config import ConfigError, config_to_dict, option
@@ -577,7 +579,7 @@ def train_ppo(
     if checkpoints and not resume:
         raise ConfigError(f"{out} already holds a run (checkpoint at iteration {checkpoints[-1].step}); pass --resume "
                           "to continue it, or choose another output folder")
-    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    checkpoint = resume_checkpoint(out) if resume else None
     decoding = policy_decoding(config, models_dir)  # before the resume check: it fills two settings in
     if checkpoint is not None:
         check_resume_settings(config, checkpoint, RESUME_FIXED)
@@ -641,6 +643,8 @@ def train_ppo(
     log = TrainingLog(out, LOG_COLUMNS + (DF_COLUMNS if heads is not None else ()), tensorboard=config.tensorboard,
                       enabled=runtime.is_main,
                       resume_step=state["step"] if checkpoint else None)
+    if runtime.is_main:
+        _trim_samples(out, state["step"])
     per_step = config.batch_size * runtime.world_size
     stream = micro_batches([1] * len(prompts), per_step, config.seed, 1, state["cursor"], drop_last=True)
     pad_id = tokenizer.eos_token_id
@@ -839,6 +843,26 @@ def train_ppo(
     runtime.barrier()
     log.close()
     return PPOResult(out, state["step"], metrics.get("reward"), metrics.get("kl"), policy, tokenizer)
+
+
+def _trim_samples(out: Path, step: int) -> None:
+    """Drop the samples.jsonl rows of iterations after `step` (the checkpoint resumed, 0 for a run that starts
+    over): a process killed after writing them would otherwise leave them twice in the file."""
+    path = out / "samples.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a row cut short by the kill
+            continue
+    if kept != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _write_samples(out: Path, iteration: int, plains, rewrites, scored) -> None:

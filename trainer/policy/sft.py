@@ -30,6 +30,7 @@ from ..checkpoint import (
     list_checkpoints,
     publish_model_files,
     restore_training_state,
+    resume_checkpoint,
     save_checkpoint,
 )
 from ..config import ConfigError, config_to_dict, option
@@ -351,7 +352,7 @@ def train_sft(
     if checkpoints and not resume:
         raise ConfigError(f"{out} already holds a run (checkpoint step {checkpoints[-1].step}); pass --resume to "
                           "continue it, or choose another output folder")
-    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    checkpoint = resume_checkpoint(out) if resume else None
     if checkpoint is not None:
         check_resume_settings(config, checkpoint, RESUME_FIXED)
         logger.info("resuming %s from step %d", out, checkpoint.step)

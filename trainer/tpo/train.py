@@ -37,6 +37,7 @@ from ..checkpoint import (
     list_checkpoints,
     load_extra,
     restore_training_state,
+    resume_checkpoint,
     save_checkpoint,
 )
 from ..config import ConfigError, config_to_dict, option
@@ -361,7 +362,7 @@ def train_tpo(
     if checkpoints and not resume:
         raise ConfigError(f"{run_dir} already holds a run (checkpoint step {checkpoints[-1].step}); pass --resume to "
                           "continue it, or choose another output")
-    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    checkpoint = resume_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         check_resume_settings(config, checkpoint, RESUME_FIXED)
         logger.info("resuming %s from step %d", run_dir, checkpoint.step)
