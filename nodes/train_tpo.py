@@ -237,7 +237,7 @@ class TPOTrain:
         from trainer.runtime import local_runtime
         from trainer.tpo.caption_edits import editor_from_spec
         from trainer.tpo.data import gather_folder, gather_prompts
-        from trainer.tpo.train import TPOConfig, load_latent_pairs, train_tpo
+        from trainer.tpo.train import TPOConfig, load_latent_pairs, short_run_notes, train_tpo
         from trainer.training_run import TPO_PANELS
 
         # 1. the run folder, the LoRA file, the data (images drawn under ComfyUI's inference mode)
@@ -273,6 +273,9 @@ class TPOTrain:
                            grad_accum=grad_accum, max_steps=steps, resolution=resolution, seed=seed,
                            eval_every=save_every, save_every=save_every, log_every=1, device=str(compute),
                            tensorboard=False)
+        notes = short_run_notes(config, settings=("learning_rate", "steps", "grad_accum"))  # a short run's limits
+        for note in notes:
+            logger.warning("[promptist] TPO: %s", note)
         # 2. train a clone of MODEL outside inference mode (tensors made in it could not be trained)
         progress = TrainingProgress(out, TPO_PANELS, f"TPO ({loss})")
         try:
@@ -291,6 +294,7 @@ class TPOTrain:
             release_memory()
         summary = _summary("TPO", out, resume, steps=result.steps, items=count, loss=result.loss,
                            accuracy=result.accuracy, valid_accuracy=result.valid_accuracy, lora=str(lora_path))
+        summary = "\n".join([summary, *(f"note: {note}" for note in notes)])
         return (model_with_lora(model, lora_path), lora_path.name, curves_tensor(out, progress), summary)
 
 

@@ -473,7 +473,7 @@ def _run_tpo(args) -> int:
     from .runtime import local_runtime
     from .tpo.data import read_tpo_data
     from .tpo.denoiser import load_diffusers_denoiser
-    from .tpo.train import TPOConfig, check_config, check_tpo_data, run_dir_for, train_tpo
+    from .tpo.train import TPOConfig, check_config, check_tpo_data, run_dir_for, short_run_notes, train_tpo
 
     config = _settings(TPOConfig, args, run_dir_of=run_dir_for)
     if args.print_config:
@@ -487,6 +487,8 @@ def _run_tpo(args) -> int:
         raise ValueError(f"data folder {config.data} does not exist; build one with: python -m trainer tpo-data")
     check_config(config)  # every setting, then the data file, before the model loads
     check_tpo_data(read_tpo_data(config.data))
+    for note in short_run_notes(config):  # what a short run can show
+        logging.getLogger("trainer.tpo").warning(note)
     runtime = local_runtime(config.device, config.precision)
     with seeded(config.seed):  # the new LoRA's init: the same seed gives the same run in any process
         denoiser = load_diffusers_denoiser(

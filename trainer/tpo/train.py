@@ -46,6 +46,7 @@ from ..config import ConfigError, check_bounds, config_to_dict, option
 from ..policy.sft import micro_batches
 from ..progress import StepCallback, StopTraining, stop_requested
 from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step, step_plan
+from ..runtime import short_run_notes as runtime_short_run_notes
 from ..training_log import CURVES_FILE, TrainingLog
 from .denoiser import Denoiser
 
@@ -306,6 +307,14 @@ def evaluate_pairs(denoiser: Denoiser, latents: torch.Tensor, pairs: Sequence[Ca
 def lr_at(step: int, config: TPOConfig) -> float:
     """Constant after a linear warmup (as Diffusion-DPO and Diffusion-KTO)."""
     return config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+
+
+def short_run_notes(config: TPOConfig, settings: tuple[str, str, str] = ("--lr", "--max-steps", "--grad-accum")) -> list[str]:
+    """What this run can show if it is short (runtime.short_run_notes), as each host says it at the start (the
+    command line logs it, the ComfyUI node logs it and puts it in its summary); `settings` in the host's words."""
+    start = "ln 2 = 0.693" if config.loss == "tdpo" else "1.0"
+    return runtime_short_run_notes([lr_at(s, config) for s in range(config.max_steps)], config.grad_accum,
+                                   lr=config.lr, warmup_steps=config.warmup_steps, start_loss=start, settings=settings)
 
 
 def run_dir_for(config: TPOConfig) -> Path:
