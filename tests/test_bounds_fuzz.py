@@ -190,3 +190,21 @@ def test_one_prompt_for_a_batch_of_8_is_refused_naming_both_ways_out_before_the_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {prompts}: 1 prompt is fewer than one rollout batch (batch_size 8 x 1 device); give at "
                    "least 8 prompts, or set --batch-size 1"], err
+
+
+GOOD = {"pairs": ["--valid-fraction=0.5", "--min-words=0", "--seed=4294967295"],
+        "sft": ["--lr=1e-4", "--valid-fraction=0.5", "--max-length=64", "--seed=7"],
+        "ppo": ["--lr=1e-4", "--cosine-floor=-0.5", "--width=768", "--guidance=0", "--head-lr=1e-3"],
+        "tpo": ["--lr=1e-4", "--negative-clip=-0.01", "--resolution=64", "--beta="],
+        "tpo-data": ["--valid-fraction=0.5", "--guidance=7.5", "--width=768", "--batch-size=1"],
+        "tpo-eval": ["--size=768x512", "--n=3", "--guidance=0"],
+        "evaluate": ["--size=64", "--batch-size=8", "--seeds=1"]}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_good_numbers_pass_the_bounds_and_reach_the_missing_model(command, inputs, tmp_path, capsys):
+    """The fuzz's premise: with good numbers each command goes on to look for its (missing) model, exit 3; pairs,
+    which has no model, finishes."""
+    code = main(base_args(command, inputs, tmp_path) + GOOD[command])
+    err = capsys.readouterr().err
+    assert code == (0 if command == "pairs" else 3), err

@@ -70,7 +70,7 @@ def bounded(kind: type, low: float | None, high: float | None, *, above: bool = 
             raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
                                              f"{allowed_range(low, high, above)}; got {text!r}") from None
         problem = out_of_range(value, low, high, above)
-        if problem is None and value % multiple_of:
+        if problem is None and multiple_of > 1 and value % multiple_of:
             problem = f"must be a multiple of {multiple_of} {allowed_range(low, high, above)}; got {value:g}"
         if problem:
             raise argparse.ArgumentTypeError(problem)
