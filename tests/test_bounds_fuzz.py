@@ -91,7 +91,7 @@ def bad_values(name: str, optional: bool, rng: random.Random) -> list[str]:
     if name not in ZERO_OK | NEGATIVE_OK:
         pool += ["0"]
     if name == "size":
-        pool += ["0", "-64", "7x7", "513", "100000x512"]
+        pool += ["0", "-64", "7x7", "513", "100000x512", "4"]
     return rng.sample(pool, 3)
 
 
@@ -155,7 +155,7 @@ def test_a_host_building_the_config_itself_gets_the_same_checks(tmp_path):
     good = PPOConfig(prompts="p.txt", policy="x", out=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match=r"^'head_lr' must be a finite number more than 0 and at most 1; got inf$"):
         check_config(dataclasses.replace(good, head_lr=float("inf")), None)
-    with pytest.raises(ConfigError, match=r"^'width' must be a multiple of 8 between 64 and 8192; got 100$"):
+    with pytest.raises(ConfigError, match=r"^'width' must be a multiple of 8 between 8 and 8192; got 100$"):
         check_config(dataclasses.replace(good, width=100), None)
     with pytest.raises(ConfigError, match=r"^'lr' must be more than 0 and at most 1; got 0$"):
         check_tpo(TPOConfig(out=str(tmp_path / "x.safetensors"), lr=0.0))
@@ -188,8 +188,8 @@ def test_one_prompt_for_a_batch_of_8_is_refused_naming_both_ways_out_before_the_
     assert main(["ppo", "--prompts", str(prompts), "--policy", str(tmp_path / "missing"), "--sd",
                  str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--batch-size", "8", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {prompts}: 1 prompt is fewer than one rollout batch (batch_size 8 x 1 device); give at "
-                   "least 8 prompts, or set --batch-size 1"], err
+    assert err == [f"error: {prompts}: 1 prompt is fewer than one batch (batch_size 8 x 1 device; a rollout batch is "
+                   "used whole): give at least 8 prompts, or set batch_size to 1"], err
 
 
 GOOD = {"pairs": ["--valid-fraction=0.5", "--min-words=0", "--seed=4294967295"],

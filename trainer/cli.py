@@ -36,7 +36,7 @@ SEED = bounded(int, 0, SEED_MAX)
 FRACTION = bounded(float, 0, 0.99)
 STEPS = bounded(int, 1, MAX_STEPS)
 GUIDANCE = bounded(float, 0, MAX_GUIDANCE)
-SIDE = bounded(int, 64, MAX_IMAGE_SIDE, multiple_of=8)
+SIDE = bounded(int, 8, MAX_IMAGE_SIDE, multiple_of=8)
 BATCH = bounded(int, 1, MAX_BATCH_SIZE)
 
 

@@ -134,8 +134,8 @@ class PPOConfig:
     images_per_prompt: int = option(2, "Images per prompt, the plain prompt's with the same seeds (code: 2, paper: 3).", low=1, high=64)
     image_steps: int = option(20, "Sampling steps per image (DPM-Solver++).", low=1, high=MAX_STEPS)
     guidance: float = option(7.5, "Classifier-free guidance scale.", low=0, high=MAX_GUIDANCE)
-    width: int = option(512, "Image width.", low=64, high=MAX_IMAGE_SIDE)
-    height: int = option(512, "Image height.", low=64, high=MAX_IMAGE_SIDE)
+    width: int = option(512, "Image width.", low=8, high=MAX_IMAGE_SIDE)
+    height: int = option(512, "Image height.", low=8, high=MAX_IMAGE_SIDE)
     clip_model: str = option("ViT-L-14/openai", "CLIP for relevance and aesthetics.")
     aesthetic_head: str = option("improved", "LAION aesthetic head: improved, laion-v1, or a file.")
     pick_model: str | None = option(None, "PickScore model (the pae preset loads the default when empty).")
@@ -465,7 +465,7 @@ def check_config(config: PPOConfig, runtime: Runtime | None = None) -> None:
         raise ConfigError(f"rloo_samples ({config.rloo_samples}) cannot exceed num_beam_groups ({config.num_beam_groups})")
     for name in ("width", "height"):
         if getattr(config, name) % 8:
-            raise ConfigError(f"'{name}' must be a multiple of 8 between 64 and {MAX_IMAGE_SIDE}; got {getattr(config, name)}")
+            raise ConfigError(f"'{name}' must be a multiple of 8 between 8 and {MAX_IMAGE_SIDE}; got {getattr(config, name)}")
 
 
 def policy_decoding(config: PPOConfig, models_dir=None):
@@ -498,8 +498,8 @@ def check_prompts(prompts: Sequence[str], config: PPOConfig, world_size: int = 1
     if len(prompts) < per_step:
         devices = f"{world_size} device{'s' if world_size > 1 else ''}"
         raise ConfigError(f"{config.prompts}: {len(prompts)} prompt{'s are' if len(prompts) != 1 else ' is'} fewer "
-                          f"than one rollout batch (batch_size {config.batch_size} x {devices}); give at least "
-                          f"{per_step} prompts, or set --batch-size {max(1, len(prompts) // world_size)}")
+                          f"than one batch (batch_size {config.batch_size} x {devices}; a rollout batch is used whole): "
+                          f"give at least {per_step} prompts, or set batch_size to {max(1, len(prompts) // world_size)}")
 
 
 VALID_DIR = "samples"

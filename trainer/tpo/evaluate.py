@@ -153,7 +153,7 @@ def parse_size(text: str) -> tuple[int, int]:
         size = (int(width), int(height or width))
     except ValueError:
         raise ValueError(f"--size must be WIDTH or WIDTHxHEIGHT (e.g. 512 or 768x512); got {text!r}") from None
-    if any(not 64 <= side <= MAX_IMAGE_SIDE or side % 8 for side in size):
-        raise ValueError(f"--size: width and height must be multiples of 8 between 64 and {MAX_IMAGE_SIDE}; "
+    if any(not 8 <= side <= MAX_IMAGE_SIDE or side % 8 for side in size):
+        raise ValueError(f"--size: width and height must be multiples of 8 between 8 and {MAX_IMAGE_SIDE}; "
                          f"got {text!r}")
     return size
