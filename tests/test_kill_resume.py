@@ -53,7 +53,7 @@ def run_killed(argv: list[str], run_dir: Path, *, steps: tuple[int, int], tag: s
     """Start `python -m trainer ARGV`, wait for a random logged step in `steps` (after the first checkpoint
     exists, when `after_checkpoint`), wait a random part of a step more, and SIGKILL it. Returns what happened."""
     rng = rng_for(tag)
-    target, delay = rng.randint(*steps), rng.uniform(0.0, 0.08)
+    target, delay = rng.randint(*steps), rng.uniform(0.0, 0.04)
     err = run_dir.parent / f"{run_dir.name}.stderr"
     err.parent.mkdir(parents=True, exist_ok=True)
     with open(err, "w") as stderr:
@@ -85,7 +85,7 @@ def same_files(a: Path, b: Path, names, what: str) -> None:
 # --- SFT -----------------------------------------------------------------------------------------
 
 def sft_args(data: dict, out: Path, *extra: str) -> list[str]:
-    return ["sft", "--pairs", str(data["pairs"]), "--base", str(data["base"]), "--out", str(out), "--max-steps", "14",
+    return ["sft", "--pairs", str(data["pairs"]), "--base", str(data["base"]), "--out", str(out), "--max-steps", "12",
             "--batch-size", "4", "--effective-batch-size", "8", "--lr", "3e-3", "--lr-schedule", "constant", "--warmup-steps", "2",
             "--save-every", "3", "--eval-every", "3", "--log-every", "1", "--length-buckets", "2", "--select", "best",
             "--tensorboard", "false", "--no-progress", *extra]
@@ -110,14 +110,14 @@ def sft_data(tmp_path_factory) -> dict:
 
 def test_sft_killed_after_a_checkpoint_resumes_to_the_same_bytes(sft_data, tmp_path):
     out = tmp_path / "killed"
-    run_killed(sft_args(sft_data, out), out, steps=(3, 11), tag="sft")
+    run_killed(sft_args(sft_data, out), out, steps=(3, 7), tag="sft")
     assert main(sft_args(sft_data, out, "--resume")) == 0
     same_files(sft_data["reference"], out, SFT_FILES, "sft")
 
 
 def test_sft_killed_before_its_first_checkpoint_starts_over_on_resume(sft_data, tmp_path):
     out = tmp_path / "killed"
-    run_killed(sft_args(sft_data, out, "--save-every", "0"), out, steps=(1, 11), tag="sft-early",
+    run_killed(sft_args(sft_data, out, "--save-every", "0"), out, steps=(1, 7), tag="sft-early",
                after_checkpoint=False)
     assert list_checkpoints(out) == [] and (out / "train_log.csv").is_file()
     assert resume_checkpoint(out) is None
@@ -149,7 +149,7 @@ def test_a_checkpoint_cut_short_on_disk_is_named_and_the_previous_one_resumed(sf
 
     for checkpoint in list_checkpoints(out):
         cut_short(checkpoint.folder / "optimizer.safetensors")
-    with pytest.raises(CheckpointError, match=r"no complete checkpoint to resume: checkpoint .*step-0000014: "
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint to resume: checkpoint .*step-0000012: "
                                               r"optimizer\.safetensors is truncated"):
         resume_checkpoint(out)
 
@@ -184,7 +184,7 @@ def rewards_module(tmp_path_factory) -> Path:
 
 def ppo_args(policy: Path, prompts: Path, out: Path, reward: str, *extra: str) -> list[str]:
     return ["ppo", "--prompts", str(prompts), "--policy", str(policy), "--out", str(out), "--text-reward",
-            f"kill_rewards:{reward}", "--iterations", "10", "--batch-size", "4", "--minibatch-size", "2",
+            f"kill_rewards:{reward}", "--iterations", "8", "--batch-size", "4", "--minibatch-size", "2",
             "--ppo-epochs", "2", "--num-beam-groups", "4", "--min-new-tokens", "6", "--max-new-tokens", "14",
             "--lr", "1e-3", "--trainable-top-blocks", "1", "--save-every", "2", "--sample-every", "1",
             "--tensorboard", "false", "--no-progress", *extra]
@@ -208,7 +208,7 @@ def test_ppo_killed_at_random_resumes_to_the_same_bytes(dfprompt, tiny_promptist
 
     out = tmp_path / "killed"
     tag = "ppo-dfprompt" if dfprompt else "ppo"
-    run_killed(ppo_args(policy, prompts, out, reward, *extra), out, steps=(2, 7), tag=tag,
+    run_killed(ppo_args(policy, prompts, out, reward, *extra), out, steps=(2, 5), tag=tag,
                extra_env={"PYTHONPATH": os.pathsep.join([str(rewards_module), str(ROOT)])})
     assert main(ppo_args(policy, prompts, out, reward, *extra, "--resume")) == 0
     names = PPO_FILES + ((HEADS_FILE,) if dfprompt else ())
@@ -236,7 +236,7 @@ def write_image_data(folder: Path) -> Path:
 
 def tpo_args(data: Path, sd: Path, run: Path, *extra: str) -> list[str]:
     return ["tpo", "--data", str(data), "--sd", str(sd), "--out", str(run / "tiny_tpo.safetensors"), "--run-dir",
-            str(run / "run"), "--resolution", "64", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "10",
+            str(run / "run"), "--resolution", "64", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "7",
             "--warmup-steps", "2", "--lr", "1e-3", "--rank", "2", "--save-every", "2", "--eval-every", "3",
             "--log-every", "1", "--device", "cpu", "--tensorboard", "false", "--no-progress", *extra]
 
@@ -253,7 +253,7 @@ def test_tpo_killed_at_random_resumes_to_the_same_lora_and_log(tiny_sd_dir, tmp_
     data = write_image_data(tmp_path / "data")
     assert main(tpo_args(data, tiny_sd_dir, tmp_path / "reference")) == 0
     killed = tmp_path / "killed"
-    run_killed(tpo_args(data, tiny_sd_dir, killed), killed / "run", steps=(2, 7), tag="tpo")
+    run_killed(tpo_args(data, tiny_sd_dir, killed), killed / "run", steps=(2, 4), tag="tpo")
     assert main(tpo_args(data, tiny_sd_dir, killed, "--resume")) == 0
     same_files(tmp_path / "reference" / "run", killed / "run", ("train_log.csv", "curves.png"), "tpo")
     (a, meta_a), (b, meta_b) = (lora_contents(run / "tiny_tpo.safetensors") for run in (tmp_path / "reference", killed))
