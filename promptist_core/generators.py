@@ -23,7 +23,8 @@ MAX_BATCH_SIZE = 256  # images per pipeline call
 def batch_size_problem(batch_size, label: str = "batch_size") -> str | None:
     """Why `batch_size` (images per generator call) cannot be used, or None."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
-        return f"{label} must be an integer between 1 and {MAX_BATCH_SIZE} (images per generator call); got {batch_size!r}"
+        return (f"{label} must be an integer between 1 and {MAX_BATCH_SIZE} (images per generator call); "
+                f"got {batch_size!r}")
     return None
 
 

@@ -86,7 +86,8 @@ def same_files(a: Path, b: Path, names, what: str) -> None:
 
 def sft_args(data: dict, out: Path, *extra: str) -> list[str]:
     return ["sft", "--pairs", str(data["pairs"]), "--base", str(data["base"]), "--out", str(out), "--max-steps", "12",
-            "--batch-size", "4", "--effective-batch-size", "8", "--lr", "3e-3", "--lr-schedule", "constant", "--warmup-steps", "2",
+            "--batch-size", "4", "--effective-batch-size", "8", "--lr", "3e-3", "--lr-schedule", "constant",
+            "--warmup-steps", "2",
             "--save-every", "3", "--eval-every", "3", "--log-every", "1", "--length-buckets", "2", "--select", "best",
             "--tensorboard", "false", "--no-progress", *extra]
 
@@ -141,7 +142,8 @@ def test_a_checkpoint_cut_short_on_disk_is_named_and_the_previous_one_resumed(sf
     cut_short(newest / "model.safetensors")
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
         assert main(sft_args(sft_data, out, "--resume")) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer.checkpoint"]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "trainer.checkpoint"]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert "step-0000009: model.safetensors is truncated" in warnings[0]
     assert "resuming from the previous complete checkpoint, step-0000006" in warnings[0]

@@ -46,5 +46,6 @@ def test_headless_tpo_says_it_at_the_start_before_the_model_loads(tmp_path, capl
                      str(tmp_path / "x.safetensors"), "--max-steps", "8", "--no-progress"])
     assert code == 3  # the model is missing: the notes came first
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(s.startswith("a 8-step run at lr 1e-05 (still in its 100-step warmup) adds up to a learning rate of 3.6e-06") for s in said), said
+    start = "a 8-step run at lr 1e-05 (still in its 100-step warmup) adds up to a learning rate of 3.6e-06"
+    assert any(s.startswith(start) for s in said), said
     assert any(s.startswith("each step accumulates 4 micro-batches (--grad-accum 4)") for s in said), said

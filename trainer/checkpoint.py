@@ -92,7 +92,8 @@ def counter_generator(*counters: int) -> torch.Generator:
 def seeded(seed: int):
     """Inside: the global torch generators seeded by `seed`; after: restored. A trainable part built inside (a new
     LoRA's random init) is then the same in every process, whatever drew from them before (a host, another run)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

@@ -47,13 +47,16 @@ def _add_pairs(sub) -> None:
     p.add_argument("--corpus", required=True, help=".txt, .csv, .tsv, .jsonl, .parquet, or hf-dataset:OWNER/NAME/FILE")
     p.add_argument("--out", required=True, help="pairs file to write (JSONL)")
     p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
-    p.add_argument("--min-words", type=bounded(int, 0, MAX_COUNT), default=1, help="drop prompts with fewer words (default: 1)")
+    p.add_argument("--min-words", type=bounded(int, 0, MAX_COUNT), default=1,
+                   help="drop prompts with fewer words (default: 1)")
     p.add_argument("--max-words", type=COUNT, help="drop prompts with more words")
     p.add_argument("--blocklist", help="text file of terms (one per line); prompts containing one are dropped")
     p.add_argument("--limit", type=COUNT, help="use at most this many prompts")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the modifier subsets and the split (default: 0)")
-    p.add_argument("--mcm-per-target", type=bounded(int, 1, 100), default=1, help="main content + modifiers sources per target")
-    p.add_argument("--valid-fraction", type=FRACTION, default=0.02, help="targets held out for validation (default: 0.02)")
+    p.add_argument("--mcm-per-target", type=bounded(int, 1, 100), default=1,
+                   help="main content + modifiers sources per target")
+    p.add_argument("--valid-fraction", type=FRACTION, default=0.02,
+                   help="targets held out for validation (default: 0.02)")
     p.add_argument("--rewrite", help="paraphrase hook: llm:<local causal LM folder> or command:<program> "
                                      "(stdin: one text per line; stdout: one rewrite per line)")
     p.add_argument("--rewrite-instruction", help="instruction for --rewrite llm:...")
@@ -92,8 +95,8 @@ def _add_tpo_data(sub) -> None:
     p.add_argument("--editor", default="rules", help="rules (default, offline), llm:<local causal LM folder> or "
                                                       "command:<program> (stdin: captions; stdout: negatives)")
     p.add_argument("--editor-instruction", help="instruction for --editor llm:... (default names the four edit types)")
-    p.add_argument("--negatives-per-caption", type=bounded(int, 1, 16), default=2, help="negatives per caption, one edit type each "
-                                                                        "where possible (default: 2)")
+    p.add_argument("--negatives-per-caption", type=bounded(int, 1, 16), default=2,
+                   help="negatives per caption, one edit type each where possible (default: 2)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the edits, the split and drawn images (default: 0)")
     p.add_argument("--valid-fraction", type=FRACTION, default=0.05, help="captions held out for validation, by "
                                                                       "caption hash (default: 0.05)")
@@ -246,7 +249,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--prompts", default="coco", help="coco (held-out COCO val captions, default), diffusiondb, or a "
                                                      "prompt file (.txt/.csv/.jsonl/.parquet)")
     p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
-    p.add_argument("--n", type=bounded(int, 1, MAX_COUNT), default=16, help="evaluate on the first N prompts (default: 16)")
+    p.add_argument("--n", type=bounded(int, 1, MAX_COUNT), default=16,
+                   help="evaluate on the first N prompts (default: 16)")
     p.add_argument("--variant", action="append", default=[], metavar="SPEC",
                    help="a column, repeatable: plain, a policy name or folder (promptist-mini, runs/sft), with "
                         "options after commas: mode=diverse|sample, seed=, keep_prompt=true, no_repeat_ngram_size=, "
@@ -256,7 +260,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--baseline", help="also compare every variant with this one (its name)")
     p.add_argument("--metric", default="total_promptist",
                    help="headline score: aesthetic, clip_cosine, relevance, pick, total_promptist (default), total_pae")
-    p.add_argument("--seeds", type=bounded(int, 1, 1000), default=2, help="seeds per prompt, shared by every variant (default: 2)")
+    p.add_argument("--seeds", type=bounded(int, 1, 1000), default=2,
+                   help="seeds per prompt, shared by every variant (default: 2)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the image seeds (default: 0)")
     p.add_argument("--steps", type=STEPS, default=25, help="sampling steps (default: 25)")
     p.add_argument("--guidance", type=GUIDANCE, default=7.5, help="guidance scale (default: 7.5)")
@@ -264,7 +269,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--negative", help="negative prompt for every image")
     p.add_argument("--batch-size", type=BATCH, help="images per generator call (default: the variants of one prompt "
                                                   "and seed together)")
-    p.add_argument("--grid-prompts", type=bounded(int, 1, 1000), default=8, help="prompts shown in grid.png and report.html (default: 8)")
+    p.add_argument("--grid-prompts", type=bounded(int, 1, 1000), default=8,
+                   help="prompts shown in grid.png and report.html (default: 8)")
     p.add_argument("--clip-model", default="ViT-L-14/openai", help="CLIP for relevance and aesthetics")
     p.add_argument("--aesthetic-head", default="improved", help="LAION aesthetic head: improved, laion-v1, or a file")
     p.add_argument("--pick-model", default="none", help="PickScore model (e.g. yuvalkirstain/PickScore_v1), or none")

@@ -169,7 +169,8 @@ QUICK_LOOK_STEPS = 100  # runs this short are quick looks: the accumulation hint
 
 
 def short_run_notes(learning_rates: Sequence[float], accumulation: int, *, lr: float, warmup_steps: int = 0,
-                    start_loss: str, settings: tuple[str, str, str] = ("--lr", "--max-steps", "--grad-accum")) -> list[str]:
+                    start_loss: str,
+                    settings: tuple[str, str, str] = ("--lr", "--max-steps", "--grad-accum")) -> list[str]:
     """What a short run can show, said at its start: a run whose learning rates sum to little ends with the loss
     near its start (TPO's default lr 1e-5 over a few steps), and a quick look pays for every accumulated
     micro-batch. `learning_rates`: the rate of every step (`lr` after `warmup_steps`); `settings`: the host's
@@ -180,7 +181,8 @@ def short_run_notes(learning_rates: Sequence[float], accumulation: int, *, lr: f
     if total < SHORT_RUN_TOTAL_LR:
         warmup = f" (still in its {warmup_steps}-step warmup)" if warmup_steps >= steps else \
             (f" (after a {warmup_steps}-step warmup)" if warmup_steps else "")
-        notes.append(f"a {steps}-step run at lr {lr:g}{warmup} adds up to a learning rate of {total:.2g}: expect the loss to end near its start ({start_loss}; a tiny test model moved "
+        notes.append(f"a {steps}-step run at lr {lr:g}{warmup} adds up to a learning rate of {total:.2g}: expect "
+                     f"the loss to end near its start ({start_loss}; a tiny test model moved "
                      f"{LOSS_MOVE_PER_TOTAL_LR * total:.2g} at this total) and the implicit accuracy to say little; "
                      f"for a quick check raise {lr_name} (e.g. 1e-4) or {steps_name}")
     if accumulation > 1 and steps <= QUICK_LOOK_STEPS:

@@ -74,49 +74,66 @@ class PPOConfig:
     out: str | None = option(None, "Output folder: ends as the trained policy's model folder, with checkpoints/, "
                              "train_log.csv, samples.jsonl and curves.png.")
     iterations: int = option(1000, "PPO iterations (rollout batch + 4 epochs each).", low=1, high=10_000_000)
-    batch_size: int = option(8, "Prompts per rollout batch on each device (reference: 8 x 32 GPUs = 256).", low=1, high=1024)
-    minibatch_size: int = option(0, "Prompts per PPO minibatch; 0 = the whole rollout batch (the reference).", low=0, high=1024)
+    batch_size: int = option(8, "Prompts per rollout batch on each device (reference: 8 x 32 GPUs = 256).",
+                             low=1, high=1024)
+    minibatch_size: int = option(0, "Prompts per PPO minibatch; 0 = the whole rollout batch (the reference).",
+                                 low=0, high=1024)
     ppo_epochs: int = option(4, "Passes over each rollout batch.", low=1, high=100)
-    lr: float = option(5e-5, "AdamW learning rate (constant, as in the reference).", low=0, high=1, above=True)
+    lr: float = option(5e-5, "AdamW learning rate (constant, as in the reference).",
+                       low=0, high=1, above=True)
     adam_beta1: float = option(0.9, "AdamW beta1.", low=0, high=0.9999)
     adam_beta2: float = option(0.95, "AdamW beta2 (reference: 0.95).", low=0, high=0.999999)
-    weight_decay: float = option(0.0, "AdamW weight decay (the reference meant 1e-6 and ran torch's 0.01 by mistake).", low=0, high=1)
-    grad_clip: float = option(0.0, "Clip the gradient norm to this; 0 = off, as in the reference (1.0 is safer).", low=0, high=1e6)
+    weight_decay: float = option(0.0, "AdamW weight decay (the reference meant 1e-6 and ran torch's 0.01 by mistake).",
+                                 low=0, high=1)
+    grad_clip: float = option(0.0, "Clip the gradient norm to this; 0 = off, as in the reference (1.0 is safer).",
+                              low=0, high=1e6)
     trainable_top_blocks: int = option(2, "Train only the top N transformer blocks and the final norm, embeddings "
                                        "frozen (reference: 2); 0 = train everything.", low=0, high=1000)
-    beta: float = option(0.2, "KL penalty coefficient toward the SFT reference (reference: 0.2, effectively fixed).", low=0, high=1000)
+    beta: float = option(0.2, "KL penalty coefficient toward the SFT reference (reference: 0.2, effectively fixed).",
+                         low=0, high=1000)
     kl_controller: str = option("fixed", "fixed beta, or adaptive (Ziegler et al.) toward `kl_target`.",
                                 choices=KL_CONTROLLERS)
-    kl_target: float = option(6.0, "Adaptive controller: target KL to the reference, in nats per rewrite.", low=0, high=1e6, above=True)
+    kl_target: float = option(6.0, "Adaptive controller: target KL to the reference, in nats per rewrite.",
+                              low=0, high=1e6, above=True)
     kl_horizon: int = option(10000, "Adaptive controller: horizon in rewrites.", low=1, high=1_000_000_000)
     advantage: str = option("gae", "gae: a value model and GAE (the reference); rloo: no value model, each "
                             "rewrite's reward minus the mean of its prompt's other rewrites (less memory).",
                             choices=ADVANTAGES)
-    rloo_samples: int = option(4, "rloo: rewrites per prompt (at least 2; distinct beam candidates or samples).", low=2, high=64)
+    rloo_samples: int = option(4, "rloo: rewrites per prompt (at least 2; distinct beam candidates or samples).",
+                               low=2, high=64)
     gamma: float = option(1.0, "GAE discount.", low=0, high=1)
     lam: float = option(0.95, "GAE lambda.", low=0, high=1)
     clip_range: float = option(0.2, "PPO ratio clip.", low=0, high=10, above=True)
-    value_clip_range: float = option(0.2, "Value prediction clip around the rollout's values.", low=0, high=1e6, above=True)
+    value_clip_range: float = option(0.2, "Value prediction clip around the rollout's values.",
+                                     low=0, high=1e6, above=True)
     vf_coef: float = option(2.3, "Value loss weight (reference: 2.3).", low=0, high=1e6)
     rollout: str = option("beam", "beam: diverse beam search, one candidate at random (the reference); "
                           "sample: top-k/top-p sampling (on-policy).", choices=ROLLOUTS)
-    num_beam_groups: int = option(16, "Beam rollouts: groups of one beam each (reference: 16).", low=1, high=64)
-    diversity_penalty: float = option(1.0, "Beam rollouts: penalty on tokens earlier groups chose (reference: 1.0).", low=0, high=1e6)
+    num_beam_groups: int = option(16, "Beam rollouts: groups of one beam each (reference: 16).",
+                                  low=1, high=64)
+    diversity_penalty: float = option(1.0, "Beam rollouts: penalty on tokens earlier groups chose (reference: 1.0).",
+                                      low=0, high=1e6)
     top_k: int = option(0, "Sample rollouts: top-k (0 = off).", low=0, high=1_000_000)
     top_p: float = option(1.0, "Sample rollouts: nucleus probability.", low=0, high=1, above=True)
-    min_new_tokens: int = option(15, "Rewrite length limit is drawn per batch from [min_new_tokens, max_new_tokens].", low=1, high=512)
-    max_new_tokens: int = option(75, "Upper end of the per-batch length limit (reference: 75).", low=1, high=512)
+    min_new_tokens: int = option(15, "Rewrite length limit is drawn per batch from [min_new_tokens, max_new_tokens].",
+                                 low=1, high=512)
+    max_new_tokens: int = option(75, "Upper end of the per-batch length limit (reference: 75).",
+                                 low=1, high=512)
     keep_prompt: bool | None = option(None, "Rollouts start with the plain prompt verbatim and the policy writes only "
                                       "what follows (trained and KL-penalised on those tokens alone); empty: the "
                                       "policy's own setting (on for the bundled policy, off for microsoft/Promptist).")
     no_repeat_ngram_size: int | None = option(None, "Rollouts never repeat an n-gram of the written tokens (0 = off); "
-                                              "empty: the policy's own setting (3 for the bundled policy).", low=0, high=64)
+                                              "empty: the policy's own setting (3 for the bundled policy).",
+                                              low=0, high=64)
     reference_device: str = option("same", "Where the frozen reference runs: same (as the policy) or cpu (saves VRAM).",
                                    choices=("same", "cpu"))
-    save_every: int = option(50, "Checkpoint every this many iterations (and at the end and on stop).", low=0, high=10_000_000)
+    save_every: int = option(50, "Checkpoint every this many iterations (and at the end and on stop).",
+                             low=0, high=10_000_000)
     keep_checkpoints: int = option(2, "Newest checkpoints kept.", low=1, high=1000)
-    sample_every: int = option(10, "Write the batch's (plain, rewrite, reward) rows to samples.jsonl this often.", low=0, high=10_000_000)
-    seed: int = option(0, "Seed of prompt order, rollout lengths, candidate picks and image seeds.", low=0, high=2**32 - 1)
+    sample_every: int = option(10, "Write the batch's (plain, rewrite, reward) rows to samples.jsonl this often.",
+                               low=0, high=10_000_000)
+    seed: int = option(0, "Seed of prompt order, rollout lengths, candidate picks and image seeds.",
+                       low=0, high=2**32 - 1)
     device: str = option("auto", "auto, gpu, cpu or a torch device.")
     precision: str = option("auto", "auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16.",
                             choices=PRECISIONS)
@@ -130,8 +147,10 @@ class PPOConfig:
     preset: str = option("auto", "Reward preset: promptist (aesthetic delta + relevance), pae (aesthetic + "
                          "relevance + PickScore), or auto: pae with `dfprompt`, else promptist.", choices=PRESETS)
     cosine_floor: float | None = option(0.0, "Clamp the CLIP cosine at this before the relevance term (LMOps' code "
-                                        "clamps at 0; the paper's formula has no clamp: empty).", low=-1, high=1)
-    images_per_prompt: int = option(2, "Images per prompt, the plain prompt's with the same seeds (code: 2, paper: 3).", low=1, high=64)
+                                        "clamps at 0; the paper's formula has no clamp: empty).",
+                                        low=-1, high=1)
+    images_per_prompt: int = option(2, "Images per prompt, the plain prompt's with the same seeds (code: 2, paper: 3).",
+                                    low=1, high=64)
     image_steps: int = option(20, "Sampling steps per image (DPM-Solver++).", low=1, high=MAX_STEPS)
     guidance: float = option(7.5, "Classifier-free guidance scale.", low=0, high=MAX_GUIDANCE)
     width: int = option(512, "Image width.", low=8, high=MAX_IMAGE_SIDE)
@@ -147,7 +166,8 @@ class PPOConfig:
     valid_prompts: str = option("coco", "Validation prompts: coco (the shipped held-out COCO val2017 captions), "
                                 "diffusiondb, or a prompt file; the first `valid_count` are used.")
     valid_count: int = option(8, "Validation prompts used.", low=1, high=10_000)
-    valid_seeds: int = option(1, "Validation images per prompt (seeds derived from `seed`, shared by both variants).", low=1, high=64)
+    valid_seeds: int = option(1, "Validation images per prompt (seeds derived from `seed`, shared by both variants).",
+                              low=1, high=64)
     keep_best_valid: bool = option(False, "Also keep the policy with the best held-out reward in best/ (the "
                                    "iteration-0 SFT policy included), with best/valid.json.")
     # DF-Prompt policy (PAE stage 2)
@@ -156,12 +176,15 @@ class PPOConfig:
                             "the DF-Prompt. Start from `sft --dfprompt-heads true` (new heads otherwise).")
     beta_weight: float = option(0.02, "DF-Prompt: KL coefficient of the weight head toward the reference's "
                                 "(exact categorical KL; PAE: 0.02).", low=0, high=1000)
-    beta_range: float = option(0.02, "DF-Prompt: KL coefficient of the range head (PAE: 0.02).", low=0, high=1000)
+    beta_range: float = option(0.02, "DF-Prompt: KL coefficient of the range head (PAE: 0.02).",
+                               low=0, high=1000)
     head_entropy: float = option(0.05, "DF-Prompt: bonus on the heads' entropy per decision (PAE: none). Their "
                                  "advantages are whitened, so it means the same for any reward scale; without it "
-                                 "a head can settle on 1.25 before it ever draws 1.5 (the prior gives it 0.1%).", low=0, high=1000)
+                                 "a head can settle on 1.25 before it ever draws 1.5 (the prior gives it 0.1%).",
+                                 low=0, high=1000)
     head_lr: float | None = option(None, "DF-Prompt: AdamW learning rate of the two heads (empty: `lr`); tiny "
-                                   "linear maps may take a larger one than the LM.", low=0, high=1, above=True)
+                                   "linear maps may take a larger one than the LM.",
+                                   low=0, high=1, above=True)
 
 
 @dataclass
@@ -465,7 +488,8 @@ def check_config(config: PPOConfig, runtime: Runtime | None = None) -> None:
         raise ConfigError(f"rloo_samples ({config.rloo_samples}) cannot exceed num_beam_groups ({config.num_beam_groups})")
     for name in ("width", "height"):
         if getattr(config, name) % 8:
-            raise ConfigError(f"'{name}' must be a multiple of 8 between 8 and {MAX_IMAGE_SIDE}; got {getattr(config, name)}")
+            raise ConfigError(f"'{name}' must be a multiple of 8 between 8 and {MAX_IMAGE_SIDE}; "
+                              f"got {getattr(config, name)}")
 
 
 def policy_decoding(config: PPOConfig, models_dir=None):
@@ -499,7 +523,8 @@ def check_prompts(prompts: Sequence[str], config: PPOConfig, world_size: int = 1
         devices = f"{world_size} device{'s' if world_size > 1 else ''}"
         raise ConfigError(f"{config.prompts}: {len(prompts)} prompt{'s are' if len(prompts) != 1 else ' is'} fewer "
                           f"than one batch (batch_size {config.batch_size} x {devices}; a rollout batch is used whole): "
-                          f"give at least {per_step} prompts, or set batch_size to {max(1, len(prompts) // world_size)}")
+                          f"give at least {per_step} prompts, or set batch_size to "
+                          f"{max(1, len(prompts) // world_size)}")
 
 
 VALID_DIR = "samples"

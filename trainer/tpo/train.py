@@ -86,12 +86,15 @@ class TPOConfig:
     negative_clip: float | None = option(None, "TPO's clipping of the negative term, in our reading of the "
                                          "paper (unverified): D(c_l) enters the loss as min(D(c_l), this), so once "
                                          "the LoRA's error under the wrong caption is this much above the base "
-                                         "model's it stops paying to raise it. Empty: no clip.", low=-1e6, high=1e6)
+                                         "model's it stops paying to raise it. Empty: no clip.",
+                                         low=-1e6, high=1e6)
     rank: int = option(8, "LoRA rank (diffusers' DPO recipe: 8).", low=1, high=1024)
-    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha / rank. Empty: alpha = rank.", low=0, high=1e6, above=True)
+    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha / rank. Empty: alpha = rank.",
+                                 low=0, high=1e6, above=True)
     targets: str = option("to_q,to_k,to_v,to_out.0", "Comma-separated ends of the UNet Linear layers that get a "
                           "LoRA (the attention projections, as diffusers' DPO recipe and kohya).")
-    lr: float = option(1e-5, "AdamW learning rate of the LoRA (diffusers' DPO recipe: 1e-5), constant after warmup.", low=0, high=1, above=True)
+    lr: float = option(1e-5, "AdamW learning rate of the LoRA (diffusers' DPO recipe: 1e-5), constant after warmup.",
+                       low=0, high=1, above=True)
     warmup_steps: int = option(100, "Linear warmup steps from 0 to `lr`.", low=0, high=10_000_000)
     weight_decay: float = option(1e-2, "AdamW weight decay (Salesforce Diffusion-DPO: 1e-2).", low=0, high=1)
     batch_size: int = option(4, "Caption pairs per forward pass (each pair runs the UNet 4 times: 2 captions x "
@@ -101,16 +104,22 @@ class TPOConfig:
     max_steps: int = option(1000, "Optimizer steps.", low=1, high=10_000_000)
     grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 turns clipping off.", low=0, high=1e6)
     timestep_min: int = option(0, "Smallest training timestep drawn (uniformly).", low=0, high=100_000)
-    timestep_max: int | None = option(None, "Largest training timestep drawn. Empty: the model's last (999).", low=0, high=100_000)
+    timestep_max: int | None = option(None, "Largest training timestep drawn. Empty: the model's last (999).",
+                                      low=0, high=100_000)
     resolution: int = option(512, "Images are resized (shorter side) and centre-cropped to this square before "
                              "encoding (SD 1.x: 512, SD 2.x: 768, SDXL: 1024).", low=64, high=MAX_IMAGE_SIDE)
-    seed: int = option(0, "Seed of pair order, noise and timesteps; the same seed gives the same run.", low=0, high=2**32 - 1)
+    seed: int = option(0, "Seed of pair order, noise and timesteps; the same seed gives the same run.",
+                       low=0, high=2**32 - 1)
     eval_every: int = option(100, "Held-out implicit accuracy every this many steps (and at the end); 0 = only "
                              "at the end.", low=0, high=10_000_000)
-    max_valid_pairs: int = option(256, "Validation pairs used for the held-out accuracy (the first ones).", low=0, high=1_000_000)
-    save_every: int = option(100, "Checkpoint every this many steps (and at the end and on stop).", low=0, high=10_000_000)
-    keep_checkpoints: int = option(2, "Newest checkpoints kept in the run folder's checkpoints/.", low=1, high=1000)
-    log_every: int = option(10, "Write training metrics to the log every this many steps.", low=1, high=10_000_000)
+    max_valid_pairs: int = option(256, "Validation pairs used for the held-out accuracy (the first ones).",
+                                  low=0, high=1_000_000)
+    save_every: int = option(100, "Checkpoint every this many steps (and at the end and on stop).",
+                             low=0, high=10_000_000)
+    keep_checkpoints: int = option(2, "Newest checkpoints kept in the run folder's checkpoints/.",
+                                   low=1, high=1000)
+    log_every: int = option(10, "Write training metrics to the log every this many steps.",
+                            low=1, high=10_000_000)
     device: str = option("auto", "auto, gpu, cpu or a torch device.")
     precision: str = option("auto", "Base model weights and autocast: auto (bf16 or fp16 on GPU, fp32 on CPU), "
                             "fp32, bf16, fp16. The LoRA itself always trains in fp32.", choices=PRECISIONS)
@@ -309,7 +318,8 @@ def lr_at(step: int, config: TPOConfig) -> float:
     return config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
 
 
-def short_run_notes(config: TPOConfig, settings: tuple[str, str, str] = ("--lr", "--max-steps", "--grad-accum")) -> list[str]:
+def short_run_notes(config: TPOConfig,
+                    settings: tuple[str, str, str] = ("--lr", "--max-steps", "--grad-accum")) -> list[str]:
     """What this run can show if it is short (runtime.short_run_notes), as each host says it at the start (the
     command line logs it, the ComfyUI node logs it and puts it in its summary); `settings` in the host's words."""
     start = "ln 2 = 0.693" if config.loss == "tdpo" else "1.0"
@@ -336,7 +346,8 @@ def check_config(config: TPOConfig, num_train_timesteps: int | None = None) -> t
     if config.out and Path(config.out).suffix.lower() != ".safetensors":
         raise ConfigError(f"`out` must be a .safetensors file (the LoRA); got {config.out!r}")
     if config.resolution % 8:
-        raise ConfigError(f"'resolution' must be a multiple of 8 between 64 and {MAX_IMAGE_SIDE}; got {config.resolution}")
+        raise ConfigError(f"'resolution' must be a multiple of 8 between 64 and {MAX_IMAGE_SIDE}; "
+                          f"got {config.resolution}")
     last = 100_000 if num_train_timesteps is None else num_train_timesteps - 1
     high = last if config.timestep_max is None else config.timestep_max
     if not 0 <= config.timestep_min <= high <= last:
