@@ -232,12 +232,12 @@ class TPOTrain:
             negatives_per_caption: int = 2, valid_fraction: float = 0.1, images=None, folder: str | None = "",
             negatives: str | None = "", sampler_name: str = "euler", scheduler: str = "normal",
             image_steps: int = 25, cfg: float = 7.5):
-        from trainer.checkpoint import list_checkpoints
+        from trainer.checkpoint import list_checkpoints, seeded
         from trainer.progress import StopTraining
         from trainer.runtime import local_runtime
         from trainer.tpo.caption_edits import editor_from_spec
         from trainer.tpo.data import gather_folder, gather_prompts
-        from trainer.tpo.train import TPOConfig, load_latent_pairs, train_tpo
+        from trainer.tpo.train import TPOConfig, load_latent_pairs, short_run_notes, train_tpo
         from trainer.training_run import TPO_PANELS
 
         # 1. the run folder, the LoRA file, the data (images drawn under ComfyUI's inference mode)
@@ -274,11 +274,15 @@ class TPOTrain:
                            grad_accum=grad_accum, max_steps=steps, resolution=resolution, seed=seed,
                            eval_every=save_every, save_every=save_every, log_every=1, device=str(compute),
                            tensorboard=False)
+        notes = short_run_notes(config, settings=("learning_rate", "steps", "grad_accum"))  # a short run's limits
+        for note in notes:
+            logger.warning("[promptist] TPO: %s", note)
         # 2. train a clone of MODEL outside inference mode (tensors made in it could not be trained)
         progress = TrainingProgress(out, TPO_PANELS, f"TPO ({loss})")
         try:
             with torch.inference_mode(False):
-                denoiser = ComfyDenoiser(model, clip, vae, rank=rank, device=compute)
+                with seeded(seed):  # the new LoRA's init: the same seed gives the same run
+                    denoiser = ComfyDenoiser(model, clip, vae, rank=rank, device=compute)
                 pairs = load_latent_pairs(data, denoiser, resolution=resolution, batch_size=batch_size)
                 denoiser.encode_captions([t for p in pairs.train + pairs.valid for t in (p.chosen, p.rejected)])
                 denoiser.load()
@@ -291,6 +295,7 @@ class TPOTrain:
             release_memory()
         summary = _summary("TPO", out, resume, steps=result.steps, items=count, loss=result.loss,
                            accuracy=result.accuracy, valid_accuracy=result.valid_accuracy, lora=str(lora_path))
+        summary = "\n".join([summary, *(f"note: {note}" for note in notes)])
         return (model_with_lora(model, lora_path), lora_path.name, curves_tensor(out, progress), summary)
 
 

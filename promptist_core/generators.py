@@ -16,6 +16,16 @@ from .dfprompt import MAX_STEPS
 
 # The largest image side a generator is asked for (ComfyUI's own limit is 16384; SDXL works at 1024).
 MAX_IMAGE_SIDE = 8192
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale (ComfyUI's cfg input goes to 100)
+MAX_BATCH_SIZE = 256  # images per pipeline call
+
+
+def batch_size_problem(batch_size, label: str = "batch_size") -> str | None:
+    """Why `batch_size` (images per generator call) cannot be used, or None."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        return (f"{label} must be an integer between 1 and {MAX_BATCH_SIZE} (images per generator call); "
+                f"got {batch_size!r}")
+    return None
 
 
 @runtime_checkable
@@ -35,8 +45,8 @@ def check_generate_args(prompts: Sequence[str], seeds: Sequence[int], steps: int
         raise ValueError(f"seeds must give one seed per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be an integer between 1 and {MAX_STEPS}, got {steps!r}")
-    if not guidance >= 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"guidance must be a number between 0 and {MAX_GUIDANCE:g}, got {guidance!r}")
     if len(size) != 2 or any(not isinstance(s, int) or not 8 <= s <= MAX_IMAGE_SIDE or s % 8 for s in size):
         raise ValueError(f"size must be (width, height), multiples of 8 up to {MAX_IMAGE_SIDE}, got {size!r}")
 
@@ -50,6 +60,9 @@ class DiffusersGenerator:
 
     def __init__(self, pipe, *, weight_mode: str = "a1111", negative_prompt: str | None = None,
                  batch_size: int = 8):
+        problem = batch_size_problem(batch_size)
+        if problem:
+            raise ValueError(problem)
         self.pipe = pipe
         self.weight_mode = weight_mode
         self.negative_prompt = negative_prompt
@@ -105,6 +118,9 @@ def load_diffusers_generator(spec: str, *, device: str | torch.device | None = "
     from .devices import pick_device, pick_dtype
     from .weights import WeightsNotFoundError, downloads_allowed
 
+    problem = batch_size_problem(kwargs["batch_size"]) if "batch_size" in kwargs else None
+    if problem:  # before the pipeline loads
+        raise ValueError(problem)
     target = pick_device(device)
     torch_dtype = pick_dtype(target, dtype)
     local_only = not downloads_allowed(allow_download)

@@ -270,3 +270,19 @@ def test_denoiser_targets_are_the_trainers():
     from trainer.tpo.lora import DEFAULT_TARGETS
 
     assert comfy_denoiser.DEFAULT_TARGETS == DEFAULT_TARGETS
+
+
+def test_a_short_run_at_the_default_learning_rate_says_what_it_can_show(graph, caplog):
+    """4 steps at lr 1e-5 add up to too little learning rate to move the loss: the console and the summary say so
+    in the node's words (learning_rate, steps, grad_accum), not the command line's."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="promptist"):
+        _, _, _, summary = train(graph, steps=4, learning_rate=1e-5, grad_accum=2, batch_size=6)
+    notes = [line for line in summary.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2, summary
+    assert notes[0].startswith("note: a 4-step run at lr 1e-05 adds up to a learning rate of 4e-05")  # no warmup
+    assert "near its start (ln 2 = 0.693" in notes[0] and "raise learning_rate (e.g. 1e-4) or steps" in notes[0]
+    assert "set grad_accum 1, about 2x faster per step" in notes[1] and "--" not in summary
+    said = [r.getMessage() for r in caplog.records if "TPO: " in r.getMessage()]
+    assert [s.split("TPO: ", 1)[1] for s in said] == [n[len("note: "):] for n in notes]

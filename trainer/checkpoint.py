@@ -15,8 +15,10 @@ any moment leaves the previous checkpoint intact. accelerate's `save_state` pick
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -30,6 +32,8 @@ from safetensors.torch import load_file, save_file
 from promptist_core.policy_folder import fsync_dir, fsync_tree, save_policy_folder
 
 from .config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
@@ -82,6 +86,17 @@ def counter_generator(*counters: int) -> torch.Generator:
     draws after a resume, without restoring any generator state."""
     digest = hashlib.sha256(":".join(map(str, counters)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Inside: the global torch generators seeded by `seed`; after: restored. A trainable part built inside (a new
+    LoRA's random init) is then the same in every process, whatever drew from them before (a host, another run)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -163,7 +178,32 @@ def save_checkpoint(
 
 # --- reading -------------------------------------------------------------------------------------
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (cut short by a full disk, a copy or a kill outside our atomic
+    save), or None. Reads only the header: its length, the JSON, and where the last tensor's bytes end."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is {size} bytes, shorter than a safetensors header"
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                return f"{path.name} is truncated ({size} bytes; its header alone needs {8 + length})"
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as e:
+        return f"{path.name} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(header, dict):
+        return f"{path.name} has no safetensors header"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)),
+              default=0)
+    if size != 8 + length + end:
+        return f"{path.name} is truncated ({size} bytes; its header says {8 + length + end})"
+    return None
+
+
 def read_checkpoint(folder: Path) -> Checkpoint:
+    """The checkpoint in `folder`; CheckpointError naming the file when one is missing, cut short or unreadable."""
     folder = Path(folder)
     missing = [name for name in TRAINING_FILES if not (folder / name).is_file()]
     if missing:
@@ -174,16 +214,27 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {folder}: unreadable {STATE_FILE} ({e})") from None
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {folder} has format {state.get('format')}, this trainer reads {FORMAT_VERSION}")
+    expected = {f"{name}.safetensors" for name in state.get("extra", [])}
+    missing = sorted(name for name in expected if not (folder / name).is_file())
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)})")
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {folder}: {problem}")
     return Checkpoint(folder, state)
 
 
-def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are ignored)."""
+def _step_folders(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
+    return sorted(root.glob(f"{STEP_PREFIX}*")) if root.is_dir() else []
+
+
+def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save, and folders with a
+    missing or cut-short file, are left out)."""
     found = []
-    for folder in sorted(root.glob(f"{STEP_PREFIX}*")):
+    for folder in _step_folders(run_dir):
         try:
             found.append(read_checkpoint(folder))
         except CheckpointError:
@@ -194,6 +245,26 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def resume_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint a resume continues: the newest complete one. A newer one that is damaged (a file cut
+    short or missing) is named in a warning and skipped; when the run has checkpoints but none is complete,
+    CheckpointError names the damaged file. None when the run has no checkpoint yet (it starts over)."""
+    problems = []
+    for folder in reversed(_step_folders(run_dir)):
+        try:
+            checkpoint = read_checkpoint(folder)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            logger.warning("%s; resuming from the previous complete checkpoint, %s", problem, checkpoint.folder.name)
+        return checkpoint
+    if problems:
+        raise CheckpointError(f"no complete checkpoint to resume: {problems[0]}; restore that file, or remove "
+                              f"{Path(run_dir) / 'checkpoints'} to start the run over")
+    return None
 
 
 def check_resume_settings(config, checkpoint: Checkpoint, fixed: tuple[str, ...]) -> None:

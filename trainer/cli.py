@@ -14,9 +14,30 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import add_config_arguments, build_config, format_config, overrides_from_args, read_config_file
+from promptist_core.dfprompt import MAX_STEPS
+from promptist_core.generators import MAX_BATCH_SIZE, MAX_GUIDANCE, MAX_IMAGE_SIDE
+
+from .config import (
+    add_config_arguments,
+    bounded,
+    build_config,
+    format_config,
+    overrides_from_args,
+    read_config_file,
+)
 
 EXIT_STOPPED = 130  # 2 (bad input) and 3 (weights) as in promptist_core.cli
+# The bounds of the numbers the commands without a config type take (the trainers' are their config fields'):
+# the image generators' own limits, and counts and seeds as the trainers bound them.
+MAX_COUNT = 1_000_000_000  # prompts, words, items
+SEED_MAX = 2**32 - 1
+COUNT = bounded(int, 1, MAX_COUNT)
+SEED = bounded(int, 0, SEED_MAX)
+FRACTION = bounded(float, 0, 0.99)
+STEPS = bounded(int, 1, MAX_STEPS)
+GUIDANCE = bounded(float, 0, MAX_GUIDANCE)
+SIDE = bounded(int, 8, MAX_IMAGE_SIDE, multiple_of=8)
+BATCH = bounded(int, 1, MAX_BATCH_SIZE)
 
 
 def _add_pairs(sub) -> None:
@@ -26,13 +47,16 @@ def _add_pairs(sub) -> None:
     p.add_argument("--corpus", required=True, help=".txt, .csv, .tsv, .jsonl, .parquet, or hf-dataset:OWNER/NAME/FILE")
     p.add_argument("--out", required=True, help="pairs file to write (JSONL)")
     p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
-    p.add_argument("--min-words", type=int, default=1, help="drop prompts with fewer words (default: 1)")
-    p.add_argument("--max-words", type=int, help="drop prompts with more words")
+    p.add_argument("--min-words", type=bounded(int, 0, MAX_COUNT), default=1,
+                   help="drop prompts with fewer words (default: 1)")
+    p.add_argument("--max-words", type=COUNT, help="drop prompts with more words")
     p.add_argument("--blocklist", help="text file of terms (one per line); prompts containing one are dropped")
-    p.add_argument("--limit", type=int, help="use at most this many prompts")
-    p.add_argument("--seed", type=int, default=0, help="seed of the modifier subsets and the split (default: 0)")
-    p.add_argument("--mcm-per-target", type=int, default=1, help="main content + modifiers sources per target")
-    p.add_argument("--valid-fraction", type=float, default=0.02, help="targets held out for validation (default: 0.02)")
+    p.add_argument("--limit", type=COUNT, help="use at most this many prompts")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the modifier subsets and the split (default: 0)")
+    p.add_argument("--mcm-per-target", type=bounded(int, 1, 100), default=1,
+                   help="main content + modifiers sources per target")
+    p.add_argument("--valid-fraction", type=FRACTION, default=0.02,
+                   help="targets held out for validation (default: 0.02)")
     p.add_argument("--rewrite", help="paraphrase hook: llm:<local causal LM folder> or command:<program> "
                                      "(stdin: one text per line; stdout: one rewrite per line)")
     p.add_argument("--rewrite-instruction", help="instruction for --rewrite llm:...")
@@ -71,23 +95,23 @@ def _add_tpo_data(sub) -> None:
     p.add_argument("--editor", default="rules", help="rules (default, offline), llm:<local causal LM folder> or "
                                                       "command:<program> (stdin: captions; stdout: negatives)")
     p.add_argument("--editor-instruction", help="instruction for --editor llm:... (default names the four edit types)")
-    p.add_argument("--negatives-per-caption", type=int, default=2, help="negatives per caption, one edit type each "
-                                                                        "where possible (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the edits, the split and drawn images (default: 0)")
-    p.add_argument("--valid-fraction", type=float, default=0.05, help="captions held out for validation, by "
+    p.add_argument("--negatives-per-caption", type=bounded(int, 1, 16), default=2,
+                   help="negatives per caption, one edit type each where possible (default: 2)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the edits, the split and drawn images (default: 0)")
+    p.add_argument("--valid-fraction", type=FRACTION, default=0.05, help="captions held out for validation, by "
                                                                       "caption hash (default: 0.05)")
     p.add_argument("--clip-filter", metavar="MODEL", help="keep only negatives this CLIP ranks below the caption "
                                                           "for the image (e.g. ViT-L-14/openai)")
     p.add_argument("--models-dir", help="folder of model folders (CLIP, editor LM)")
     p.add_argument("--column", default="prompt", help="--prompts: csv/tsv column, jsonl field or parquet column")
-    p.add_argument("--limit", type=int, help="--prompts: use at most this many prompts")
+    p.add_argument("--limit", type=COUNT, help="--prompts: use at most this many prompts")
     p.add_argument("--sd", help="--prompts: Stable Diffusion model (diffusers folder, Hub id or .safetensors file)")
     p.add_argument("--sd-config", help="--prompts: diffusers folder of the architecture, for a single-file --sd offline")
-    p.add_argument("--steps", type=int, default=25, help="--prompts: sampling steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="--prompts: guidance scale (default: 7.5)")
-    p.add_argument("--width", type=int, default=512, help="--prompts: image width (default: 512)")
-    p.add_argument("--height", type=int, default=512, help="--prompts: image height (default: 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="--prompts: images per generator call (default: 4)")
+    p.add_argument("--steps", type=STEPS, default=25, help="--prompts: sampling steps (default: 25)")
+    p.add_argument("--guidance", type=GUIDANCE, default=7.5, help="--prompts: guidance scale (default: 7.5)")
+    p.add_argument("--width", type=SIDE, default=512, help="--prompts: image width (default: 512)")
+    p.add_argument("--height", type=SIDE, default=512, help="--prompts: image height (default: 512)")
+    p.add_argument("--batch-size", type=BATCH, default=4, help="--prompts: images per generator call (default: 4)")
     p.add_argument("--device", default="auto", help="device for --sd, --clip-filter and llm: editors (default: auto)")
     p.set_defaults(run=_run_tpo_data)
 
@@ -166,11 +190,11 @@ def _add_tpo_eval(sub) -> None:
     p.add_argument("--lora", required=True, help="kohya-format LoRA file (.safetensors) trained on --sd")
     p.add_argument("--prompts", required=True, help="held-out prompt file, or a TPO data folder (its valid captions)")
     p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
-    p.add_argument("--n", type=int, help="evaluate on the first N prompts (default: all)")
-    p.add_argument("--images-per-prompt", type=int, default=1, help="seeds per prompt (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image seeds (default: 0)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    p.add_argument("--n", type=bounded(int, 1, MAX_COUNT), help="evaluate on the first N prompts (default: all)")
+    p.add_argument("--images-per-prompt", type=bounded(int, 1, 64), default=1, help="seeds per prompt (default: 1)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image seeds (default: 0)")
+    p.add_argument("--steps", type=STEPS, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--guidance", type=GUIDANCE, default=7.5, help="guidance scale (default: 7.5)")
     p.add_argument("--size", default="512", help="WIDTH or WIDTHxHEIGHT (default: 512)")
     p.add_argument("--clip-model", default="ViT-L-14/openai", help="CLIP for relevance and aesthetics")
     p.add_argument("--aesthetic-head", default="improved", help="LAION aesthetic head: improved, laion-v1, or a file")
@@ -225,7 +249,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--prompts", default="coco", help="coco (held-out COCO val captions, default), diffusiondb, or a "
                                                      "prompt file (.txt/.csv/.jsonl/.parquet)")
     p.add_argument("--column", default="prompt", help="csv/tsv column, jsonl field or parquet column (default: prompt)")
-    p.add_argument("--n", type=int, default=16, help="evaluate on the first N prompts (default: 16)")
+    p.add_argument("--n", type=bounded(int, 1, MAX_COUNT), default=16,
+                   help="evaluate on the first N prompts (default: 16)")
     p.add_argument("--variant", action="append", default=[], metavar="SPEC",
                    help="a column, repeatable: plain, a policy name or folder (promptist-mini, runs/sft), with "
                         "options after commas: mode=diverse|sample, seed=, keep_prompt=true, no_repeat_ngram_size=, "
@@ -235,15 +260,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--baseline", help="also compare every variant with this one (its name)")
     p.add_argument("--metric", default="total_promptist",
                    help="headline score: aesthetic, clip_cosine, relevance, pick, total_promptist (default), total_pae")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, shared by every variant (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image seeds (default: 0)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    p.add_argument("--seeds", type=bounded(int, 1, 1000), default=2,
+                   help="seeds per prompt, shared by every variant (default: 2)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image seeds (default: 0)")
+    p.add_argument("--steps", type=STEPS, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--guidance", type=GUIDANCE, default=7.5, help="guidance scale (default: 7.5)")
     p.add_argument("--size", default="512", help="WIDTH or WIDTHxHEIGHT (default: 512)")
     p.add_argument("--negative", help="negative prompt for every image")
-    p.add_argument("--batch-size", type=int, help="images per generator call (default: the variants of one prompt "
+    p.add_argument("--batch-size", type=BATCH, help="images per generator call (default: the variants of one prompt "
                                                   "and seed together)")
-    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grid.png and report.html (default: 8)")
+    p.add_argument("--grid-prompts", type=bounded(int, 1, 1000), default=8,
+                   help="prompts shown in grid.png and report.html (default: 8)")
     p.add_argument("--clip-model", default="ViT-L-14/openai", help="CLIP for relevance and aesthetics")
     p.add_argument("--aesthetic-head", default="improved", help="LAION aesthetic head: improved, laion-v1, or a file")
     p.add_argument("--pick-model", default="none", help="PickScore model (e.g. yuvalkirstain/PickScore_v1), or none")
@@ -397,7 +424,7 @@ def image_reward_from_config(config, *, models_dir=None, device: str = "auto"):
 
 def _run_ppo(args) -> int:
     from .checkpoint import latest_checkpoint
-    from .policy.ppo import PPOConfig, train_ppo
+    from .policy.ppo import PPOConfig, check_config, check_prompts, load_prompts, train_ppo
     from .policy.rewards import TextReward
     from .progress import ConsoleProgress, StopTraining
     from .runtime import runtime_from_env
@@ -409,6 +436,8 @@ def _run_ppo(args) -> int:
     if bool(config.sd) == bool(config.text_reward):
         raise ValueError("give exactly one reward: --sd MODEL (images) or --text-reward module:function")
     runtime = runtime_from_env(config.device, config.precision)
+    check_config(config)  # every setting and the prompts before the reward's models load
+    check_prompts(load_prompts(config), config, runtime.world_size)
     cache = None
     if config.text_reward:
         reward = TextReward.from_spec(config.text_reward)
@@ -445,11 +474,12 @@ def _add_tpo(sub) -> None:
 
 
 def _run_tpo(args) -> int:
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, seeded
     from .progress import ConsoleProgress, StopTraining
     from .runtime import local_runtime
+    from .tpo.data import read_tpo_data
     from .tpo.denoiser import load_diffusers_denoiser
-    from .tpo.train import TPOConfig, run_dir_for, train_tpo
+    from .tpo.train import TPOConfig, check_config, check_tpo_data, run_dir_for, short_run_notes, train_tpo
 
     config = _settings(TPOConfig, args, run_dir_of=run_dir_for)
     if args.print_config:
@@ -461,12 +491,17 @@ def _run_tpo(args) -> int:
                          "the LoRA file to write)")
     if not Path(config.data).expanduser().exists():
         raise ValueError(f"data folder {config.data} does not exist; build one with: python -m trainer tpo-data")
+    check_config(config)  # every setting, then the data file, before the model loads
+    check_tpo_data(read_tpo_data(config.data))
+    for note in short_run_notes(config):  # what a short run can show
+        logging.getLogger("trainer.tpo").warning(note)
     runtime = local_runtime(config.device, config.precision)
-    denoiser = load_diffusers_denoiser(
-        config.sd, device=runtime.device, dtype=None if config.precision == "auto" else config.precision,
-        config_folder=config.sd_config, rank=config.rank, alpha=config.alpha,
-        targets=[t.strip() for t in config.targets.split(",") if t.strip()],
-        gradient_checkpointing=config.gradient_checkpointing)
+    with seeded(config.seed):  # the new LoRA's init: the same seed gives the same run in any process
+        denoiser = load_diffusers_denoiser(
+            config.sd, device=runtime.device, dtype=None if config.precision == "auto" else config.precision,
+            config_folder=config.sd_config, rank=config.rank, alpha=config.alpha,
+            targets=[t.strip() for t in config.targets.split(",") if t.strip()],
+            gradient_checkpointing=config.gradient_checkpointing)
     checkpoint = latest_checkpoint(run_dir_for(config)) if args.resume else None
     progress = ConsoleProgress(config.max_steps, initial=checkpoint.step if checkpoint else 0, desc="tpo",
                                enabled=not args.no_progress, shown=("loss", "accuracy", "valid_accuracy"))
@@ -484,8 +519,15 @@ def _run_tpo(args) -> int:
 COMMANDS = (_add_pairs, _add_sft, _add_ppo, _add_tpo, _add_tpo_data, _add_tpo_eval, _add_evaluate)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, as every other bad input (the usage is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train prompt policies (promptist).")
+    parser = OneLineParser(prog="python -m trainer", description="Train prompt policies (promptist).")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -23,9 +24,81 @@ class ConfigError(ValueError):
     """A config file or flag that cannot be used; the message names the key and the problem."""
 
 
-def option(default: Any, doc: str, *, choices: tuple | None = None) -> Any:
-    """A config field: its default, a one-line doc, and the allowed values if there is a fixed set."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+def option(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, above: bool = False) -> Any:
+    """A config field: its default, a one-line doc, the allowed values if there is a fixed set, and for numbers
+    the allowed range: `low` to `high` inclusive (`above`: strictly more than `low`, as for a learning rate)."""
+    bounds = None if low is None and high is None else (low, high, above)
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "bounds": bounds})
+
+
+def allowed_range(low: float | None, high: float | None, above: bool = False) -> str:
+    """`low`..`high` in words, as the error messages say it."""
+    lo = None if low is None else f"{low:g}"
+    hi = None if high is None else f"{high:g}"
+    if lo is not None and hi is not None:
+        return f"more than {lo} and at most {hi}" if above else f"between {lo} and {hi}"
+    if lo is not None:
+        return f"more than {lo}" if above else f"at least {lo}"
+    return f"at most {hi}"
+
+
+def out_of_range(value: Any, low: float | None, high: float | None, above: bool = False) -> str | None:
+    """"must be ...; got ..." when the number `value` is not finite or out of range, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number {allowed_range(low, high, above)}; got {value}"
+    if (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+        return f"must be {allowed_range(low, high, above)}; got {value:g}"
+    return None
+
+
+def range_problem(name: str, value: Any, low: float | None, high: float | None, above: bool = False) -> str | None:
+    """Why the number `value` of setting `name` is not allowed (not finite, or out of range), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    problem = out_of_range(value, low, high, above)
+    return f"'{name}' {problem}" if problem else None
+
+
+def bounded(kind: type, low: float | None, high: float | None, *, above: bool = False, multiple_of: int = 1):
+    """An argparse `type` for a number flag of a command without a config type: `kind` (int or float), finite,
+    in range and a multiple of `multiple_of`, else argparse's error naming the flag and the allowed range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
+                                             f"{allowed_range(low, high, above)}; got {text!r}") from None
+        problem = out_of_range(value, low, high, above)
+        if problem is None and multiple_of > 1 and value % multiple_of:
+            problem = f"must be a multiple of {multiple_of} {allowed_range(low, high, above)}; got {value:g}"
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def bounds_problem(config) -> tuple[str, str] | None:
+    """(setting, why) for the first number of `config` that is not finite or out of its field's range, or None."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        bounds = f.metadata.get("bounds")
+        if isinstance(value, float) and not math.isfinite(value) and bounds is None:
+            return f.name, f"'{f.name}' must be a finite number; got {value}"
+        problem = range_problem(f.name, value, *bounds) if bounds else None
+        if problem:
+            return f.name, problem
+    return None
+
+
+def check_bounds(config) -> None:
+    """Every number of `config` finite and in its field's range (ConfigError naming the setting and the range).
+    `build_config` calls it, and so does each trainer (a host that builds the config itself gets the same checks)."""
+    found = bounds_problem(config)
+    if found:
+        raise ConfigError(found[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +208,12 @@ def build_config(cls: type[C], *layers: tuple[str, dict]) -> C:
                 close = difflib.get_close_matches(name, infos, n=1)
                 raise ConfigError(f"{where}: unknown setting '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             values[name] = _coerce(infos[name], value, where)
-    return cls(**values)
+    config = cls(**values)
+    found = bounds_problem(config)
+    if found:  # named with where the value came from (a file, the command line, a resumed run)
+        where = next((w for w, m in reversed(layers) if found[0] in {str(k).replace("-", "_") for k in m}), None)
+        raise ConfigError(f"{where}: {found[1]}" if where else found[1])
+    return config
 
 
 def config_to_dict(config) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,3 +157,35 @@ def step_plan(items: int, micro_batch: int, accumulation: int, devices: int, *, 
         return plan, None
     return plan, (f"the data ({items} {what}) is smaller than one step ({per_step}): every step goes over it "
                   f"{per_step / max(items, 1):.1f} times; for data this small set {setting} to {suggestion}")
+
+
+# What a run's learning rates add up to (the sum over its steps) must reach before its loss moves visibly. Measured
+# on the tiny TPO test task (notes/harden-train.md): the TDPO loss moved from ln 2 by about 100 x that sum (8 steps
+# at 1e-5 with the default 100-step warmup: sum 3.6e-6, loss 0.6929; at 1e-4 without warmup: 8e-4, 0.630; 64 steps
+# at 1e-4: 6.4e-3, 0.39). Below this sum a run cannot show more than a loss near its start.
+SHORT_RUN_TOTAL_LR = 5e-4
+LOSS_MOVE_PER_TOTAL_LR = 100.0  # the measured slope above, loss per unit of summed learning rate
+QUICK_LOOK_STEPS = 100  # runs this short are quick looks: the accumulation hint applies
+
+
+def short_run_notes(learning_rates: Sequence[float], accumulation: int, *, lr: float, warmup_steps: int = 0,
+                    start_loss: str,
+                    settings: tuple[str, str, str] = ("--lr", "--max-steps", "--grad-accum")) -> list[str]:
+    """What a short run can show, said at its start: a run whose learning rates sum to little ends with the loss
+    near its start (TPO's default lr 1e-5 over a few steps), and a quick look pays for every accumulated
+    micro-batch. `learning_rates`: the rate of every step (`lr` after `warmup_steps`); `settings`: the host's
+    names of lr, steps and accumulation."""
+    lr_name, steps_name, accum_name = settings
+    steps, total = len(learning_rates), float(sum(learning_rates))
+    notes = []
+    if total < SHORT_RUN_TOTAL_LR:
+        warmup = f" (still in its {warmup_steps}-step warmup)" if warmup_steps >= steps else \
+            (f" (after a {warmup_steps}-step warmup)" if warmup_steps else "")
+        notes.append(f"a {steps}-step run at lr {lr:g}{warmup} adds up to a learning rate of {total:.2g}: expect "
+                     f"the loss to end near its start ({start_loss}; a tiny test model moved "
+                     f"{LOSS_MOVE_PER_TOTAL_LR * total:.2g} at this total) and the implicit accuracy to say little; "
+                     f"for a quick check raise {lr_name} (e.g. 1e-4) or {steps_name}")
+    if accumulation > 1 and steps <= QUICK_LOOK_STEPS:
+        notes.append(f"each step accumulates {accumulation} micro-batches ({accum_name} {accumulation}): for a "
+                     f"quick look set {accum_name} 1, about {accumulation}x faster per step")
+    return notes

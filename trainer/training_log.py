@@ -44,7 +44,9 @@ class TrainingLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                # a resumed run hides the events a killed process wrote after its checkpoint
+                purge = resume_step + 1 if resume_step is not None else None
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except Exception:  # tensorboard is not installed: CSV and PNG only
                 self._tb = None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptist_core.dfprompt import MAX_STEPS
+from promptist_core.generators import MAX_GUIDANCE, MAX_IMAGE_SIDE
 from promptist_core.optimizer import REPHRASE_SUFFIX
 
 from ..checkpoint import (
@@ -38,9 +41,10 @@ from ..checkpoint import (
     load_extra,
     publish_model_files,
     restore_training_state,
+    resume_checkpoint,
     save_checkpoint,
 )
-from ..config import ConfigError, config_to_dict, option
+from ..config import ConfigError, check_bounds, config_to_dict, option
 from ..progress import StepCallback, StopTraining, stop_requested
 from ..runtime import PRECISIONS, Runtime, adamw, local_runtime
 from ..training_log import CURVES_FILE, TrainingLog
@@ -69,50 +73,67 @@ class PPOConfig:
     policy: str | None = option(None, "The SFT policy to start from and to stay near (folder, name or Hub id).")
     out: str | None = option(None, "Output folder: ends as the trained policy's model folder, with checkpoints/, "
                              "train_log.csv, samples.jsonl and curves.png.")
-    iterations: int = option(1000, "PPO iterations (rollout batch + 4 epochs each).")
-    batch_size: int = option(8, "Prompts per rollout batch on each device (reference: 8 x 32 GPUs = 256).")
-    minibatch_size: int = option(0, "Prompts per PPO minibatch; 0 = the whole rollout batch (the reference).")
-    ppo_epochs: int = option(4, "Passes over each rollout batch.")
-    lr: float = option(5e-5, "AdamW learning rate (constant, as in the reference).")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.95, "AdamW beta2 (reference: 0.95).")
-    weight_decay: float = option(0.0, "AdamW weight decay (the reference meant 1e-6 and ran torch's 0.01 by mistake).")
-    grad_clip: float = option(0.0, "Clip the gradient norm to this; 0 = off, as in the reference (1.0 is safer).")
+    iterations: int = option(1000, "PPO iterations (rollout batch + 4 epochs each).", low=1, high=10_000_000)
+    batch_size: int = option(8, "Prompts per rollout batch on each device (reference: 8 x 32 GPUs = 256).",
+                             low=1, high=1024)
+    minibatch_size: int = option(0, "Prompts per PPO minibatch; 0 = the whole rollout batch (the reference).",
+                                 low=0, high=1024)
+    ppo_epochs: int = option(4, "Passes over each rollout batch.", low=1, high=100)
+    lr: float = option(5e-5, "AdamW learning rate (constant, as in the reference).",
+                       low=0, high=1, above=True)
+    adam_beta1: float = option(0.9, "AdamW beta1.", low=0, high=0.9999)
+    adam_beta2: float = option(0.95, "AdamW beta2 (reference: 0.95).", low=0, high=0.999999)
+    weight_decay: float = option(0.0, "AdamW weight decay (the reference meant 1e-6 and ran torch's 0.01 by mistake).",
+                                 low=0, high=1)
+    grad_clip: float = option(0.0, "Clip the gradient norm to this; 0 = off, as in the reference (1.0 is safer).",
+                              low=0, high=1e6)
     trainable_top_blocks: int = option(2, "Train only the top N transformer blocks and the final norm, embeddings "
-                                       "frozen (reference: 2); 0 = train everything.")
-    beta: float = option(0.2, "KL penalty coefficient toward the SFT reference (reference: 0.2, effectively fixed).")
+                                       "frozen (reference: 2); 0 = train everything.", low=0, high=1000)
+    beta: float = option(0.2, "KL penalty coefficient toward the SFT reference (reference: 0.2, effectively fixed).",
+                         low=0, high=1000)
     kl_controller: str = option("fixed", "fixed beta, or adaptive (Ziegler et al.) toward `kl_target`.",
                                 choices=KL_CONTROLLERS)
-    kl_target: float = option(6.0, "Adaptive controller: target KL to the reference, in nats per rewrite.")
-    kl_horizon: int = option(10000, "Adaptive controller: horizon in rewrites.")
+    kl_target: float = option(6.0, "Adaptive controller: target KL to the reference, in nats per rewrite.",
+                              low=0, high=1e6, above=True)
+    kl_horizon: int = option(10000, "Adaptive controller: horizon in rewrites.", low=1, high=1_000_000_000)
     advantage: str = option("gae", "gae: a value model and GAE (the reference); rloo: no value model, each "
                             "rewrite's reward minus the mean of its prompt's other rewrites (less memory).",
                             choices=ADVANTAGES)
-    rloo_samples: int = option(4, "rloo: rewrites per prompt (at least 2; distinct beam candidates or samples).")
-    gamma: float = option(1.0, "GAE discount.")
-    lam: float = option(0.95, "GAE lambda.")
-    clip_range: float = option(0.2, "PPO ratio clip.")
-    value_clip_range: float = option(0.2, "Value prediction clip around the rollout's values.")
-    vf_coef: float = option(2.3, "Value loss weight (reference: 2.3).")
+    rloo_samples: int = option(4, "rloo: rewrites per prompt (at least 2; distinct beam candidates or samples).",
+                               low=2, high=64)
+    gamma: float = option(1.0, "GAE discount.", low=0, high=1)
+    lam: float = option(0.95, "GAE lambda.", low=0, high=1)
+    clip_range: float = option(0.2, "PPO ratio clip.", low=0, high=10, above=True)
+    value_clip_range: float = option(0.2, "Value prediction clip around the rollout's values.",
+                                     low=0, high=1e6, above=True)
+    vf_coef: float = option(2.3, "Value loss weight (reference: 2.3).", low=0, high=1e6)
     rollout: str = option("beam", "beam: diverse beam search, one candidate at random (the reference); "
                           "sample: top-k/top-p sampling (on-policy).", choices=ROLLOUTS)
-    num_beam_groups: int = option(16, "Beam rollouts: groups of one beam each (reference: 16).")
-    diversity_penalty: float = option(1.0, "Beam rollouts: penalty on tokens earlier groups chose (reference: 1.0).")
-    top_k: int = option(0, "Sample rollouts: top-k (0 = off).")
-    top_p: float = option(1.0, "Sample rollouts: nucleus probability.")
-    min_new_tokens: int = option(15, "Rewrite length limit is drawn per batch from [min_new_tokens, max_new_tokens].")
-    max_new_tokens: int = option(75, "Upper end of the per-batch length limit (reference: 75).")
+    num_beam_groups: int = option(16, "Beam rollouts: groups of one beam each (reference: 16).",
+                                  low=1, high=64)
+    diversity_penalty: float = option(1.0, "Beam rollouts: penalty on tokens earlier groups chose (reference: 1.0).",
+                                      low=0, high=1e6)
+    top_k: int = option(0, "Sample rollouts: top-k (0 = off).", low=0, high=1_000_000)
+    top_p: float = option(1.0, "Sample rollouts: nucleus probability.", low=0, high=1, above=True)
+    min_new_tokens: int = option(15, "Rewrite length limit is drawn per batch from [min_new_tokens, max_new_tokens].",
+                                 low=1, high=512)
+    max_new_tokens: int = option(75, "Upper end of the per-batch length limit (reference: 75).",
+                                 low=1, high=512)
     keep_prompt: bool | None = option(None, "Rollouts start with the plain prompt verbatim and the policy writes only "
                                       "what follows (trained and KL-penalised on those tokens alone); empty: the "
                                       "policy's own setting (on for the bundled policy, off for microsoft/Promptist).")
     no_repeat_ngram_size: int | None = option(None, "Rollouts never repeat an n-gram of the written tokens (0 = off); "
-                                              "empty: the policy's own setting (3 for the bundled policy).")
+                                              "empty: the policy's own setting (3 for the bundled policy).",
+                                              low=0, high=64)
     reference_device: str = option("same", "Where the frozen reference runs: same (as the policy) or cpu (saves VRAM).",
                                    choices=("same", "cpu"))
-    save_every: int = option(50, "Checkpoint every this many iterations (and at the end and on stop).")
-    keep_checkpoints: int = option(2, "Newest checkpoints kept.")
-    sample_every: int = option(10, "Write the batch's (plain, rewrite, reward) rows to samples.jsonl this often.")
-    seed: int = option(0, "Seed of prompt order, rollout lengths, candidate picks and image seeds.")
+    save_every: int = option(50, "Checkpoint every this many iterations (and at the end and on stop).",
+                             low=0, high=10_000_000)
+    keep_checkpoints: int = option(2, "Newest checkpoints kept.", low=1, high=1000)
+    sample_every: int = option(10, "Write the batch's (plain, rewrite, reward) rows to samples.jsonl this often.",
+                               low=0, high=10_000_000)
+    seed: int = option(0, "Seed of prompt order, rollout lengths, candidate picks and image seeds.",
+                       low=0, high=2**32 - 1)
     device: str = option("auto", "auto, gpu, cpu or a torch device.")
     precision: str = option("auto", "auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16.",
                             choices=PRECISIONS)
@@ -126,12 +147,14 @@ class PPOConfig:
     preset: str = option("auto", "Reward preset: promptist (aesthetic delta + relevance), pae (aesthetic + "
                          "relevance + PickScore), or auto: pae with `dfprompt`, else promptist.", choices=PRESETS)
     cosine_floor: float | None = option(0.0, "Clamp the CLIP cosine at this before the relevance term (LMOps' code "
-                                        "clamps at 0; the paper's formula has no clamp: empty).")
-    images_per_prompt: int = option(2, "Images per prompt, the plain prompt's with the same seeds (code: 2, paper: 3).")
-    image_steps: int = option(20, "Sampling steps per image (DPM-Solver++).")
-    guidance: float = option(7.5, "Classifier-free guidance scale.")
-    width: int = option(512, "Image width.")
-    height: int = option(512, "Image height.")
+                                        "clamps at 0; the paper's formula has no clamp: empty).",
+                                        low=-1, high=1)
+    images_per_prompt: int = option(2, "Images per prompt, the plain prompt's with the same seeds (code: 2, paper: 3).",
+                                    low=1, high=64)
+    image_steps: int = option(20, "Sampling steps per image (DPM-Solver++).", low=1, high=MAX_STEPS)
+    guidance: float = option(7.5, "Classifier-free guidance scale.", low=0, high=MAX_GUIDANCE)
+    width: int = option(512, "Image width.", low=8, high=MAX_IMAGE_SIDE)
+    height: int = option(512, "Image height.", low=8, high=MAX_IMAGE_SIDE)
     clip_model: str = option("ViT-L-14/openai", "CLIP for relevance and aesthetics.")
     aesthetic_head: str = option("improved", "LAION aesthetic head: improved, laion-v1, or a file.")
     pick_model: str | None = option(None, "PickScore model (the pae preset loads the default when empty).")
@@ -139,11 +162,12 @@ class PPOConfig:
     valid_every: int = option(50, "Validate at iteration 0, every this many iterations and at the end: plain vs the "
                               "current policy on `valid_prompts`, the same seeds each time, by `trainer evaluate`'s "
                               "evaluation; grids in samples/iter-NNNNNN/, valid_reward in the log. 0 = off. Text "
-                              "rewards have no images: no validation.")
+                              "rewards have no images: no validation.", low=0, high=10_000_000)
     valid_prompts: str = option("coco", "Validation prompts: coco (the shipped held-out COCO val2017 captions), "
                                 "diffusiondb, or a prompt file; the first `valid_count` are used.")
-    valid_count: int = option(8, "Validation prompts used.")
-    valid_seeds: int = option(1, "Validation images per prompt (seeds derived from `seed`, shared by both variants).")
+    valid_count: int = option(8, "Validation prompts used.", low=1, high=10_000)
+    valid_seeds: int = option(1, "Validation images per prompt (seeds derived from `seed`, shared by both variants).",
+                              low=1, high=64)
     keep_best_valid: bool = option(False, "Also keep the policy with the best held-out reward in best/ (the "
                                    "iteration-0 SFT policy included), with best/valid.json.")
     # DF-Prompt policy (PAE stage 2)
@@ -151,13 +175,16 @@ class PPOConfig:
                             "sample a class too (one joint action, each part's ratio clipped); the reward sees "
                             "the DF-Prompt. Start from `sft --dfprompt-heads true` (new heads otherwise).")
     beta_weight: float = option(0.02, "DF-Prompt: KL coefficient of the weight head toward the reference's "
-                                "(exact categorical KL; PAE: 0.02).")
-    beta_range: float = option(0.02, "DF-Prompt: KL coefficient of the range head (PAE: 0.02).")
+                                "(exact categorical KL; PAE: 0.02).", low=0, high=1000)
+    beta_range: float = option(0.02, "DF-Prompt: KL coefficient of the range head (PAE: 0.02).",
+                               low=0, high=1000)
     head_entropy: float = option(0.05, "DF-Prompt: bonus on the heads' entropy per decision (PAE: none). Their "
                                  "advantages are whitened, so it means the same for any reward scale; without it "
-                                 "a head can settle on 1.25 before it ever draws 1.5 (the prior gives it 0.1%).")
+                                 "a head can settle on 1.25 before it ever draws 1.5 (the prior gives it 0.1%).",
+                                 low=0, high=1000)
     head_lr: float | None = option(None, "DF-Prompt: AdamW learning rate of the two heads (empty: `lr`); tiny "
-                                   "linear maps may take a larger one than the LM.")
+                                   "linear maps may take a larger one than the LM.",
+                                   low=0, high=1, above=True)
 
 
 @dataclass
@@ -447,31 +474,22 @@ def adaptive_beta(beta: float, kl_per_rewrite: float, rewrites: int, target: flo
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def check_config(config: PPOConfig, runtime: Runtime) -> None:
+def check_config(config: PPOConfig, runtime: Runtime | None = None) -> None:
+    """Every setting, before any model loads (the command line calls it before the reward's models)."""
     if not config.out or not config.prompts or not config.policy:
         raise ConfigError("`prompts`, `policy` and `out` are required")
-    for name in ("iterations", "batch_size", "ppo_epochs", "num_beam_groups", "min_new_tokens", "keep_checkpoints",
-                 "images_per_prompt", "image_steps", "kl_horizon"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"'{name}' must be at least 1; got {getattr(config, name)}")
-    if config.max_new_tokens < config.min_new_tokens or config.max_new_tokens > 512:
-        raise ConfigError(f"need min_new_tokens <= max_new_tokens <= 512; got {config.min_new_tokens}, "
+    check_bounds(config)  # every number finite and in its range (the fields' bounds)
+    if config.max_new_tokens < config.min_new_tokens:
+        raise ConfigError(f"need min_new_tokens <= max_new_tokens; got {config.min_new_tokens} and "
                           f"{config.max_new_tokens}")
-    if config.minibatch_size < 0 or (config.minibatch_size and config.batch_size % config.minibatch_size):
+    if config.minibatch_size and config.batch_size % config.minibatch_size:
         raise ConfigError(f"minibatch_size ({config.minibatch_size}) must divide batch_size ({config.batch_size})")
-    if config.batch_size > 1024 or config.iterations > 10_000_000 or config.num_beam_groups > 64:
-        raise ConfigError("batch_size <= 1024, iterations <= 10000000 and num_beam_groups <= 64, please")
-    if config.advantage == "rloo" and not 2 <= config.rloo_samples <= 64:
-        raise ConfigError(f"rloo needs rloo_samples between 2 and 64; got {config.rloo_samples}")
     if config.advantage == "rloo" and config.rollout == "beam" and config.rloo_samples > config.num_beam_groups:
         raise ConfigError(f"rloo_samples ({config.rloo_samples}) cannot exceed num_beam_groups ({config.num_beam_groups})")
-    if config.lr <= 0 or config.beta < 0 or config.kl_target <= 0 or config.grad_clip < 0:
-        raise ConfigError("need lr > 0, beta >= 0, kl_target > 0 and grad_clip >= 0")
-    if config.valid_every < 0 or not 1 <= config.valid_count <= 10_000 or not 1 <= config.valid_seeds <= 64:
-        raise ConfigError("need valid_every >= 0, 1 <= valid_count <= 10000 and 1 <= valid_seeds <= 64")
-    if config.beta_weight < 0 or config.beta_range < 0 or config.head_entropy < 0 or \
-            (config.head_lr is not None and config.head_lr <= 0):
-        raise ConfigError("need beta_weight >= 0, beta_range >= 0, head_entropy >= 0 and head_lr > 0")
+    for name in ("width", "height"):
+        if getattr(config, name) % 8:
+            raise ConfigError(f"'{name}' must be a multiple of 8 between 8 and {MAX_IMAGE_SIDE}; "
+                              f"got {getattr(config, name)}")
 
 
 def policy_decoding(config: PPOConfig, models_dir=None):
@@ -495,6 +513,18 @@ def load_prompts(config: PPOConfig) -> list[str]:
     from .corpus import read_corpus
 
     return read_corpus(config.prompts, column=config.column).prompts
+
+
+def check_prompts(prompts: Sequence[str], config: PPOConfig, world_size: int = 1) -> None:
+    """Refuse prompts fewer than one rollout batch: every batch is rolled out whole (a smaller one would change
+    the run's statistics and its resume), so the message says both ways out instead of shrinking the batch."""
+    per_step = config.batch_size * world_size
+    if len(prompts) < per_step:
+        devices = f"{world_size} device{'s' if world_size > 1 else ''}"
+        raise ConfigError(f"{config.prompts}: {len(prompts)} prompt{'s are' if len(prompts) != 1 else ' is'} fewer "
+                          f"than one batch (batch_size {config.batch_size} x {devices}; a rollout batch is used whole): "
+                          f"give at least {per_step} prompts, or set batch_size to "
+                          f"{max(1, len(prompts) // world_size)}")
 
 
 VALID_DIR = "samples"
@@ -577,16 +607,13 @@ def train_ppo(
     if checkpoints and not resume:
         raise ConfigError(f"{out} already holds a run (checkpoint at iteration {checkpoints[-1].step}); pass --resume "
                           "to continue it, or choose another output folder")
-    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    checkpoint = resume_checkpoint(out) if resume else None
+    # 1. prompts (before the policy is looked for)
+    prompts = load_prompts(config)
+    check_prompts(prompts, config, runtime.world_size)
     decoding = policy_decoding(config, models_dir)  # before the resume check: it fills two settings in
     if checkpoint is not None:
         check_resume_settings(config, checkpoint, RESUME_FIXED)
-
-    # 1. prompts
-    prompts = load_prompts(config)
-    if len(prompts) < config.batch_size * runtime.world_size:
-        raise ConfigError(f"{len(prompts)} prompts are fewer than one batch ({config.batch_size} x "
-                          f"{runtime.world_size} devices)")
 
     # 2. models: policy (from the checkpoint when resuming), value model, frozen SFT reference; dropout off
     torch.manual_seed(config.seed)
@@ -641,6 +668,8 @@ def train_ppo(
     log = TrainingLog(out, LOG_COLUMNS + (DF_COLUMNS if heads is not None else ()), tensorboard=config.tensorboard,
                       enabled=runtime.is_main,
                       resume_step=state["step"] if checkpoint else None)
+    if runtime.is_main:
+        _trim_samples(out, state["step"])
     per_step = config.batch_size * runtime.world_size
     stream = micro_batches([1] * len(prompts), per_step, config.seed, 1, state["cursor"], drop_last=True)
     pad_id = tokenizer.eos_token_id
@@ -839,6 +868,26 @@ def train_ppo(
     runtime.barrier()
     log.close()
     return PPOResult(out, state["step"], metrics.get("reward"), metrics.get("kl"), policy, tokenizer)
+
+
+def _trim_samples(out: Path, step: int) -> None:
+    """Drop the samples.jsonl rows of iterations after `step` (the checkpoint resumed, 0 for a run that starts
+    over): a process killed after writing them would otherwise leave them twice in the file."""
+    path = out / "samples.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a row cut short by the kill
+            continue
+    if kept != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _write_samples(out: Path, iteration: int, plains, rewrites, scored) -> None:

@@ -30,9 +30,10 @@ from ..checkpoint import (
     list_checkpoints,
     publish_model_files,
     restore_training_state,
+    resume_checkpoint,
     save_checkpoint,
 )
-from ..config import ConfigError, config_to_dict, option
+from ..config import ConfigError, check_bounds, config_to_dict, option
 from ..progress import StepCallback, StopTraining, stop_requested
 from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step, step_plan
 from ..training_log import CURVES_FILE, TrainingLog
@@ -59,36 +60,49 @@ class SFTConfig:
                        "Hugging Face id (openai-community/gpt2, microsoft/Promptist).")
     out: str | None = option(None, "Output folder: ends as a model folder PromptOptimizer loads; also holds "
                              "checkpoints/, best/, last/, train_log.csv and curves.png.")
-    max_steps: int = option(15000, "Optimizer steps (paper: 15k).")
-    batch_size: int = option(16, "Pairs per forward pass on each device.")
+    max_steps: int = option(15000, "Optimizer steps (paper: 15k).", low=1, high=10_000_000)
+    batch_size: int = option(16, "Pairs per forward pass on each device.", low=1, high=4096)
     effective_batch_size: int = option(256, "Pairs per optimizer step, by accumulation over micro-batches and "
-                                       "devices (paper: 256); a multiple of batch_size x devices.")
-    lr: float = option(5e-5, "Peak learning rate of AdamW (paper: 5e-5).")
+                                       "devices (paper: 256); a multiple of batch_size x devices.",
+                                       low=1, high=1 << 20)
+    lr: float = option(5e-5, "Peak learning rate of AdamW (paper: 5e-5).", low=0, high=1, above=True)
     lr_schedule: str = option("linear", "After warmup: constant, linear decay to 0, or cosine decay to 0.",
                               choices=LR_SCHEDULES)
-    warmup_steps: int = option(100, "Linear warmup steps from 0 to `lr`.")
-    weight_decay: float = option(0.0, "AdamW weight decay on matrices (never on biases and norms).")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.999, "AdamW beta2.")
-    adam_eps: float = option(1e-8, "AdamW epsilon.")
-    grad_clip: float = option(1.0, "Clip the gradient norm to this after fp16 unscaling; 0 turns clipping off.")
+    warmup_steps: int = option(100, "Linear warmup steps from 0 to `lr`.", low=0, high=10_000_000)
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices (never on biases and norms).",
+                                 low=0, high=1)
+    adam_beta1: float = option(0.9, "AdamW beta1.", low=0, high=0.9999)
+    adam_beta2: float = option(0.999, "AdamW beta2.", low=0, high=0.999999)
+    adam_eps: float = option(1e-8, "AdamW epsilon.", low=0, high=1, above=True)
+    grad_clip: float = option(1.0, "Clip the gradient norm to this after fp16 unscaling; 0 turns clipping off.",
+                              low=0, high=1e6)
     max_length: int | None = option(None, "Longest pair in tokens (source, ' Rephrase:', target, eos); longer "
-                                    "pairs are skipped and counted. Empty: the model's context.")
+                                    "pairs are skipped and counted. Empty: the model's context.",
+                                    low=2, high=1_000_000)
     length_buckets: int = option(32, "Batches drawn from one pool sorted by length, so pairs of similar length "
-                                 "share a batch (less padding); 1 = plain random batches.")
-    valid_fraction: float = option(0.02, "Share of targets held out for validation when the pairs carry no split.")
-    mcm_per_target: int = option(1, "With `corpus`: main-content-plus-modifiers sources per target.")
-    eval_every: int = option(500, "Validation loss every this many steps (and at the end); 0 = only at the end.")
-    save_every: int = option(500, "Checkpoint every this many steps (and at the end and on stop).")
-    keep_checkpoints: int = option(2, "Newest checkpoints kept in checkpoints/ (best/ and last/ are separate).")
+                                 "share a batch (less padding); 1 = plain random batches.",
+                                 low=1, high=100_000)
+    valid_fraction: float = option(0.02, "Share of targets held out for validation when the pairs carry no split.",
+                                   low=0, high=0.99)
+    mcm_per_target: int = option(1, "With `corpus`: main-content-plus-modifiers sources per target.",
+                                 low=1, high=100)
+    eval_every: int = option(500, "Validation loss every this many steps (and at the end); 0 = only at the end.",
+                             low=0, high=10_000_000)
+    save_every: int = option(500, "Checkpoint every this many steps (and at the end and on stop).",
+                             low=0, high=10_000_000)
+    keep_checkpoints: int = option(2, "Newest checkpoints kept in checkpoints/ (best/ and last/ are separate).",
+                                   low=1, high=1000)
     select: str = option("best", "Weights the output folder holds at the end: best (lowest validation loss; the "
                          "paper keeps a slightly under-fitted one), last, or step (`select_step`).", choices=SELECTIONS)
-    select_step: int = option(0, "With select = step: the checkpoint step to publish (kept from deletion).")
-    seed: int = option(0, "Seed of data order and dropout; the same seed gives the same run.")
+    select_step: int = option(0, "With select = step: the checkpoint step to publish (kept from deletion).",
+                              low=0, high=10_000_000)
+    seed: int = option(0, "Seed of data order and dropout; the same seed gives the same run.",
+                       low=0, high=2**32 - 1)
     device: str = option("auto", "auto, gpu, cpu or a torch device (data parallel runs use their rank's GPU).")
     precision: str = option("auto", "auto (bf16 or fp16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16.",
                             choices=PRECISIONS)
-    log_every: int = option(10, "Write the training loss to the log every this many steps.")
+    log_every: int = option(10, "Write the training loss to the log every this many steps.",
+                            low=1, high=10_000_000)
     tensorboard: bool = option(True, "Also write TensorBoard events (when tensorboard is installed).")
     dfprompt_heads: bool = option(False, "Also train a DF-Prompt policy's weight and range heads (PAE stage 1): "
                                   "cross-entropy toward PAE's prior (68% weight 1.0 / range 0-1, 16% each "
@@ -312,19 +326,7 @@ def check_config(config: SFTConfig, runtime: Runtime) -> int:
     """Validate sizes; returns micro-batches per device per step."""
     if not config.out:
         raise ConfigError("`out` is required: the folder the trained model goes to")
-    for name in ("max_steps", "batch_size", "effective_batch_size", "length_buckets",
-                 "keep_checkpoints", "log_every"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"'{name}' must be at least 1; got {getattr(config, name)}")
-    for name in ("warmup_steps", "eval_every", "save_every", "select_step"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"'{name}' must be 0 or more; got {getattr(config, name)}")
-    if config.max_length is not None and config.max_length < 2:
-        raise ConfigError(f"'max_length' must be at least 2; got {config.max_length}")
-    if config.lr <= 0 or config.grad_clip < 0 or not 0 <= config.valid_fraction < 1:
-        raise ConfigError("need lr > 0, grad_clip >= 0 and 0 <= valid_fraction < 1")
-    if config.batch_size > 4096 or config.effective_batch_size > 1 << 20 or config.max_steps > 10_000_000:
-        raise ConfigError("batch_size <= 4096, effective_batch_size <= 1048576 and max_steps <= 10000000, please")
+    check_bounds(config)  # every number finite and in its range (the fields' bounds)
     per_step = config.batch_size * runtime.world_size
     if config.effective_batch_size % per_step:
         raise ConfigError(f"effective_batch_size ({config.effective_batch_size}) must be a multiple of batch_size x "
@@ -351,7 +353,7 @@ def train_sft(
     if checkpoints and not resume:
         raise ConfigError(f"{out} already holds a run (checkpoint step {checkpoints[-1].step}); pass --resume to "
                           "continue it, or choose another output folder")
-    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    checkpoint = resume_checkpoint(out) if resume else None
     if checkpoint is not None:
         check_resume_settings(config, checkpoint, RESUME_FIXED)
         logger.info("resuming %s from step %d", out, checkpoint.step)

@@ -147,8 +147,13 @@ def held_out_prompts(spec: str | Path, *, column: str = "prompt", limit: int | N
 def parse_size(text: str) -> tuple[int, int]:
     """`512` or `768x512` (width x height) -> (width, height)."""
     width, _, height = text.lower().partition("x")
+    from promptist_core.generators import MAX_IMAGE_SIDE
+
     try:
         size = (int(width), int(height or width))
     except ValueError:
         raise ValueError(f"--size must be WIDTH or WIDTHxHEIGHT (e.g. 512 or 768x512); got {text!r}") from None
+    if any(not 8 <= side <= MAX_IMAGE_SIDE or side % 8 for side in size):
+        raise ValueError(f"--size: width and height must be multiples of 8 between 8 and {MAX_IMAGE_SIDE}; "
+                         f"got {text!r}")
     return size

@@ -33,18 +33,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from promptist_core.generators import MAX_IMAGE_SIDE
+
 from ..checkpoint import (
     check_resume_settings,
     counter_generator,
     list_checkpoints,
     load_extra,
     restore_training_state,
+    resume_checkpoint,
     save_checkpoint,
 )
-from ..config import ConfigError, config_to_dict, option
+from ..config import ConfigError, check_bounds, config_to_dict, option
 from ..policy.sft import micro_batches
 from ..progress import StepCallback, StopTraining, stop_requested
 from ..runtime import PRECISIONS, Runtime, adamw, local_runtime, optimizer_step, step_plan
+from ..runtime import short_run_notes as runtime_short_run_notes
 from ..training_log import CURVES_FILE, TrainingLog
 from .denoiser import Denoiser
 
@@ -80,35 +84,44 @@ class TPOConfig:
     beta: float | None = option(None, "Strength of the preference (inverse temperature). TDPO uses Salesforce "
                                 "Diffusion-DPO's convention, -beta/2 inside the sigmoid: beta 5000 here equals "
                                 "diffusers' train_diffusion_dpo.py --beta_dpo 2500. TKTO: Diffusion-KTO's "
-                                "beta_dpo. Empty: 5000 for tdpo, 1000 for tkto.")
+                                "beta_dpo. Empty: 5000 for tdpo, 1000 for tkto.", low=0, high=1e7, above=True)
     negative_clip: float | None = option(None, "TPO's clipping of the negative term, in our reading of the "
                                          "paper (unverified): D(c_l) enters the loss as min(D(c_l), this), so once "
                                          "the LoRA's error under the wrong caption is this much above the base "
-                                         "model's it stops paying to raise it. Empty: no clip.")
-    rank: int = option(8, "LoRA rank (diffusers' DPO recipe: 8).")
-    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha / rank. Empty: alpha = rank.")
+                                         "model's it stops paying to raise it. Empty: no clip.",
+                                         low=-1e6, high=1e6)
+    rank: int = option(8, "LoRA rank (diffusers' DPO recipe: 8).", low=1, high=1024)
+    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha / rank. Empty: alpha = rank.",
+                                 low=0, high=1e6, above=True)
     targets: str = option("to_q,to_k,to_v,to_out.0", "Comma-separated ends of the UNet Linear layers that get a "
                           "LoRA (the attention projections, as diffusers' DPO recipe and kohya).")
-    lr: float = option(1e-5, "AdamW learning rate of the LoRA (diffusers' DPO recipe: 1e-5), constant after warmup.")
-    warmup_steps: int = option(100, "Linear warmup steps from 0 to `lr`.")
-    weight_decay: float = option(1e-2, "AdamW weight decay (Salesforce Diffusion-DPO: 1e-2).")
+    lr: float = option(1e-5, "AdamW learning rate of the LoRA (diffusers' DPO recipe: 1e-5), constant after warmup.",
+                       low=0, high=1, above=True)
+    warmup_steps: int = option(100, "Linear warmup steps from 0 to `lr`.", low=0, high=10_000_000)
+    weight_decay: float = option(1e-2, "AdamW weight decay (Salesforce Diffusion-DPO: 1e-2).", low=0, high=1)
     batch_size: int = option(4, "Caption pairs per forward pass (each pair runs the UNet 4 times: 2 captions x "
-                             "LoRA on/off).")
+                             "LoRA on/off).", low=1, high=1024)
     grad_accum: int = option(4, "Micro-batches per optimizer step. The paper-scale effective batch (2048) is out "
-                             "of reach for most users; larger is steadier.")
-    max_steps: int = option(1000, "Optimizer steps.")
-    grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
-    timestep_min: int = option(0, "Smallest training timestep drawn (uniformly).")
-    timestep_max: int | None = option(None, "Largest training timestep drawn. Empty: the model's last (999).")
+                             "of reach for most users; larger is steadier.", low=1, high=4096)
+    max_steps: int = option(1000, "Optimizer steps.", low=1, high=10_000_000)
+    grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 turns clipping off.", low=0, high=1e6)
+    timestep_min: int = option(0, "Smallest training timestep drawn (uniformly).", low=0, high=100_000)
+    timestep_max: int | None = option(None, "Largest training timestep drawn. Empty: the model's last (999).",
+                                      low=0, high=100_000)
     resolution: int = option(512, "Images are resized (shorter side) and centre-cropped to this square before "
-                             "encoding (SD 1.x: 512, SD 2.x: 768, SDXL: 1024).")
-    seed: int = option(0, "Seed of pair order, noise and timesteps; the same seed gives the same run.")
+                             "encoding (SD 1.x: 512, SD 2.x: 768, SDXL: 1024).", low=64, high=MAX_IMAGE_SIDE)
+    seed: int = option(0, "Seed of pair order, noise and timesteps; the same seed gives the same run.",
+                       low=0, high=2**32 - 1)
     eval_every: int = option(100, "Held-out implicit accuracy every this many steps (and at the end); 0 = only "
-                             "at the end.")
-    max_valid_pairs: int = option(256, "Validation pairs used for the held-out accuracy (the first ones).")
-    save_every: int = option(100, "Checkpoint every this many steps (and at the end and on stop).")
-    keep_checkpoints: int = option(2, "Newest checkpoints kept in the run folder's checkpoints/.")
-    log_every: int = option(10, "Write training metrics to the log every this many steps.")
+                             "at the end.", low=0, high=10_000_000)
+    max_valid_pairs: int = option(256, "Validation pairs used for the held-out accuracy (the first ones).",
+                                  low=0, high=1_000_000)
+    save_every: int = option(100, "Checkpoint every this many steps (and at the end and on stop).",
+                             low=0, high=10_000_000)
+    keep_checkpoints: int = option(2, "Newest checkpoints kept in the run folder's checkpoints/.",
+                                   low=1, high=1000)
+    log_every: int = option(10, "Write training metrics to the log every this many steps.",
+                            low=1, high=10_000_000)
     device: str = option("auto", "auto, gpu, cpu or a torch device.")
     precision: str = option("auto", "Base model weights and autocast: auto (bf16 or fp16 on GPU, fp32 on CPU), "
                             "fp32, bf16, fp16. The LoRA itself always trains in fp32.", choices=PRECISIONS)
@@ -308,6 +321,15 @@ def lr_at(step: int, config: TPOConfig) -> float:
     return config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
 
 
+def short_run_notes(config: TPOConfig,
+                    settings: tuple[str, str, str] = ("--lr", "--max-steps", "--grad-accum")) -> list[str]:
+    """What this run can show if it is short (runtime.short_run_notes), as each host says it at the start (the
+    command line logs it, the ComfyUI node logs it and puts it in its summary); `settings` in the host's words."""
+    start = "ln 2 = 0.693" if config.loss == "tdpo" else "1.0"
+    return runtime_short_run_notes([lr_at(s, config) for s in range(config.max_steps)], config.grad_accum,
+                                   lr=config.lr, warmup_steps=config.warmup_steps, start_loss=start, settings=settings)
+
+
 def run_dir_for(config: TPOConfig) -> Path:
     """`run_dir`, else DATA/runs/<out's name>, else (training on latents in hand) <out>-tpo-run beside it."""
     if config.run_dir:
@@ -318,27 +340,29 @@ def run_dir_for(config: TPOConfig) -> Path:
     return out.with_name(out.stem + "-tpo-run")
 
 
-def check_config(config: TPOConfig, num_train_timesteps: int) -> tuple[int, int]:
-    """Validate; returns the timestep range (inclusive)."""
+def check_config(config: TPOConfig, num_train_timesteps: int | None = None) -> tuple[int, int]:
+    """Validate; returns the timestep range (inclusive). Without the model's `num_train_timesteps` (the command line,
+    before any model loads) the timestep range is checked against the fields' bounds only."""
+    check_bounds(config)  # every number finite and in its range (the fields' bounds)
     if not config.out and not config.run_dir:
         raise ConfigError("`out` is required: the LoRA file to write (e.g. my_tpo.safetensors)")
     if config.out and Path(config.out).suffix.lower() != ".safetensors":
         raise ConfigError(f"`out` must be a .safetensors file (the LoRA); got {config.out!r}")
-    for name in ("rank", "batch_size", "grad_accum", "max_steps", "keep_checkpoints", "log_every", "resolution"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"'{name}' must be at least 1; got {getattr(config, name)}")
-    for name in ("warmup_steps", "eval_every", "save_every", "max_valid_pairs"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"'{name}' must be 0 or more; got {getattr(config, name)}")
-    if config.lr <= 0 or config.grad_clip < 0 or (config.beta is not None and config.beta <= 0):
-        raise ConfigError("need lr > 0, beta > 0 and grad_clip >= 0")
     if config.resolution % 8:
-        raise ConfigError(f"'resolution' must be a multiple of 8; got {config.resolution}")
-    high = num_train_timesteps - 1 if config.timestep_max is None else config.timestep_max
-    if not 0 <= config.timestep_min <= high <= num_train_timesteps - 1:
-        raise ConfigError(f"need 0 <= timestep_min <= timestep_max <= {num_train_timesteps - 1}; got "
+        raise ConfigError(f"'resolution' must be a multiple of 8 between 64 and {MAX_IMAGE_SIDE}; "
+                          f"got {config.resolution}")
+    last = 100_000 if num_train_timesteps is None else num_train_timesteps - 1
+    high = last if config.timestep_max is None else config.timestep_max
+    if not 0 <= config.timestep_min <= high <= last:
+        raise ConfigError(f"need 0 <= timestep_min <= timestep_max <= {last}; got "
                           f"{config.timestep_min} and {config.timestep_max}")
     return config.timestep_min, high
+
+
+def check_tpo_data(items) -> None:
+    """A data folder's items (`data.read_tpo_data`) hold a training pair: said before the model loads."""
+    if not any(item.split != "valid" and item.negatives for item in items):
+        raise ConfigError("the data holds no training pairs (every item is in the valid split, or has no negative)")
 
 
 def train_tpo(
@@ -364,7 +388,7 @@ def train_tpo(
     if checkpoints and not resume:
         raise ConfigError(f"{run_dir} already holds a run (checkpoint step {checkpoints[-1].step}); pass --resume to "
                           "continue it, or choose another output")
-    checkpoint = checkpoints[-1] if (resume and checkpoints) else None
+    checkpoint = resume_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         check_resume_settings(config, checkpoint, RESUME_FIXED)
         logger.info("resuming %s from step %d", run_dir, checkpoint.step)
