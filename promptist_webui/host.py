@@ -56,3 +56,17 @@ def expose_to_options_api(options: dict) -> None:
         kind = typemap.get(type(info.default), type(info.default)) if info.default else Any
         fields[key] = (kind | None, Field(default=info.default, description=info.label))
     api_models.OptionsModel = create_model("Options", __base__=model, **fields)
+
+
+def ensure_temp_dir() -> None:
+    """Create the webui's folder for images shown in the UI (Settings → "Directory for temporary images") if
+    it is missing, so the Train and Evaluate tabs' curve and grid images can be shown.
+
+    Forge Neo's default is `<data dir>/tmp`, made only when the setting is changed (or by a gradio theme cache
+    under the webui's own folder): with `--data-dir` it does not exist, and gradio's answer to a Train button
+    failed with `FileNotFoundError: .../tmp/tmpXXXX.png` after the run had saved. A1111 1.10's default is
+    empty (the system temp folder).
+    """
+    folder = getattr(getattr(shared, "opts", None), "data", {}).get("temp_dir") if shared else None
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)

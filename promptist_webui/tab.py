@@ -17,7 +17,15 @@ from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
 from .errors import PromptistError, as_user_error, dfprompt_message
 from .evaluate import METRICS, PROMPT_SETS, default_out, evaluate_in_webui
-from .host import devices, expose_to_options_api, gr, models_dirs, shared, wrap_gradio_gpu_call
+from .host import (
+    devices,
+    ensure_temp_dir,
+    expose_to_options_api,
+    gr,
+    models_dirs,
+    shared,
+    wrap_gradio_gpu_call,
+)
 from .infotext import TITLE
 from .optimize import clean_rewrite, loaded_optimizer, sampler_steps, split_for_policy, unique
 from .score import loaded_scorer
@@ -247,6 +255,8 @@ def _evaluate_section():
 
 def on_ui_tabs():
     from modules import infotext_utils
+
+    ensure_temp_dir()
 
     with gr.Blocks(analytics_enabled=False) as tab, gr.Tabs():
         with gr.Tab("Optimize"), gr.Row():
