@@ -67,6 +67,8 @@ def ensure_temp_dir() -> None:
     failed with `FileNotFoundError: .../tmp/tmpXXXX.png` after the run had saved. A1111 1.10's default is
     empty (the system temp folder).
     """
-    folder = getattr(getattr(shared, "opts", None), "data", {}).get("temp_dir") if shared else None
+    opts = getattr(shared, "opts", None)
+    # The attribute gives the default where config.json has no value (opts.data holds only what was loaded).
+    folder = getattr(opts, "temp_dir", None) or getattr(opts, "data", {}).get("temp_dir")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)

@@ -37,3 +37,12 @@ def test_an_empty_temporary_images_setting_creates_nothing(monkeypatch, tmp_path
     before = set(tmp_path.iterdir())
     build_tab(monkeypatch, tmp_path, {"temp_dir": ""})
     assert set(tmp_path.iterdir()) == before
+
+
+def test_the_default_temporary_images_folder_is_created_when_config_json_has_none(monkeypatch, tmp_path):
+    """The webui's `opts.temp_dir` answers the setting's default when config.json (`opts.data`) lacks it."""
+    temp = tmp_path / "neo-data" / "tmp"
+    webui = load_script_in_fake_webui(ROOT / "scripts" / "promptist.py", monkeypatch, tmp_path / "models", {})
+    webui.host.shared.opts.temp_dir = str(temp)  # as Options.__getattr__ gives data_labels' default
+    webui.host.ensure_temp_dir()
+    assert temp.is_dir()
