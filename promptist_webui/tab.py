@@ -17,7 +17,15 @@ from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
 from .errors import PromptistError, as_user_error, dfprompt_message
 from .evaluate import METRICS, PROMPT_SETS, default_out, evaluate_in_webui
-from .host import devices, gr, models_dirs, shared, wrap_gradio_gpu_call
+from .host import (
+    devices,
+    ensure_temp_dir,
+    expose_to_options_api,
+    gr,
+    models_dirs,
+    shared,
+    wrap_gradio_gpu_call,
+)
 from .infotext import TITLE
 from .optimize import clean_rewrite, loaded_optimizer, sampler_steps, split_for_policy, unique
 from .score import loaded_scorer
@@ -248,6 +256,8 @@ def _evaluate_section():
 def on_ui_tabs():
     from modules import infotext_utils
 
+    ensure_temp_dir()
+
     with gr.Blocks(analytics_enabled=False) as tab, gr.Tabs():
         with gr.Tab("Optimize"), gr.Row():
             with gr.Column():
@@ -282,10 +292,13 @@ def _policy_choices() -> dict:
     return {"choices": policy_names(models_dirs(shared.models_path), (DEFAULT_OPTIMIZER_MODEL, current))}
 
 def on_ui_settings():
+    options = {}
     for key, default, label, choices in SETTINGS:
         component, args, extra = (gr.Radio, {"choices": list(choices)}, {}) if choices else (None, None, {})
         if key == "promptist_model":
             component = functools.partial(gr.Dropdown, allow_custom_value=True)  # a Hub id may be typed
             args, extra = _policy_choices, {"refresh": lambda: None}
-        shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SETTINGS_SECTION,
-                                                      category_id=SETTINGS_CATEGORY, **extra))
+        options[key] = shared.OptionInfo(default, label, component, args, section=SETTINGS_SECTION,
+                                         category_id=SETTINGS_CATEGORY, **extra)
+        shared.opts.add_option(key, options[key])
+    expose_to_options_api(options)

@@ -17,8 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("transformers==4.30.2", "tokenizers==0.13.3", "huggingface_hub<1.0", "safetensors==0.4.*")
-# Forge Neo ("neo-2.26") pins transformers 4.56.2, which requires tokenizers >=0.22,<=0.23.0 and huggingface_hub <1.0.
-TRANSFORMERS_456 = ("transformers==4.56.2", "tokenizers==0.22.*", "huggingface_hub>=0.34,<1.0", "safetensors==0.4.*")
+# Forge Neo ("neo-2.26") as built from its requirements.txt (/work/hosts/neo, pip freeze): transformers 4.56.2,
+# tokenizers 0.22.2, huggingface_hub 0.36.2, safetensors 0.7.0.
+TRANSFORMERS_456 = ("transformers==4.56.2", "tokenizers==0.22.2", "huggingface_hub==0.36.2", "safetensors==0.7.0")
+# Forge Neo's diffusers pin, for the headless paths (DF-Prompt rendering, image generators); in Neo itself our
+# code never imports diffusers (Neo's own backend does). diffusers 0.37 imports httpx, which this environment's
+# huggingface_hub 2.x does not bring: Neo's httpx and what it needs come with it.
+DIFFUSERS_0371 = ("diffusers==0.37.1", "httpx==0.24.1", "httpcore==0.17.3", "h11==0.14.0", "sniffio==1.3.1")
 OPEN_CLIP_220 = ("open_clip_torch==2.20.0",)  # pure Python; its other imports (ftfy, regex) are ours
 READY = ".promptist-ready"
 
@@ -43,8 +48,9 @@ class OverlayPython:
 
 def install_overlay(site: Path, packages: tuple[str, ...]) -> str | None:
     """Install `packages` (without dependencies) into `site` once; None when ready, else why pip could not."""
-    if (site / READY).is_file():
-        return None
+    wanted = " ".join(packages) + "\n"
+    if (site / READY).is_file() and (site / READY).read_text(encoding="utf-8") == wanted:
+        return None  # installed before with these very pins (changed pins reinstall)
     site.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
            "--upgrade", "--target", str(site), *packages]
@@ -55,5 +61,5 @@ def install_overlay(site: Path, packages: tuple[str, ...]) -> str | None:
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
         return f"pip could not install {' '.join(packages)}: {lines[-1] if lines else done.returncode}"
-    (site / READY).write_text(" ".join(packages) + "\n", encoding="utf-8")
+    (site / READY).write_text(wanted, encoding="utf-8")
     return None

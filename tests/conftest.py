@@ -162,11 +162,13 @@ def transformers_overlay(request, cache_name: str, packages: tuple[str, ...], ve
 
 @pytest.fixture(scope="session")
 def transformers456_python(request):
-    """A Python with transformers 4.56.2 + tokenizers 0.22 (Forge Neo's pins) over this environment; cached like
-    transformers430, skipped with pip's reason when it cannot be installed."""
-    from builders_transformers430 import TRANSFORMERS_456
+    """A Python with Forge Neo's pins over this environment: transformers 4.56.2, tokenizers 0.22.2,
+    huggingface_hub 0.36.2, safetensors 0.7.0 and diffusers 0.37.1 (one overlay for the optimizer, scoring,
+    SFT and the headless renderer); cached like transformers430, skipped with pip's reason when it cannot be
+    installed."""
+    from builders_transformers430 import DIFFUSERS_0371, TRANSFORMERS_456
 
-    return transformers_overlay(request, "transformers456", TRANSFORMERS_456, "4.56")
+    return transformers_overlay(request, "transformers456", TRANSFORMERS_456 + DIFFUSERS_0371, "4.56")
 
 
 @pytest.fixture(scope="session")
