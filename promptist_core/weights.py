@@ -68,6 +68,61 @@ class UnreadableWeightsError(WeightsNotFoundError):
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
+class UnfinishedRunError(WeightsNotFoundError):
+    """A models-folder entry that is a training run stopped before its first finished model: it holds
+    checkpoints (`checkpoints/step-N/`, each a complete model folder for the policy trainers) but no model
+    at its top level yet. Hosts reword `resume` (how to continue there); `last_checkpoint` loads as it is."""
+
+    def __init__(self, name: str, folder: Path, last_checkpoint: Path, step: int, resume: str | None = None):
+        self.name, self.folder, self.last_checkpoint, self.step = name, Path(folder), Path(last_checkpoint), step
+        if resume is None:  # the command line's way; hosts pass their own (with_resume)
+            trainer = _run_trainer(self.last_checkpoint)
+            resume = (f"run `python -m trainer {trainer or '<its trainer>'} --out {folder} --resume` with the "
+                      "run's other settings")
+        super().__init__(
+            f"model '{name}' ({folder}) is an unfinished training run: it has checkpoints (the last at step {step}) "
+            f"but no finished model yet. To finish it, {resume}; it continues from step {step}. Or load its "
+            f"last checkpoint as it is: {last_checkpoint}",
+            reason="it is an unfinished training run")
+
+    def with_resume(self, resume: str) -> UnfinishedRunError:
+        """The same error, saying how this host continues a run."""
+        return UnfinishedRunError(self.name, self.folder, self.last_checkpoint, self.step, resume)
+
+
+# A run's checkpoints as the trainers write them (trainer/checkpoint.py: `checkpoints/step-0000007/`, with
+# trainer_state.json written last, so a folder holding it is complete).
+RUN_CHECKPOINTS_DIR = "checkpoints"
+RUN_STEP_PREFIX = "step-"
+RUN_STATE_FILE = "trainer_state.json"
+
+
+def _run_trainer(checkpoint: Path) -> str | None:
+    """The trainer that wrote a checkpoint (`sft`, `ppo`, ...), from its trainer_state.json."""
+    try:
+        trainer = json.loads((checkpoint / RUN_STATE_FILE).read_text(encoding="utf-8")).get("trainer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return trainer if isinstance(trainer, str) and re.fullmatch(r"[a-z-]+", trainer) else None
+
+
+def unfinished_run_checkpoint(folder: Path, required: tuple[tuple[str, ...], ...] = (("config.json",),)) -> tuple[Path, int] | None:
+    """(last checkpoint, its step) when `folder` is a training run whose top level lacks `required` but whose
+    newest complete checkpoint has them; else None."""
+    root = Path(folder) / RUN_CHECKPOINTS_DIR
+    if _folder_has(Path(folder), required) or not root.is_dir():
+        return None
+    steps = []
+    for step_dir in root.glob(f"{RUN_STEP_PREFIX}*"):
+        number = step_dir.name[len(RUN_STEP_PREFIX):]
+        if number.isdigit() and (step_dir / RUN_STATE_FILE).is_file() and _folder_has(step_dir, required):
+            steps.append((int(number), step_dir))
+    if not steps:
+        return None
+    step, last = max(steps)
+    return last, step
+
+
 def unreadable_weights_problem(error: BaseException) -> str | None:
     """What is wrong with a weights file, from the error a loader raised; None if the error is not about that.
 
@@ -354,6 +409,9 @@ def resolve(
             log.add("models folder", folder)
             if _folder_has(folder, required):
                 return folder
+            unfinished = unfinished_run_checkpoint(folder, required)
+            if unfinished is not None:  # "put the model files here" would be wrong advice for a run's folder
+                raise UnfinishedRunError(name, folder, *unfinished)
 
     # 3. the policy that ships with promptist (a user's own folder of that name, found above, wins)
     if name == BUNDLED_POLICY:
