@@ -50,9 +50,22 @@ class WeightsNotFoundError(FileNotFoundError):
     """A model could not be found locally and could not (or may not) be downloaded. `reason`, when set: why
     not, in a few words ("downloads are disabled (...)"), for callers that say it in their own sentence."""
 
-    def __init__(self, message: str, reason: str | None = None):
+    def __init__(self, message: str, reason: str | None = None, *, put_in: Path | None = None,
+                 files: str | None = None, source: str | None = None):
         super().__init__(message)
         self.reason = reason
+        # Where the files go, which ones, and where to get them: for a message that names several models.
+        self.put_in, self.files, self.source = put_in, files, source
+
+    def where_to_put(self) -> str:
+        """'put FILES in FOLDER (from URL)' in one line; the message's first line when that is not known."""
+        if self.put_in is None:
+            return str(self).strip().splitlines()[0] if str(self).strip() else type(self).__name__
+        return f"put {self.files or 'its files'} in {self.put_in}" + (f" (from {self.source})" if self.source else "")
+
+    def carried_over(self, message: str) -> WeightsNotFoundError:
+        """A reworded error that keeps where the files go."""
+        return WeightsNotFoundError(message, self.reason, put_in=self.put_in, files=self.files, source=self.source)
 
 
 class UnreadableWeightsError(WeightsNotFoundError):
@@ -450,7 +463,7 @@ def resolve(
         f"Put the model files ({needed}, plus the tokenizer files) in: {target}"
         + (f"\n(download them from https://huggingface.co/{name})" if is_hub_id else "")
         + (f"\n{OFFLINE_HINT}" if tried else ""),
-        reason=why,
+        reason=why, put_in=target, files=needed, source=f"https://huggingface.co/{name}" if is_hub_id else None,
     )
 
 
@@ -486,7 +499,7 @@ def resolve_tokenizer(model_folder: Path, name: str, *, models_dir=None, allow_d
         return resolve(known.tokenizer_repo_id, models_dir=models_dir, allow_download=allow_download,
                        required=TOKENIZER_FILES)
     except WeightsNotFoundError as e:
-        raise WeightsNotFoundError(
+        raise e.carried_over(
             f"{e}\nAlternatively copy GPT-2's tokenizer files (vocab.json, merges.txt) into {model_folder}."
         ) from None
 
@@ -558,7 +571,8 @@ def resolve_file(
     raise WeightsNotFoundError(
         f"weights file '{filename}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
         f"Put the file in: {dirs[0] / filename}" + (f"\n(download it from {known.url})" if known else "")
-        + (f"\n{OFFLINE_HINT}" if tried else "")
+        + (f"\n{OFFLINE_HINT}" if tried else ""),
+        reason=why, put_in=dirs[0], files=filename, source=known.url if known else None,
     )
 
 

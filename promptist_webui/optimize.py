@@ -18,6 +18,7 @@ from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 from .errors import CONTROL_CHARACTERS, check_dfprompts, guarded
 from .host import IN_WEBUI, devices, gr, models_dirs, scripts, shared
 from .infotext import EXTRA_NETWORK_TAG, INFOTEXT_DFPROMPT, INFOTEXT_MODE, INFOTEXT_ORIGINAL, TITLE
+from .job_models import models_ready, plan
 
 
 def clean_rewrite(text: str) -> str:
@@ -137,10 +138,14 @@ def render_dfprompt_processing(p, *, steps: int | None = None, hires_steps: int 
     return changed
 
 
+def policy_name(settings: dict) -> str:
+    """The policy the settings name (the Settings page's "Optimizer model")."""
+    return settings.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
+
+
 def loaded_optimizer() -> PromptOptimizer:
     device = "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
-    name = shared.opts.data.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
-    return load_optimizer(name, models_dir=models_dirs(shared.models_path), device=device)
+    return load_optimizer(policy_name(shared.opts.data), models_dir=models_dirs(shared.models_path), device=device)
 
 def sampler_steps(sampler_name: str | None, steps: int) -> int:
     """Steps as the webui's prompt schedule counts them: model calls (twice the steps for 2nd-order samplers)."""
@@ -171,12 +176,16 @@ if IN_WEBUI:
                                     (enabled, lambda params: INFOTEXT_MODE in params)]
             return [enabled, mode, trim]
 
+        def before_process(self, p, enabled=False, *args):
+            if enabled:
+                plan(p, optimize=True)  # checked with the scoring models before either runs (job_models)
+
         def process(self, p, enabled=False, mode="beam", trim=False, *args):
             # Three independent steps: a failure in one stops the job (stop_job) but never skips another,
             # so a DF block is rendered (or reported) even when the optimizer model cannot load.
             if not guarded(p, "checking the DF-Prompts", lambda: check_dfprompts(p)):
                 return  # optimizing and rendering would only fail on the same block again
-            if enabled:
+            if enabled and models_ready(p, shared.opts.data, models_dirs(shared.models_path)):
                 guarded(p, "optimizing the prompt",
                         lambda: optimize_processing(p, loaded_optimizer(), mode=mode, trim=trim))
             guarded(p, "rendering the DF-Prompts", lambda: render_dfprompt_processing(
