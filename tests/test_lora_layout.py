@@ -9,6 +9,7 @@ extensions-builtin/Lora/networks.py `convert_diffusers_name_to_compvis`; where t
 from __future__ import annotations
 
 import ast
+import logging
 import os
 from pathlib import Path
 
@@ -139,3 +140,22 @@ def test_true_compvis_name_is_the_layer_comfyui_maps_the_module_to(build, layout
             assert true_compvis_name(kohya_name(path), layout) == expected, path
             checked += 1
     assert checked > 10
+
+
+def test_saving_a_lora_that_a1111_would_misplace_warns_naming_how_many_modules(tmp_path, caplog):
+    from safetensors import safe_open
+
+    from trainer.tpo.lora import save_kohya_lora
+
+    loras = attach_lora(tiny_unet(), 2, 2.0)
+    with caplog.at_level(logging.WARNING, logger="trainer.tpo.lora"):
+        path = save_kohya_lora(tmp_path / "tiny.safetensors", loras, {"promptist_unet_layout": TINY.to_json()})
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("promptist: this LoRA's UNet has [1, 1] ResNets per level") and "ComfyUI and Forge" in said
+    with safe_open(str(path), "pt") as f:
+        assert UNetLayout.from_json(f.metadata()["promptist_unet_layout"]) == TINY
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.tpo.lora"):
+        save_kohya_lora(tmp_path / "sd15.safetensors", attach_lora(sd15_shaped_unet(), 2, 2.0),
+                        {"promptist_unet_layout": SD15.to_json()})
+    assert caplog.records == []

@@ -204,6 +204,9 @@ def test_saved_lora_reproduces_the_trained_outputs_in_a_fresh_unet(tdpo_run, tex
     meta = json.loads(json.dumps(_metadata(result.lora)))
     assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1" and meta["ss_steps"] == "60"
     assert json.loads(meta["promptist_config"])["loss"] == "tdpo"
+    from trainer.tpo.lora_layout import UNetLayout
+
+    assert UNetLayout.from_json(meta["promptist_unet_layout"]) == UNetLayout.from_diffusers_config(denoiser.unet.config)
     x = data.latents[:4]
     t = torch.tensor([500, 600, 800, 999])
     cond = denoiser.encode_text(["a red car", "a blue boat", "a red star", "a blue tree"])

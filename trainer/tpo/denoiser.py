@@ -25,6 +25,7 @@ from torch import nn
 from promptist_core.quiet import no_fp32_cast_note
 
 from .lora import DEFAULT_TARGETS, adapters_enabled, attach_lora, save_kohya_lora
+from .lora_layout import LAYOUT_METADATA_KEY, UNetLayout
 
 
 @runtime_checkable
@@ -218,7 +219,8 @@ class DiffusersDenoiser:
                                                                 "stable-diffusion-v1")
         meta = {"ss_base_model_version": version, "ss_v2": str(width == 1024 and not self.sdxl),
                 "ss_sd_model_name": self.base_model, "modelspec.architecture": f"{arch}/lora",
-                "modelspec.sai_model_spec": "1.0.0"}
+                "modelspec.sai_model_spec": "1.0.0",
+                LAYOUT_METADATA_KEY: UNetLayout.from_diffusers_config(self.unet.config).to_json()}
         model_hash = self._base_hash() if self._base_hash is not None else None
         if model_hash:
             meta["ss_sd_model_hash"] = model_hash
