@@ -112,11 +112,16 @@ def loaded_layers(sd_model) -> set[str] | None:
 
 
 def forge_layout(sd_model) -> UNetLayout | None:
-    try:
-        config = sd_model.forge_objects.unet.model.model_config.unet_config
-        return UNetLayout.from_ldm_unet_config(config)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
+    """The loaded checkpoint's block layout in Forge: its UNet's guessed `unet_config` (backend/loader.py sets it
+    as the UNet's `config`; the model's guess object holds it too)."""
+    unet = getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None), "model", None)
+    for config in (getattr(getattr(unet, "diffusion_model", None), "config", None),
+                   getattr(getattr(unet, "config", None), "unet_config", None)):
+        try:
+            return UNetLayout.from_ldm_unet_config(dict(config))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+    return None
 
 
 def lora_warnings(prompts, sd_model, lora_dirs) -> list[str]:

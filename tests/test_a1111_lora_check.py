@@ -72,3 +72,22 @@ def test_our_sd15_lora_on_the_tiny_checkpoint_is_warned_about(webui, monkeypatch
     p = Job("a red horse <lora:sd15-tpo:1>")
     run_process_hook(webui.PromptistScript(), p, False, "beam", False)
     assert "dropped" in p.extra_generation_params["Promptist LoRA warning"]
+
+
+def test_on_forge_only_a_lora_of_another_block_layout_is_warned_about(webui, monkeypatch):
+    # Forge classic maps LoRA names through the checkpoint's guessed unet_config (its UNet's `config`), so our tiny
+    # LoRA loads whole on the tiny checkpoint there (seen: "Loaded ... with 56 keys ... (skipped 0 keys)").
+    save_ours(webui.loras, "tiny-tpo", tiny_unet(), TINY)
+    save_ours(webui.loras, "sd15-tpo", sd15_shaped_unet(), SD15)
+    tiny_config = {"num_res_blocks": [1, 1], "channel_mult": [1, 1], "transformer_depth": [1, 0],
+                   "transformer_depth_middle": 1}
+    forge = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(
+        diffusion_model=SimpleNamespace(config=tiny_config)))))
+    monkeypatch.setattr(webui.host.shared, "sd_model", forge)
+    p = Job("a red horse <lora:tiny-tpo:1>")
+    run_process_hook(webui.PromptistScript(), p, False, "beam", False)
+    assert "Promptist LoRA warning" not in p.extra_generation_params
+    p = Job("a red horse <lora:sd15-tpo:1>")
+    run_process_hook(webui.PromptistScript(), p, False, "beam", False)
+    assert p.extra_generation_params["Promptist LoRA warning"].startswith(
+        "LoRA 'sd15-tpo' was trained on a UNet of another block layout")
