@@ -80,8 +80,8 @@ def forge_lora_warning(name: str, metadata: dict, loaded: UNetLayout | None) -> 
     trained = UNetLayout.from_json(metadata[LAYOUT_METADATA_KEY])
     if trained == loaded:
         return None
-    return (f"LoRA '{name}' was trained on a UNet of another block layout ({trained.to_json()}; this checkpoint: "
-            f"{loaded.to_json()}): its modules do not all load. A TPO LoRA fits the UNet layout it was trained on")
+    return (f"LoRA '{name}' was trained on a UNet of another block layout ({trained.describe()}; this checkpoint: "
+            f"{loaded.describe()}): its modules do not all load. A TPO LoRA fits the UNet layout it was trained on")
 
 
 def lora_file(name: str, lora_dirs) -> Path | None:

@@ -90,4 +90,5 @@ def test_on_forge_only_a_lora_of_another_block_layout_is_warned_about(webui, mon
     p = Job("a red horse <lora:sd15-tpo:1>")
     run_process_hook(webui.PromptistScript(), p, False, "beam", False)
     assert p.extra_generation_params["Promptist LoRA warning"].startswith(
-        "LoRA 'sd15-tpo' was trained on a UNet of another block layout")
+        "LoRA 'sd15-tpo' was trained on a UNet of another block layout (4 levels of 2 ResNets, attention at levels "
+        "1, 2, 3; this checkpoint: 2 levels of 1 ResNet, attention at level 1)")

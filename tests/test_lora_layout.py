@@ -98,6 +98,8 @@ def test_the_layout_reads_the_same_from_a_diffusers_config_and_from_comfyuis_une
     assert UNetLayout.from_ldm_unet_config({"num_res_blocks": [1, 1], "channel_mult": [1, 1],
                                             "transformer_depth": [1, 0], "transformer_depth_middle": 1}) == TINY
     assert UNetLayout.from_json(TINY.to_json()) == TINY
+    assert SD15.describe() == "4 levels of 2 ResNets, attention at levels 1, 2, 3"
+    assert TINY.describe() == "2 levels of 1 ResNet, attention at level 1"
 
 
 def _functions_from(path, names: set[str], prelude: str) -> dict:

@@ -45,6 +45,15 @@ class UNetLayout:
     def levels(self) -> int:
         return len(self.layers_per_block)
 
+    def describe(self) -> str:
+        """'2 levels of 1 ResNet, attention at levels 1, 2': for messages."""
+        counts = sorted(set(self.layers_per_block))
+        per = (f"{counts[0]} ResNet{'s' if counts[0] != 1 else ''}" if len(counts) == 1
+               else f"{list(self.layers_per_block)} ResNets")
+        levels = [str(i + 1) for i, a in enumerate(self.attention) if a]
+        return (f"{self.levels} levels of {per}, attention at level{'s' if len(levels) != 1 else ''} "
+                f"{', '.join(levels) or 'none'}")
+
     def to_json(self) -> str:
         return json.dumps({"layers_per_block": list(self.layers_per_block), "attention": list(self.attention),
                            "mid_attention": self.mid_attention}, separators=(",", ":"))
