@@ -358,5 +358,12 @@ class ComfyDenoiser:
         version = "sdxl_base_v1-0" if sdxl else ("sd_v2" if width == 1024 else "sd_v1")
         arch = "stable-diffusion-xl-v1-base" if sdxl else ("stable-diffusion-v2" if width == 1024 else
                                                            "stable-diffusion-v1")
-        return {"ss_base_model_version": version, "ss_v2": str(width == 1024), "modelspec.architecture": f"{arch}/lora",
+        from trainer.tpo.lora_layout import LAYOUT_METADATA_KEY, UNetLayout
+
+        meta = {"ss_base_model_version": version, "ss_v2": str(width == 1024), "modelspec.architecture": f"{arch}/lora",
                 "modelspec.sai_model_spec": "1.0.0"}
+        try:  # the block layout, which hosts check the LoRA against (trainer.tpo.lora_layout)
+            meta[LAYOUT_METADATA_KEY] = UNetLayout.from_ldm_unet_config(self.base.model_config.unet_config).to_json()
+        except (KeyError, TypeError, ValueError):  # a unet_config of another shape: saved without it
+            pass
+        return meta

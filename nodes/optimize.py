@@ -12,7 +12,12 @@ from promptist_core.dfprompt import to_plain
 from promptist_core.dfprompt_policy import HEAD_CHOICES
 from promptist_core.fingerprint import contents_fingerprint
 from promptist_core.optimizer import MODES, PromptOptimizer, causal_lm_problem, load_optimizer
-from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL, resolve
+from promptist_core.weights import (
+    DEFAULT_OPTIMIZER_MODEL,
+    UnfinishedRunError,
+    resolve,
+    unfinished_run_checkpoint,
+)
 
 from .comfy_host import ManagedModel, list_model_folders, load_device, managed, models_dirs, step_progress
 from .comfy_schema import comfy_node
@@ -20,6 +25,7 @@ from .comfy_schema import comfy_node
 MODEL_TYPE = "PROMPTIST_MODEL"
 BATCH_SIZE = 16
 OUTPUTS = ("dfprompt", "plain")  # a DF-Prompt policy's rewrite: with its blocks, or as plain text
+RESUME_IN_COMFYUI = "queue the graph with its Train node (Promptist SFT or PPO Train) again with the same save name"
 KEEP_PROMPT = {"policy default": None, "keep": True, "rewrite": False}
 
 
@@ -45,7 +51,10 @@ class ModelLoader:
     def inputs(cls):
         # A method, not a constant: the folder list is read again each time the UI asks.
         return [
-            ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL, lambda p: causal_lm_problem(p) is None),
+            # Unfinished runs too (a Train node's save name, stopped before its first model): queued, they say
+            # how to finish them or load their last checkpoint.
+            ("model_name", list_model_folders(DEFAULT_OPTIMIZER_MODEL, lambda p: causal_lm_problem(p) is None
+                                              or unfinished_run_checkpoint(p) is not None),
              {"default": DEFAULT_OPTIMIZER_MODEL,
               "tooltip": "microsoft/Promptist (from models/promptist/Promptist, the Hugging Face cache, or downloaded "
                          "once unless offline), promptist-mini (bundled with the pack, works offline), or a "
@@ -69,7 +78,10 @@ class ModelLoader:
     def run(model_name: str, device: str = "auto"):
         compute = load_device() if device != "cpu" else torch.device("cpu")
         # Load on the CPU in the compute dtype; ComfyUI's memory manager moves it when it is used.
-        optimizer = load_optimizer(model_name, models_dir=models_dirs(), device="cpu", dtype=pick_dtype(compute))
+        try:
+            optimizer = load_optimizer(model_name, models_dir=models_dirs(), device="cpu", dtype=pick_dtype(compute))
+        except UnfinishedRunError as e:
+            raise e.with_resume(RESUME_IN_COMFYUI) from None
         return (LoadedOptimizer(optimizer, managed(optimizer.model, compute, "PromptistPolicy")),)
 
 

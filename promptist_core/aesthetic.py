@@ -142,6 +142,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def find_aesthetic_head(name: str = DEFAULT_AESTHETIC_HEAD, *, models_dir=None,
+                        allow_download: bool | None = None) -> Path:
+    """The head's file, without loading it (WeightsNotFoundError says where it goes)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("aesthetic head name is empty: use 'improved', 'laion-v1' or a .pth/.safetensors path")
+    name = name.strip()
+    known = KNOWN_AESTHETIC_HEADS.get(name)
+    return resolve_file(name if known is None else known.filename, known=known, models_dir=models_dir,
+                        allow_download=allow_download)
+
+
 def load_aesthetic_head(
     name: str = DEFAULT_AESTHETIC_HEAD,
     *,
@@ -152,12 +163,7 @@ def load_aesthetic_head(
 
     Known heads are downloaded once (sha256-checked) into the models folder unless offline.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError("aesthetic head name is empty: use 'improved', 'laion-v1' or a .pth/.safetensors path")
-    name = name.strip()
-    known = KNOWN_AESTHETIC_HEADS.get(name)
-    path = resolve_file(name if known is None else known.filename, known=known, models_dir=models_dir,
-                        allow_download=allow_download)
+    path = find_aesthetic_head(name, models_dir=models_dir, allow_download=allow_download)
     if path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
         raise ValueError(f"aesthetic head {path} must be a .pth, .pt, .bin or .safetensors file")
     return head_from_state_dict(read_state_dict(path), source=str(path))
@@ -165,6 +171,6 @@ def load_aesthetic_head(
 
 __all__ = [
     "AestheticHead", "DEFAULT_AESTHETIC_HEAD", "IMPROVED_AESTHETIC", "KNOWN_AESTHETIC_HEADS", "LAION_V1_AESTHETIC",
-    "WeightsNotFoundError", "head_from_state_dict", "load_aesthetic_head", "looks_like_head_file",
+    "WeightsNotFoundError", "find_aesthetic_head", "head_from_state_dict", "load_aesthetic_head", "looks_like_head_file",
     "read_state_dict",
 ]

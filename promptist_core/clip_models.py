@@ -270,20 +270,8 @@ def load_clip(
     torch_dtype = pick_dtype(target, dtype)
 
     # 1. find the files
+    kind, path, arch = find_clip(name, architecture=architecture, models_dir=models_dir, allow_download=allow_download)
     known = KNOWN_OPEN_CLIP.get(name)
-    if known is not None:
-        kind, path, arch = "open_clip_dir", _resolve_known(known, models_dir, allow_download), None
-    elif Path(name).suffix in WEIGHT_SUFFIXES:
-        kind, path, arch = "open_clip_file", _resolve_weights_file(name, models_dir), architecture
-        if not arch:
-            raise ValueError(f"CLIP weights file {name} needs architecture= (an open_clip model name such as "
-                             "'ViT-L-14-quickgelu' for OpenAI's ViT-L/14)")
-    else:
-        path = resolve(name, models_dir=models_dir, allow_download=allow_download,
-                       required=KNOWN_HUB_MODELS[name].required if name in KNOWN_HUB_MODELS
-                       else (("config.json", "open_clip_config.json"),))
-        kind = "open_clip_dir" if (path / "open_clip_config.json").is_file() else "transformers"
-        arch = None
     quick_gelu = known.quick_gelu if known else False
 
     # 2. load once per (files, device, dtype)
@@ -303,11 +291,36 @@ def load_clip(
         return _CACHE[key]
 
 
+def find_clip(name: str, *, architecture: str | None = None, models_dir=None,
+              allow_download: bool | None = None, with_tokenizer: bool = False) -> tuple[str, Path, str | None]:
+    """Where a CLIP's files are, without loading them: (kind, path, architecture); WeightsNotFoundError names
+    what is missing. `with_tokenizer`: also find a transformers CLIP's tokenizer (a job's check before it
+    starts, promptist_core.model_needs); load_clip finds it when it loads."""
+    name = name.strip()
+    known = KNOWN_OPEN_CLIP.get(name)
+    if known is not None:
+        return "open_clip_dir", _resolve_known(known, models_dir, allow_download), None
+    if Path(name).suffix in WEIGHT_SUFFIXES:
+        path = _resolve_weights_file(name, models_dir)
+        if not architecture:
+            raise ValueError(f"CLIP weights file {name} needs architecture= (an open_clip model name such as "
+                             "'ViT-L-14-quickgelu' for OpenAI's ViT-L/14)")
+        return "open_clip_file", path, architecture
+    path = resolve(name, models_dir=models_dir, allow_download=allow_download,
+                   required=KNOWN_HUB_MODELS[name].required if name in KNOWN_HUB_MODELS
+                   else (("config.json", "open_clip_config.json"),))
+    if (path / "open_clip_config.json").is_file():
+        return "open_clip_dir", path, None
+    if with_tokenizer:
+        _tokenizer_folder(path, name, None, models_dir, allow_download)
+    return "transformers", path, None
+
+
 def _resolve_known(known: OpenClipWeights, models_dir, allow_download) -> Path:
     try:
         return resolve(known.hub_id, models_dir=models_dir, allow_download=allow_download, required=OPEN_CLIP_FILES)
     except WeightsNotFoundError as e:
-        raise WeightsNotFoundError(
+        raise e.carried_over(
             f"{e}\nOnly open_clip_config.json and open_clip_model.safetensors (or open_clip_pytorch_model.bin) "
             f"from https://huggingface.co/{known.hub_id} are needed; open_clip bundles the tokenizer."
         ) from None

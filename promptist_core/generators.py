@@ -116,6 +116,7 @@ def load_diffusers_generator(spec: str, *, device: str | torch.device | None = "
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
     from .devices import pick_device, pick_dtype
+    from .quiet import no_fp32_cast_note
     from .weights import WeightsNotFoundError, downloads_allowed
 
     problem = batch_size_problem(kwargs["batch_size"]) if "batch_size" in kwargs else None
@@ -127,24 +128,25 @@ def load_diffusers_generator(spec: str, *, device: str | torch.device | None = "
     path = Path(spec).expanduser()
     common = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     try:
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise ValueError(f"{path}: a single-file checkpoint must be .safetensors (.ckpt files are pickles "
-                                 "and are not loaded; convert it)")
-            extra = {"config": config_folder} if config_folder else {}
-            pipeline_class = single_file_pipeline_class(path)
-            if pipeline_class.__name__ == "StableDiffusionXLPipeline":  # takes no safety checker
-                common = {"torch_dtype": torch_dtype}
-            pipe = pipeline_class.from_single_file(str(path), local_files_only=local_only, **extra, **common)
-        elif path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise ValueError(f"{path} is not a diffusers folder (no model_index.json)")
-            pipe = DiffusionPipeline.from_pretrained(str(path), **common)
-        elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-            pipe = DiffusionPipeline.from_pretrained(spec, local_files_only=local_only, **common)
-        else:
-            raise WeightsNotFoundError(f"Stable Diffusion model {spec!r} not found: give a diffusers folder, a Hub "
-                                       "id (owner/name), or a .safetensors checkpoint file")
+        with no_fp32_cast_note():  # diffusers' note, printed for each component a single-file load casts
+            if path.is_file():
+                if path.suffix != ".safetensors":
+                    raise ValueError(f"{path}: a single-file checkpoint must be .safetensors (.ckpt files are pickles "
+                                     "and are not loaded; convert it)")
+                extra = {"config": config_folder} if config_folder else {}
+                pipeline_class = single_file_pipeline_class(path)
+                if pipeline_class.__name__ == "StableDiffusionXLPipeline":  # takes no safety checker
+                    common = {"torch_dtype": torch_dtype}
+                pipe = pipeline_class.from_single_file(str(path), local_files_only=local_only, **extra, **common)
+            elif path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise ValueError(f"{path} is not a diffusers folder (no model_index.json)")
+                pipe = DiffusionPipeline.from_pretrained(str(path), **common)
+            elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+                pipe = DiffusionPipeline.from_pretrained(spec, local_files_only=local_only, **common)
+            else:
+                raise WeightsNotFoundError(f"Stable Diffusion model {spec!r} not found: give a diffusers folder, a Hub "
+                                           "id (owner/name), or a .safetensors checkpoint file")
     except OSError as e:  # not in the cache and not downloadable, or a broken file
         raise WeightsNotFoundError(f"Stable Diffusion model {spec!r} could not be loaded: {str(e).splitlines()[0]}. "
                                    "Give a local diffusers folder or .safetensors file (with --sd-config for a "

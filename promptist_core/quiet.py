@@ -1,5 +1,5 @@
-"""Keep transformers' per-load progress bars, and open_clip's note on the random init we overwrite, out of the
-hosts' consoles.
+"""Keep transformers' per-load progress bars, open_clip's note on the random init we overwrite, and diffusers'
+note on casting models without float32 modules, out of the hosts' consoles and the trainers' output.
 
 transformers 5 draws a "Loading weights" bar for every `from_pretrained`, so each model a node or a
 script loads adds a bar to ComfyUI's or the webui's log although the load takes a fraction of a second.
@@ -45,3 +45,29 @@ def no_random_init_note() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(note)
+
+
+class _Fp32CastNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32" not in record.getMessage()
+
+
+# The diffusers logger that emits it (diffusers' loggers do not propagate to the root logger).
+_FP32_CAST_LOGGER = "diffusers.models.modeling_utils"
+
+
+@contextmanager
+def no_fp32_cast_note() -> Iterator[None]:
+    """Drop diffusers' "There are modules in UNet2DConditionModel that should be kept in float32: []. Casting
+    directly with `to()` ..." for the block.
+
+    diffusers logs it on every `model.to(dtype)`, which its own single-file loader does for each component (and
+    we do around an SDXL VAE's float32 encode), even when the list of such modules is empty: nothing the user
+    can or should act on."""
+    note = _Fp32CastNote()
+    emitter = logging.getLogger(_FP32_CAST_LOGGER)
+    emitter.addFilter(note)
+    try:
+        yield
+    finally:
+        emitter.removeFilter(note)

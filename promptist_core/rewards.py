@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .aesthetic import DEFAULT_AESTHETIC_HEAD, AestheticHead, load_aesthetic_head
 from .clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL, ClipEncoder, image_batches, load_clip
+from .model_needs import check_needs, scorer_needs
 
 # ---------------------------------------------------------------------------------------------
 # Presets and formulas (pure)
@@ -349,12 +350,17 @@ def load_scorer(
 ) -> RewardScorer:
     """Load CLIP, the aesthetic head and (for `pick_model`, e.g. yuvalkirstain/PickScore_v1) PickScore.
 
-    Models are cached by load_clip; the scorer itself is cheap to build.
+    Models are cached by load_clip; the scorer itself is cheap to build. Missing models raise one
+    MissingModelsError naming each (model_needs.check_needs).
     """
     preset = get_preset(preset)
     check_batch_size(batch_size)
     if preset.pick_weight and not pick_model:
         pick_model = DEFAULT_PICKSCORE_MODEL
+    # Every missing model in one message before any loads (else one per attempt, for a user offline).
+    check_needs(scorer_needs(clip_model, aesthetic, pick_model=pick_model, preset=preset,
+                             clip_architecture=clip_architecture, models_dir=models_dir,
+                             allow_download=allow_download))
     common = dict(models_dir=models_dir, device=device, dtype=dtype, allow_download=allow_download)
     clip = load_clip(clip_model, architecture=clip_architecture, **common)
     head = load_aesthetic_head(aesthetic, models_dir=models_dir, allow_download=allow_download)

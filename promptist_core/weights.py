@@ -50,9 +50,22 @@ class WeightsNotFoundError(FileNotFoundError):
     """A model could not be found locally and could not (or may not) be downloaded. `reason`, when set: why
     not, in a few words ("downloads are disabled (...)"), for callers that say it in their own sentence."""
 
-    def __init__(self, message: str, reason: str | None = None):
+    def __init__(self, message: str, reason: str | None = None, *, put_in: Path | None = None,
+                 files: str | None = None, source: str | None = None):
         super().__init__(message)
         self.reason = reason
+        # Where the files go, which ones, and where to get them: for a message that names several models.
+        self.put_in, self.files, self.source = put_in, files, source
+
+    def where_to_put(self) -> str:
+        """'put FILES in FOLDER (from URL)' in one line; the message's first line when that is not known."""
+        if self.put_in is None:
+            return str(self).strip().splitlines()[0] if str(self).strip() else type(self).__name__
+        return f"put {self.files or 'its files'} in {self.put_in}" + (f" (from {self.source})" if self.source else "")
+
+    def carried_over(self, message: str) -> WeightsNotFoundError:
+        """A reworded error that keeps where the files go."""
+        return WeightsNotFoundError(message, self.reason, put_in=self.put_in, files=self.files, source=self.source)
 
 
 class UnreadableWeightsError(WeightsNotFoundError):
@@ -66,6 +79,61 @@ class UnreadableWeightsError(WeightsNotFoundError):
 
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+class UnfinishedRunError(WeightsNotFoundError):
+    """A models-folder entry that is a training run stopped before its first finished model: it holds
+    checkpoints (`checkpoints/step-N/`, each a complete model folder for the policy trainers) but no model
+    at its top level yet. Hosts reword `resume` (how to continue there); `last_checkpoint` loads as it is."""
+
+    def __init__(self, name: str, folder: Path, last_checkpoint: Path, step: int, resume: str | None = None):
+        self.name, self.folder, self.last_checkpoint, self.step = name, Path(folder), Path(last_checkpoint), step
+        if resume is None:  # the command line's way; hosts pass their own (with_resume)
+            trainer = _run_trainer(self.last_checkpoint)
+            resume = (f"run `python -m trainer {trainer or '<its trainer>'} --out {folder} --resume` with the "
+                      "run's other settings")
+        super().__init__(
+            f"model '{name}' ({folder}) is an unfinished training run: it has checkpoints (the last at step {step}) "
+            f"but no finished model yet. To finish it, {resume}; it continues from step {step}. Or load its "
+            f"last checkpoint as it is: {last_checkpoint}",
+            reason="it is an unfinished training run")
+
+    def with_resume(self, resume: str) -> UnfinishedRunError:
+        """The same error, saying how this host continues a run."""
+        return UnfinishedRunError(self.name, self.folder, self.last_checkpoint, self.step, resume)
+
+
+# A run's checkpoints as the trainers write them (trainer/checkpoint.py: `checkpoints/step-0000007/`, with
+# trainer_state.json written last, so a folder holding it is complete).
+RUN_CHECKPOINTS_DIR = "checkpoints"
+RUN_STEP_PREFIX = "step-"
+RUN_STATE_FILE = "trainer_state.json"
+
+
+def _run_trainer(checkpoint: Path) -> str | None:
+    """The trainer that wrote a checkpoint (`sft`, `ppo`, ...), from its trainer_state.json."""
+    try:
+        trainer = json.loads((checkpoint / RUN_STATE_FILE).read_text(encoding="utf-8")).get("trainer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return trainer if isinstance(trainer, str) and re.fullmatch(r"[a-z-]+", trainer) else None
+
+
+def unfinished_run_checkpoint(folder: Path, required: tuple[tuple[str, ...], ...] = (("config.json",),)) -> tuple[Path, int] | None:
+    """(last checkpoint, its step) when `folder` is a training run whose top level lacks `required` but whose
+    newest complete checkpoint has them; else None."""
+    root = Path(folder) / RUN_CHECKPOINTS_DIR
+    if _folder_has(Path(folder), required) or not root.is_dir():
+        return None
+    steps = []
+    for step_dir in root.glob(f"{RUN_STEP_PREFIX}*"):
+        number = step_dir.name[len(RUN_STEP_PREFIX):]
+        if number.isdigit() and (step_dir / RUN_STATE_FILE).is_file() and _folder_has(step_dir, required):
+            steps.append((int(number), step_dir))
+    if not steps:
+        return None
+    step, last = max(steps)
+    return last, step
 
 
 def unreadable_weights_problem(error: BaseException) -> str | None:
@@ -354,6 +422,9 @@ def resolve(
             log.add("models folder", folder)
             if _folder_has(folder, required):
                 return folder
+            unfinished = unfinished_run_checkpoint(folder, required)
+            if unfinished is not None:  # "put the model files here" would be wrong advice for a run's folder
+                raise UnfinishedRunError(name, folder, *unfinished)
 
     # 3. the policy that ships with promptist (a user's own folder of that name, found above, wins)
     if name == BUNDLED_POLICY:
@@ -392,7 +463,7 @@ def resolve(
         f"Put the model files ({needed}, plus the tokenizer files) in: {target}"
         + (f"\n(download them from https://huggingface.co/{name})" if is_hub_id else "")
         + (f"\n{OFFLINE_HINT}" if tried else ""),
-        reason=why,
+        reason=why, put_in=target, files=needed, source=f"https://huggingface.co/{name}" if is_hub_id else None,
     )
 
 
@@ -428,7 +499,7 @@ def resolve_tokenizer(model_folder: Path, name: str, *, models_dir=None, allow_d
         return resolve(known.tokenizer_repo_id, models_dir=models_dir, allow_download=allow_download,
                        required=TOKENIZER_FILES)
     except WeightsNotFoundError as e:
-        raise WeightsNotFoundError(
+        raise e.carried_over(
             f"{e}\nAlternatively copy GPT-2's tokenizer files (vocab.json, merges.txt) into {model_folder}."
         ) from None
 
@@ -500,7 +571,8 @@ def resolve_file(
     raise WeightsNotFoundError(
         f"weights file '{filename}' was not found and {why}.\nLooked in:\n{log.lines()}\n"
         f"Put the file in: {dirs[0] / filename}" + (f"\n(download it from {known.url})" if known else "")
-        + (f"\n{OFFLINE_HINT}" if tried else "")
+        + (f"\n{OFFLINE_HINT}" if tried else ""),
+        reason=why, put_in=dirs[0], files=filename, source=known.url if known else None,
     )
 
 

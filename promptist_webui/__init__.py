@@ -2,6 +2,8 @@
 
 - `host`: the webui's modules (the one place that imports `modules`), the extension's folders.
 - `errors`: PromptistError, stopping a job with it (`stop_job`, `guarded`), the DF-Prompt check.
+- `job_models`: every model a job needs, checked before it starts (all missing ones in one message).
+- `lora_check`: a visible warning when a prompt's TPO LoRA does not fit the loaded checkpoint.
 - `infotext`: the scripts' titles and infotext keys; PNG Info restores the user's prompt.
 - `optimize`: the always-visible "Promptist" script and its processing hooks (rewrite, DF-Prompt render).
 - `score`: the always-visible "Promptist score" script (scores into the infotext, best of N).

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import html
 import re
 import sys
 
 from promptist_core.dfprompt import DFPromptError, has_dfprompt, parse
+from promptist_core.weights import WeightsNotFoundError
 
 # Rewrites and errors go into prompts, the infotext (one line per key) and HTML: no control characters.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
@@ -73,6 +76,28 @@ def guarded(p, doing: str, run, at: tuple[str, ...] = BEFORE_SAMPLING) -> bool:
         print(f"*** {error}", file=sys.stderr)
         stop_job(p, error, at)
         return False
+
+
+def shown_in_ui(func, extra_outputs: list):
+    """A tab button's function whose PromptistError (what the user caused: a bad save name, a missing model,
+    a bad setting) is shown in the webui's own error box, with one console line.
+
+    Raised, it would reach the webui's call wrapper (modules/call_queue.py `wrap_gradio_call_no_job`), which
+    prints `*** Error completing request`, the arguments and a full traceback (A1111 1.10; Forge classic prints
+    the traceback too) before showing `<div class='error'>{type}: {message}</div>`. Returned here as that same
+    box, after `extra_outputs` (the wrapper appends its timing to the last output). Any other exception is a bug
+    and still reaches the wrapper with its traceback."""
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (PromptistError, WeightsNotFoundError) as e:  # a missing model is the user's to fix too
+            message = f"PromptistError: {one_line(str(e))}"
+            print(f"*** {message}", file=sys.stderr)
+            return (*extra_outputs, f"<div class='error'>{html.escape(message)}</div>")
+
+    return call
 
 
 PROMPT_LISTS = {"all_prompts": "prompt", "all_negative_prompts": "negative prompt",

@@ -9,7 +9,9 @@ work without the webui (tests call them directly); the Script class exists only 
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
+from pathlib import Path
 
 from promptist_core.dfprompt import has_dfprompt, parse, to_a1111
 from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer
@@ -18,6 +20,8 @@ from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 from .errors import CONTROL_CHARACTERS, check_dfprompts, guarded
 from .host import IN_WEBUI, devices, gr, models_dirs, scripts, shared
 from .infotext import EXTRA_NETWORK_TAG, INFOTEXT_DFPROMPT, INFOTEXT_MODE, INFOTEXT_ORIGINAL, TITLE
+from .job_models import models_ready, plan
+from .lora_check import warn_about_loras
 
 
 def clean_rewrite(text: str) -> str:
@@ -137,10 +141,29 @@ def render_dfprompt_processing(p, *, steps: int | None = None, hires_steps: int 
     return changed
 
 
+def policy_name(settings: dict) -> str:
+    """The policy the settings name (the Settings page's "Optimizer model")."""
+    return settings.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
+
+
 def loaded_optimizer() -> PromptOptimizer:
     device = "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
-    name = shared.opts.data.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
-    return load_optimizer(name, models_dir=models_dirs(shared.models_path), device=device)
+    return load_optimizer(policy_name(shared.opts.data), models_dir=models_dirs(shared.models_path), device=device)
+
+def lora_dirs() -> list[Path]:
+    """Where the webui keeps LoRAs: its --lora-dir (default models/Lora)."""
+    configured = getattr(getattr(shared, "cmd_opts", None), "lora_dir", None)
+    return [Path(configured)] if configured else [Path(shared.models_path) / "Lora"]
+
+
+def check_loras(p) -> None:
+    """Warn (and go on) when a prompt's LoRA of ours does not fit the loaded checkpoint (lora_check); a failing
+    check is only logged: it must never cost the user the image."""
+    try:
+        warn_about_loras(p, shared.sd_model, lora_dirs())
+    except Exception as e:
+        print(f"*** Promptist: the LoRA check failed ({type(e).__name__}: {e})", file=sys.stderr)
+
 
 def sampler_steps(sampler_name: str | None, steps: int) -> int:
     """Steps as the webui's prompt schedule counts them: model calls (twice the steps for 2nd-order samplers)."""
@@ -171,12 +194,17 @@ if IN_WEBUI:
                                     (enabled, lambda params: INFOTEXT_MODE in params)]
             return [enabled, mode, trim]
 
+        def before_process(self, p, enabled=False, *args):
+            if enabled:
+                plan(p, optimize=True)  # checked with the scoring models before either runs (job_models)
+
         def process(self, p, enabled=False, mode="beam", trim=False, *args):
             # Three independent steps: a failure in one stops the job (stop_job) but never skips another,
             # so a DF block is rendered (or reported) even when the optimizer model cannot load.
+            check_loras(p)
             if not guarded(p, "checking the DF-Prompts", lambda: check_dfprompts(p)):
                 return  # optimizing and rendering would only fail on the same block again
-            if enabled:
+            if enabled and models_ready(p, shared.opts.data, models_dirs(shared.models_path)):
                 guarded(p, "optimizing the prompt",
                         lambda: optimize_processing(p, loaded_optimizer(), mode=mode, trim=trim))
             guarded(p, "rendering the DF-Prompts", lambda: render_dfprompt_processing(

@@ -22,6 +22,7 @@ from .infotext import (
     INFOTEXT_TERMS,
     SCORE_TITLE,
 )
+from .job_models import models_ready, plan
 
 # A1111 emphasis syntax means nothing to CLIP's text encoder (nor do extra-network tags).
 EMPHASIS_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=[)\]])")
@@ -92,13 +93,19 @@ def _terms(s: ImageScore) -> str:
     return "; ".join(parts)
 
 
+def scorer_settings(settings: dict) -> tuple[str, str, str | None]:
+    """(CLIP, aesthetic head, PickScore or None) as the Settings page names them."""
+    return (settings.get("promptist_score_clip", DEFAULT_CLIP_MODEL) or DEFAULT_CLIP_MODEL,
+            settings.get("promptist_score_aesthetic", DEFAULT_AESTHETIC_HEAD) or DEFAULT_AESTHETIC_HEAD,
+            settings.get("promptist_score_pick", "") or None)
+
+
 def loaded_scorer(preset: str) -> RewardScorer:
     opts = shared.opts.data
     device = "cpu" if opts.get("promptist_score_device", "gpu") == "cpu" else devices.device
-    pick = opts.get("promptist_score_pick", "") or None
-    return load_scorer(opts.get("promptist_score_clip", DEFAULT_CLIP_MODEL) or DEFAULT_CLIP_MODEL,
-                       opts.get("promptist_score_aesthetic", DEFAULT_AESTHETIC_HEAD) or DEFAULT_AESTHETIC_HEAD,
-                       pick_model=pick, preset=preset, models_dir=models_dirs(shared.models_path), device=device)
+    clip, aesthetic, pick = scorer_settings(opts)
+    return load_scorer(clip, aesthetic, pick_model=pick, preset=preset, models_dir=models_dirs(shared.models_path),
+                       device=device)
 
 if IN_WEBUI:
 
@@ -122,9 +129,13 @@ if IN_WEBUI:
                                     (best_of_n, lambda params: INFOTEXT_BEST_OF in params)]
             return [enabled, best_of_n, preset]
 
+        def before_process(self, p, enabled=False, best_of_n=False, preset="promptist", *args):
+            if enabled or best_of_n:
+                plan(p, score_preset=preset)  # checked with the policy before either runs (job_models)
+
         def process(self, p, enabled=False, best_of_n=False, preset="promptist", *args):
             # Load the models before sampling: a missing model stops the job before any image is made.
-            if enabled or best_of_n:
+            if (enabled or best_of_n) and models_ready(p, shared.opts.data, models_dirs(shared.models_path)):
                 guarded(p, "loading the scoring models", lambda: setattr(p, "_promptist_scorer", loaded_scorer(preset)))
 
         def postprocess_batch_list(self, p, pp, enabled=False, best_of_n=False, preset="promptist", *args,

@@ -15,7 +15,7 @@ from promptist_core.optimizer import MODES
 from promptist_core.rewards import PRESET_NAMES
 from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 
-from .errors import PromptistError, as_user_error, dfprompt_message
+from .errors import PromptistError, as_user_error, dfprompt_message, shown_in_ui
 from .evaluate import METRICS, PROMPT_SETS, default_out, evaluate_in_webui
 from .host import (
     devices,
@@ -59,6 +59,10 @@ def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
     info = f"{result.clip_tokens} CLIP tokens" + "".join(f"; {n}" for n in result.notes)
     # The webui's call wrapper appends its timing HTML to the last output.
     return best, "\n".join(unique(clean_rewrite(c) for c in result.candidates)), f"<p>{html.escape(info)}</p>"
+
+def _button_call(func, extra_outputs: list):
+    """A button's function as the webui queues it; the user's own errors shown in the UI, one console line."""
+    return wrap_gradio_gpu_call(shown_in_ui(func, extra_outputs), extra_outputs=extra_outputs)
 
 def _train_device():
     return "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
@@ -136,7 +140,7 @@ def _sft_section():
                 stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_sft_interrupt")
         curve, status = _train_outputs("sft")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
-    run.click(wrap_gradio_gpu_call(_train_sft, extra_outputs=[None]), _js="promptistStartTraining_sft",
+    run.click(_button_call(_train_sft, [None]), _js="promptistStartTraining_sft",
               inputs=[task, base, data_file, data_format, save_name, steps, lr, batch, effective, seed,
                       save_every], outputs=[curve, status])
 
@@ -188,7 +192,7 @@ def _ppo_section():
                 stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_ppo_interrupt")
         curve, status = _train_outputs("ppo")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
-    run.click(wrap_gradio_gpu_call(_train_ppo, extra_outputs=[None]), _js="promptistStartTraining_ppo",
+    run.click(_button_call(_train_ppo, [None]), _js="promptistStartTraining_ppo",
               inputs=[task, policy, prompts, prompts_file, save_name, iterations, batch, images, sampler, steps,
                       cfg, width, height, negative, preset, lr, beta, top, seed, save_every, dfprompt],
               outputs=[curve, status])
@@ -249,7 +253,7 @@ def _evaluate_section():
                             interactive=False, elem_id="promptist_eval_grid")
             table = gr.Textbox(label="Table", lines=8, interactive=False, elem_id="promptist_eval_table")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-    run.click(wrap_gradio_gpu_call(_evaluate, extra_outputs=[None, ""]), _js="promptistStartEvaluate",
+    run.click(_button_call(_evaluate, [None, ""]), _js="promptistStartEvaluate",
               inputs=[task, prompts, prompt_set, count, policies, seeds, seed, sampler, steps, cfg, width, height,
                       negative, metric, baseline, out_folder], outputs=[grid, table, status])
 
@@ -281,7 +285,7 @@ def on_ui_tabs():
         for tabname, button in buttons.items():
             infotext_utils.register_paste_params_button(
                 infotext_utils.ParamBinding(paste_button=button, tabname=tabname, source_text_component=best))
-        run.click(wrap_gradio_gpu_call(_optimize_for_tab, extra_outputs=["", ""]),
+        run.click(_button_call(_optimize_for_tab, ["", ""]),
                   inputs=[prompt, mode, candidates, seed], outputs=[best, all_candidates, info])
     return [(tab, TITLE, "promptist")]
 

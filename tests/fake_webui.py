@@ -149,6 +149,22 @@ def run_process_hook(script, p, *args) -> list[Exception]:
     return logged
 
 
+def run_job_hooks(p, *scripts_and_args) -> list[Exception]:
+    """A job with several scripts, as `process_images` runs them: every script's `before_process`, then every
+    `process` (each hook's exception logged, not raised), then what the webui calls next."""
+    logged = []
+    for hook in ("before_process", "process"):
+        for script, args in scripts_and_args:
+            try:
+                getattr(script, hook)(p, *args)
+            except Exception as e:
+                logged.append(e)
+    p.init(p.all_prompts, p.all_seeds, p.all_seeds)
+    p.setup_conds()
+    p.sample()
+    return logged
+
+
 class FakeState:
     """`shared.state`: the fields the trainers' progress, preview and Interrupt use (A1111 1.10 names).
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT
-from fake_webui import Job, execute_entry, load_script_in_fake_webui, run_process_hook
+from fake_webui import Job, execute_entry, load_script_in_fake_webui, run_job_hooks, run_process_hook
 
 
 @pytest.fixture
@@ -100,6 +100,35 @@ def test_a_missing_scoring_model_stops_the_job_before_sampling(webui):
     with pytest.raises(webui.errors.PromptistError, match="^loading the scoring models: .*no-such-clip"):
         run_process_hook(webui.PromptistScoreScript(), p, True, False, "promptist")
     assert not p.sampled
+
+
+def test_every_missing_model_of_the_job_is_named_in_one_message_before_anything_runs(webui, monkeypatch):
+    # A1111 1.10.1 offline with default settings said only the scoring CLIP; the next try met the next model.
+    monkeypatch.setenv("PROMPTIST_OFFLINE", "1")
+    webui.settings["promptist_model"] = "no-such-policy"
+    p = Job("a red horse")
+    with pytest.raises(webui.errors.PromptistError) as e:
+        run_job_hooks(p, (webui.PromptistScript(), (True, "beam", False)),
+                      (webui.PromptistScoreScript(), (True, False, "pae")))
+    said = str(e.value)
+    assert said.startswith("5 models this job needs are not here (")
+    assert "\n" not in said and said.count(" | - ") == 5
+    for role, name, files in [
+            ("the optimizer policy", "no-such-policy", "config.json"),
+            ("the scoring CLIP", "ViT-L-14/openai", "open_clip_config.json, open_clip_model.safetensors"),
+            ("the aesthetic head", "improved", "sac+logos+ava1-l14-linearMSE.pth"),
+            ("PickScore", "yuvalkirstain/PickScore_v1", "config.json"),
+            ("PickScore's tokenizer", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "preprocessor_config.json")]:
+        line = next(part for part in said.split(" | ") if part.startswith(f"- {role} '{name}': put "))
+        assert files in line, line
+    assert "improved-aesthetic-predictor" in said  # where to download the head
+    assert p.all_prompts == ["a red horse"] and not p.sampled  # the optimizer never ran
+
+
+def test_a_job_whose_models_are_all_there_passes_the_check(webui):
+    p = Job("a red horse")
+    assert run_job_hooks(p, (webui.PromptistScript(), (True, "beam", False))) == []
+    assert p.all_prompts != ["a red horse"] and p.sampled
 
 
 def test_a_scoring_error_after_sampling_stops_the_job_at_saving(webui):

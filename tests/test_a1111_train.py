@@ -145,6 +145,44 @@ def test_bad_sft_inputs_are_one_clear_error(webui, pairs_file, change, error):
     assert error in str(e.value)
 
 
+def press_train_sft(webui, monkeypatch, **values):
+    """Build the section, then press Train SFT with its inputs' defaults and `values` (by _train_sft's names),
+    as the webui calls the button's function (its call wrapper prints a traceback for anything raised)."""
+    import inspect
+
+    components = sys.modules["gradio"].Button
+    monkeypatch.setattr(components, "clicks", [])
+    webui.tab._sft_section()
+    (_, fn, inputs, outputs, _), = [c for c in components.clicks if c[4].get("_js") == "promptistStartTraining_sft"]
+    names = list(inspect.signature(webui.tab._train_sft).parameters)
+    args = {**{n: c.kwargs.get("value") for n, c in zip(names, inputs, strict=True)}, **values}
+    return fn(*args.values())
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ({"save_name": "a/b"}, "Save name must be a plain folder name"),
+    ({"base": "no-such-policy"}, "model &#x27;no-such-policy&#x27; was not found"),
+    ({"effective_batch_size": 12}, "multiple"),
+])
+def test_the_train_buttons_user_errors_show_in_the_ui_with_one_console_line(webui, pairs_file, monkeypatch, capfd,
+                                                                            change, error):
+    # Raised, they reached A1111's call wrapper: "*** Error completing request", the arguments, a traceback.
+    curve, box = press_train_sft(webui, monkeypatch, **{"data_file": str(pairs_file), "steps": 2, **change})
+    assert curve is None and box.startswith("<div class='error'>PromptistError: ") and error in box
+    assert "\n" not in box
+    console = [line for line in capfd.readouterr().err.splitlines() if "PromptistError" in line or "Traceback" in line]
+    assert len(console) == 1 and console[0].startswith("*** PromptistError: ")
+
+
+def test_a_bug_in_a_train_button_still_reaches_the_webuis_wrapper(webui, pairs_file, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(webui.tab, "train_sft_in_webui", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # the webui prints it with its traceback
+        press_train_sft(webui, monkeypatch, data_file=str(pairs_file))
+
+
 # --- Train PPO ---------------------------------------------------------------------------------------
 
 def test_train_ppo_draws_with_the_webui_and_trains_two_iterations(webui):

@@ -92,6 +92,17 @@ def test_missing_weights_offline_exit_3_and_say_where_to_put_them(image_files, t
     assert str(tmp_path / "vit_large_patch14_clip_224.openai") in err
 
 
+def test_every_missing_reward_model_is_named_at_once_offline(image_files, tmp_path, capsys):
+    code = main(["score", image_files[0], "--prompt", "a cat", "--preset", "pae", "--models-dir", str(tmp_path),
+                 "--offline", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 3 and err.startswith("error: 4 models this job needs are not here (downloads are disabled")
+    assert "- the scoring CLIP 'ViT-L-14/openai': put open_clip_config.json" in err
+    assert f"- the aesthetic head 'improved': put sac+logos+ava1-l14-linearMSE.pth in {tmp_path}" in err
+    assert "- PickScore 'yuvalkirstain/PickScore_v1': put config.json" in err
+    assert str(tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K") in err  # PickScore's tokenizer, a separate repo
+
+
 @pytest.mark.skipif(not AESTHETIC.is_dir(), reason="real aesthetic heads not in ../shared/fixtures")
 @pytest.mark.parametrize("head", ["improved", "laion-v1"])
 def test_embeddings_mode_scores_the_rating_embeddings_in_order(tmp_path, capsys, head):

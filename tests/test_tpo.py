@@ -204,6 +204,9 @@ def test_saved_lora_reproduces_the_trained_outputs_in_a_fresh_unet(tdpo_run, tex
     meta = json.loads(json.dumps(_metadata(result.lora)))
     assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1" and meta["ss_steps"] == "60"
     assert json.loads(meta["promptist_config"])["loss"] == "tdpo"
+    from trainer.tpo.lora_layout import UNetLayout
+
+    assert UNetLayout.from_json(meta["promptist_unet_layout"]) == UNetLayout.from_diffusers_config(denoiser.unet.config)
     x = data.latents[:4]
     t = torch.tensor([500, 600, 800, 999])
     cond = denoiser.encode_text(["a red car", "a blue boat", "a red star", "a blue tree"])
@@ -375,3 +378,40 @@ def test_sdxl_denoiser_conditions_on_pooled_text_and_time_ids_and_trains(tiny_sd
                                  CaptionPair(1, "a blue square", "a red square")], [])
     result = train_tpo(tpo_config(tmp_path, max_steps=2, batch_size=2, lr=1e-2), denoiser, data)
     assert result.steps == 2 and any(p.abs().sum() > 0 for p in denoiser.trainable_parameters()[1::2])
+
+
+def test_diffusers_float32_cast_note_stays_out_of_the_trainers_output():
+    """diffusers prints "modules ... should be kept in float32: []" on every `model.to(dtype)`; its single-file
+    loader casts each component so, and the SDXL VAE's float32 encode casts twice per batch."""
+    import logging
+
+    from diffusers import AutoencoderKL
+
+    from promptist_core.quiet import no_fp32_cast_note
+
+    said = []
+
+    class Recorder(logging.Handler):  # what diffusers' own stderr handler would print
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    emitter = logging.getLogger("diffusers.models.modeling_utils")
+    recorder, level = Recorder(), emitter.level
+    emitter.setLevel(logging.WARNING)  # whatever verbosity an earlier test left diffusers at
+    emitter.addHandler(recorder)
+    try:
+        vae = AutoencoderKL(block_out_channels=[4], in_channels=3, out_channels=3, latent_channels=4,
+                            norm_num_groups=2, down_block_types=["DownEncoderBlock2D"],
+                            up_block_types=["UpDecoderBlock2D"])
+        vae.to(torch.float32)
+        assert any("should be kept in float32" in m for m in said)  # what the trainers printed before
+        said.clear()
+        with no_fp32_cast_note():
+            vae.to(torch.float32)
+            vae.to(torch.float64)
+        assert not any("kept in float32" in m for m in said)
+        vae.to(torch.float32)
+        assert any("should be kept in float32" in m for m in said)  # diffusers' logger as it was after the block
+    finally:
+        emitter.removeHandler(recorder)
+        emitter.setLevel(level)

@@ -49,8 +49,9 @@ class FakeBaseModel(torch.nn.Module):
         self.model_sampling = torch.nn.Module()
         self.model_sampling.register_buffer("sigmas", ((1 - a) / a).sqrt())
         mapping = {name: f"ldm.{name}" for name, _ in unet.named_parameters()}
-        self.model_config = type("Config", (), {"unet_config": {"num_res_blocks": [1, 1], "context_dim": 768,
-                                                                "diffusers_map": mapping}})()
+        self.model_config = type("Config", (), {"unet_config": {
+            "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0], "transformer_depth_middle": 1,
+            "context_dim": 768, "diffusers_map": mapping}})()  # as ComfyUI detects the tiny SD's config
 
     def apply_model(self, x, sigma, c_crossattn=None, **kwargs):
         s = sigma.view(-1, 1, 1, 1)
@@ -197,6 +198,10 @@ def test_saved_lora_has_kohya_diffusers_names_and_reproduces_the_node_in_a_diffu
 
     unet = build_tiny_unet(channels=(8, 16))
     unet.load_state_dict(base_state)
+    # The base's block layout, described the same from ComfyUI's unet_config as from the diffusers config.
+    from trainer.tpo.lora_layout import UNetLayout
+
+    assert UNetLayout.from_json(meta["promptist_unet_layout"]) == UNetLayout.from_diffusers_config(unet.config)
     loras = load_kohya_lora(unet, path)
     assert len(loras) == len(keys) // 3
     # the file's weights in the node's denoiser (ComfyUI path: x_0 + sigma eps in, x_0 out, converted to eps)

@@ -25,7 +25,9 @@ from nodes.comfy_schema import v1_node
 from nodes.optimize import ModelLoader, OptimizePrompt
 from nodes.rewards import RewardModelLoader
 from nodes.train import PPOTrain, SFTTrain, TrainingProgress
+from promptist_core.cli import main as cli_main
 from promptist_core.dfprompt import comfy_percent
+from promptist_core.weights import UnfinishedRunError
 from trainer.checkpoint import list_checkpoints
 
 
@@ -339,6 +341,32 @@ def test_cancel_says_to_queue_again_with_the_same_save_name_not_the_command_line
     (said,) = [r.getMessage() for r in caplog.records if "stopped at" in r.getMessage()]
     assert said == (f"[promptist] stopped at step 2, checkpoint saved in {models_dir / 'cancelled' / 'checkpoints'}; "
                     "to continue, queue the graph again with the same save name")
+
+
+def test_an_unfinished_runs_folder_in_the_loader_says_how_to_finish_it_or_load_its_last_checkpoint(
+        models_dir, pairs_file, comfy, capsys):
+    comfy.cancel_at = 2
+    with pytest.raises(Interrupt):
+        sft(pairs_file, save_name="halfway", steps=4, batch_size=8, effective_batch_size=8, save_every=100)
+    comfy.cancel_at = None
+    last = models_dir / "halfway" / "checkpoints" / "step-0000002"
+    assert not (models_dir / "halfway" / "config.json").exists() and last.is_dir()
+
+    assert "halfway" in ModelLoader.inputs()[0][1]  # listed, so it can be queued and say what it is
+    with pytest.raises(UnfinishedRunError) as raised:
+        ModelLoader.run(model_name="halfway", device="cpu")
+    said = str(raised.value)  # before: "WeightsNotFoundError ... Put the model files (config.json ...) in: ..."
+    assert "is an unfinished training run" in said and "the last at step 2" in said
+    assert "queue the graph with its Train node (Promptist SFT or PPO Train) again with the same save name" in said
+    assert "--resume" not in said and "Put the model files" not in said and said.endswith(str(last))
+    (loaded,) = ModelLoader.run(model_name=str(last), device="cpu")  # the checkpoint it names loads as it is
+    assert OptimizePrompt.run(promptist_model=loaded, text="a fox", candidates=1, max_new_tokens=5)
+
+    # The command line, through the same resolver, gives its own way to continue.
+    assert cli_main(["optimize", "a fox", "--model", "halfway", "--models-dir", str(models_dir), "--offline"]) == 3
+    err = capsys.readouterr().err
+    assert "is an unfinished training run" in err
+    assert f"run `python -m trainer sft --out {models_dir / 'halfway'} --resume`" in err and str(last) in err
 
 
 def test_cancel_during_ppo_images_finishes_the_iteration_saves_and_resumes(models_dir, comfy):

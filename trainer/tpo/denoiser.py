@@ -25,7 +25,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from promptist_core.quiet import no_fp32_cast_note
+
 from .lora import DEFAULT_TARGETS, TRANSFORMER_PREFIX, adapters_enabled, attach_lora, save_kohya_lora
+from .lora_layout import LAYOUT_METADATA_KEY, UNetLayout
 
 
 @runtime_checkable
@@ -160,14 +163,16 @@ class DiffusersDenoiser:
         dtype = self.vae.dtype
         upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)  # SDXL's VAE overflows
         if upcast:
-            self.vae.to(torch.float32)
+            with no_fp32_cast_note():  # diffusers' note on every cast: not the user's concern
+                self.vae.to(torch.float32)
         try:
             pixels = images.permute(0, 3, 1, 2).to(self.device, self.vae.dtype) * 2 - 1
             # The distribution's mean, not a sample: latents are cached once and must not depend on a draw.
             latents = self.vae.encode(pixels).latent_dist.mean.float()
         finally:
             if upcast:
-                self.vae.to(dtype)
+                with no_fp32_cast_note():
+                    self.vae.to(dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -226,7 +231,8 @@ class DiffusersDenoiser:
                                                                 "stable-diffusion-v1")
         meta = {"ss_base_model_version": version, "ss_v2": str(width == 1024 and not self.sdxl),
                 "ss_sd_model_name": self.base_model, "modelspec.architecture": f"{arch}/lora",
-                "modelspec.sai_model_spec": "1.0.0"}
+                "modelspec.sai_model_spec": "1.0.0",
+                LAYOUT_METADATA_KEY: UNetLayout.from_diffusers_config(self.unet.config).to_json()}
         model_hash = self._base_hash() if self._base_hash is not None else None
         if model_hash:
             meta["ss_sd_model_hash"] = model_hash

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .lora_layout import LAYOUT_METADATA_KEY, UNetLayout, a1111_save_warning
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 KOHYA_PREFIX = "lora_unet_"
@@ -143,6 +148,7 @@ def save_kohya_lora(path: Path | str, loras: dict[str, LoRALinear], metadata: di
     for key, value in (metadata or {}).items():
         if value is not None:
             meta[key] = value if isinstance(value, str) else json.dumps(value)
+    warn_if_a1111_misplaces(sorted(kohya_name(p) for p in loras), meta.get(LAYOUT_METADATA_KEY))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -155,6 +161,17 @@ def save_kohya_lora(path: Path | str, loras: dict[str, LoRALinear], metadata: di
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def warn_if_a1111_misplaces(modules: list[str], layout_json: str | None) -> str | None:
+    """At save time: say (a logged warning, returned) when A1111 1.10 would not load every module where it
+    belongs, on the UNet layout the LoRA was trained on (lora_layout). None when it would, or no layout is known."""
+    if not layout_json:
+        return None
+    warning = a1111_save_warning(modules, UNetLayout.from_json(layout_json))
+    if warning:
+        logger.warning("promptist: %s", warning)
+    return warning
 
 
 def load_kohya_lora(unet: nn.Module, path: Path | str, *, prefix: str = KOHYA_PREFIX) -> dict[str, LoRALinear]:
