@@ -1,4 +1,4 @@
-"""The Promptist tab (Optimize, Train SFT, Train PPO, Evaluate) and the settings page: the webui's UI over the
+"""The Promptist tab (Optimize, Train SFT, Train PPO, Train TPO, Evaluate) and the settings page: the webui's UI over the
 functions of `optimize`, `score`, `train` and `evaluate`, bound to the webui's `shared` objects. Used only inside the
 webui (the entry registers `on_ui_tabs` and `on_ui_settings`)."""
 
@@ -21,6 +21,8 @@ from .host import devices, gr, models_dirs, shared, wrap_gradio_gpu_call
 from .infotext import TITLE
 from .optimize import clean_rewrite, loaded_optimizer, sampler_steps, split_for_policy, unique
 from .score import loaded_scorer
+from .tpo import SOURCES as TPO_SOURCES
+from .tpo import lora_dir, train_tpo_in_webui
 from .train import TRAIN_BASE, WebuiGenerator, policy_names, train_ppo_in_webui, train_sft_in_webui
 
 # Settings: a "Promptist" page under the webui's "Stable Diffusion" category (not "Uncategorized").
@@ -185,6 +187,68 @@ def _ppo_section():
                       cfg, width, height, negative, preset, lr, beta, top, seed, save_every, dfprompt],
               outputs=[curve, status])
 
+def _train_tpo(id_task, source, prompts, folder, save_name, loss, steps, rank, beta, lr, batch_size, grad_accum,
+               resolution, seed, save_every, negatives_per_caption, valid_fraction, sampler_name, image_steps, cfg):
+    generator = _generator(sampler_name, "")
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    return train_tpo_in_webui(shared.state, shared.sd_model, generator, _train_root(),
+                              lora_dir(shared.cmd_opts, shared.models_path), source=source, prompts=prompts,
+                              folder=folder, save_name=save_name, loss=loss, steps=steps, rank=rank, beta=beta, lr=lr,
+                              batch_size=batch_size, grad_accum=grad_accum, resolution=resolution, seed=seed,
+                              save_every=save_every, negatives_per_caption=negatives_per_caption,
+                              valid_fraction=valid_fraction, image_steps=image_steps, cfg=cfg, device=devices.device,
+                              model_name=getattr(info, "name_for_extra", "") or "",
+                              model_hash=getattr(info, "sha256", None))
+
+def _tpo_section():
+    from modules import sd_samplers
+
+    samplers = [s.name for s in sd_samplers.visible_samplers()] or ["Euler a"]
+    gr.HTML("<p>Trains a LoRA of the loaded checkpoint so that it follows captions (TPO: TDPO/TKTO on each "
+            "image's caption against an edited caption that no longer fits it). The images are drawn once from "
+            "your prompts by this checkpoint, or read from a folder of images with same-name .txt captions. "
+            "Saves models/Lora/&lt;save name&gt;.safetensors: use it as &lt;lora:save name:1&gt;. The webui is "
+            "busy while training; Interrupt saves a checkpoint; Train again with the same save name continues."
+            "</p>")
+    with gr.Row():
+        with gr.Column():
+            task = gr.Textbox(visible=False)
+            source = gr.Radio(label="Images from", choices=list(TPO_SOURCES), value="prompts")
+            prompts = gr.Textbox(label="Captions: prompts to draw, one per line (Images from: prompts)", lines=4,
+                                 value="a red car on a street\na blue house in a field\ntwo cats on a sofa\n"
+                                       "a dog left of a tree")
+            folder = gr.Textbox(label="Image folder with same-name .txt captions: full path (Images from: folder)")
+            save_name = gr.Textbox(label="Save name (models/Lora/<save name>.safetensors)", value="my-tpo")
+            with gr.Row():
+                loss = gr.Radio(label="Loss", choices=["tdpo", "tkto"], value="tdpo")
+                steps = gr.Number(label="Steps", value=500, precision=0)
+                rank = gr.Number(label="LoRA rank", value=8, precision=0)
+            with gr.Row():
+                lr = gr.Number(label="Learning rate", value=1e-5)
+                beta = gr.Number(label="Beta (0: tdpo 5000, tkto 1000)", value=0)
+                resolution = gr.Number(label="Resolution (SD 1.x: 512, SDXL: 1024)", value=512, precision=0)
+            with gr.Row():
+                batch = gr.Number(label="Caption pairs per batch", value=4, precision=0)
+                accum = gr.Number(label="Batches per step", value=4, precision=0)
+                save_every = gr.Number(label="Save every (steps)", value=100, precision=0)
+            with gr.Row():
+                negatives = gr.Number(label="Edited captions per caption", value=2, precision=0)
+                valid = gr.Number(label="Held-out share of captions", value=0.1)
+                seed = gr.Number(label="Seed", value=0, precision=0)
+            with gr.Row():
+                sampler = gr.Dropdown(label="Sampler (drawing the images)", choices=samplers, value=samplers[0])
+                image_steps = gr.Number(label="Sampling steps", value=20, precision=0)
+                cfg = gr.Number(label="CFG scale", value=7.0)
+            with gr.Row():
+                run = gr.Button("Train TPO", variant="primary", elem_id="promptist_tpo_train")
+                stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_tpo_interrupt")
+        curve, status = _train_outputs("tpo")
+    stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+    run.click(wrap_gradio_gpu_call(_train_tpo, extra_outputs=[None]), _js="promptistStartTraining_tpo",
+              inputs=[task, source, prompts, folder, save_name, loss, steps, rank, beta, lr, batch, accum,
+                      resolution, seed, save_every, negatives, valid, sampler, image_steps, cfg],
+              outputs=[curve, status])
+
 def _evaluate(id_task, prompts, prompt_set, count, policies, seeds, seed, sampler_name, steps, cfg, width, height,
               negative, metric, baseline, out_folder):
     generator = _generator(sampler_name, negative, stop_on_interrupt=True)
@@ -266,6 +330,8 @@ def on_ui_tabs():
             _sft_section()
         with gr.Tab("Train PPO"):
             _ppo_section()
+        with gr.Tab("Train TPO (LoRA)"):
+            _tpo_section()
         with gr.Tab("Evaluate"):
             _evaluate_section()
         for tabname, button in buttons.items():
