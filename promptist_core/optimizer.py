@@ -554,6 +554,12 @@ def forget(folder: Path | str) -> None:
             del _CACHE[key]
 
 
+def cached_optimizers() -> list[PromptOptimizer]:
+    """The loaded optimizers (hosts move their models off the GPU between jobs)."""
+    with _CACHE_LOCK:
+        return list(_CACHE.values())
+
+
 def clear_cache() -> None:
     """Forget every loaded optimizer (hosts call this to free memory)."""
     with _CACHE_LOCK:

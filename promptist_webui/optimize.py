@@ -18,6 +18,7 @@ from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
 from .errors import CONTROL_CHARACTERS, check_dfprompts, guarded
 from .host import IN_WEBUI, devices, gr, models_dirs, scripts, shared
 from .infotext import EXTRA_NETWORK_TAG, INFOTEXT_DFPROMPT, INFOTEXT_MODE, INFOTEXT_ORIGINAL, TITLE
+from .vram import after_job, optimizer_modules, ready
 
 
 def clean_rewrite(text: str) -> str:
@@ -140,7 +141,17 @@ def render_dfprompt_processing(p, *, steps: int | None = None, hires_steps: int 
 def loaded_optimizer() -> PromptOptimizer:
     device = "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
     name = shared.opts.data.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
-    return load_optimizer(name, models_dir=models_dirs(shared.models_path), device=device)
+    optimizer = load_optimizer(name, models_dir=models_dirs(shared.models_path), device=device)
+    ready(optimizer_modules(optimizer), device)  # parked in RAM after the last job
+    return optimizer
+
+def optimize_and_release(p, mode: str, trim: bool) -> None:
+    """Optimize the job's prompts; the policy then leaves the GPU for the sampler (vram.after_job)."""
+    optimizer = loaded_optimizer()
+    try:
+        optimize_processing(p, optimizer, mode=mode, trim=trim)
+    finally:
+        after_job(shared.opts.data, optimizer_modules(optimizer))
 
 def sampler_steps(sampler_name: str | None, steps: int) -> int:
     """Steps as the webui's prompt schedule counts them: model calls (twice the steps for 2nd-order samplers)."""
@@ -177,8 +188,7 @@ if IN_WEBUI:
             if not guarded(p, "checking the DF-Prompts", lambda: check_dfprompts(p)):
                 return  # optimizing and rendering would only fail on the same block again
             if enabled:
-                guarded(p, "optimizing the prompt",
-                        lambda: optimize_processing(p, loaded_optimizer(), mode=mode, trim=trim))
+                guarded(p, "optimizing the prompt", lambda: optimize_and_release(p, mode, trim))
             guarded(p, "rendering the DF-Prompts", lambda: render_dfprompt_processing(
                 p, steps=sampler_steps(p.sampler_name, p.steps),
                 hires_steps=sampler_steps(getattr(p, "hr_sampler_name", None) or p.sampler_name,

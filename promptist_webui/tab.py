@@ -24,6 +24,7 @@ from .score import loaded_scorer
 from .tpo import SOURCES as TPO_SOURCES
 from .tpo import lora_dir, train_tpo_in_webui
 from .train import TRAIN_BASE, WebuiGenerator, policy_names, train_ppo_in_webui, train_sft_in_webui
+from .vram import KEEP_LABEL, KEEP_SETTING, releasing
 
 # Settings: a "Promptist" page under the webui's "Stable Diffusion" category (not "Uncategorized").
 SETTINGS_SECTION = ("promptist", TITLE)
@@ -39,6 +40,7 @@ SETTINGS = (  # key, default, label, radio choices
     ("promptist_score_pick", "", "Score: PickScore model (empty: none; the pae reward uses "
      "yuvalkirstain/PickScore_v1)", ()),
     ("promptist_score_device", "gpu", "Score: device", ("gpu", "cpu")),
+    (KEEP_SETTING, False, KEEP_LABEL, ()),
 )
 
 
@@ -53,6 +55,9 @@ def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
     info = f"{result.clip_tokens} CLIP tokens" + "".join(f"; {n}" for n in result.notes)
     # The webui's call wrapper appends its timing HTML to the last output.
     return best, "\n".join(unique(clean_rewrite(c) for c in result.candidates)), f"<p>{html.escape(info)}</p>"
+
+def _opts() -> dict:
+    return shared.opts.data
 
 def _train_device():
     return "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
@@ -130,7 +135,7 @@ def _sft_section():
                 stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_sft_interrupt")
         curve, status = _train_outputs("sft")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
-    run.click(wrap_gradio_gpu_call(_train_sft, extra_outputs=[None]), _js="promptistStartTraining_sft",
+    run.click(wrap_gradio_gpu_call(releasing(_opts, _train_sft), extra_outputs=[None]), _js="promptistStartTraining_sft",
               inputs=[task, base, data_file, data_format, save_name, steps, lr, batch, effective, seed,
                       save_every], outputs=[curve, status])
 
@@ -182,7 +187,7 @@ def _ppo_section():
                 stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_ppo_interrupt")
         curve, status = _train_outputs("ppo")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])  # as the built-in Train tab
-    run.click(wrap_gradio_gpu_call(_train_ppo, extra_outputs=[None]), _js="promptistStartTraining_ppo",
+    run.click(wrap_gradio_gpu_call(releasing(_opts, _train_ppo), extra_outputs=[None]), _js="promptistStartTraining_ppo",
               inputs=[task, policy, prompts, prompts_file, save_name, iterations, batch, images, sampler, steps,
                       cfg, width, height, negative, preset, lr, beta, top, seed, save_every, dfprompt],
               outputs=[curve, status])
@@ -224,7 +229,7 @@ def _tpo_section():
                 steps = gr.Number(label="Steps", value=500, precision=0)
                 rank = gr.Number(label="LoRA rank", value=8, precision=0)
             with gr.Row():
-                lr = gr.Number(label="Learning rate", value=1e-5)
+                lr = gr.Number(label="LoRA learning rate", value=1e-5)
                 beta = gr.Number(label="Beta (0: tdpo 5000, tkto 1000)", value=0)
                 resolution = gr.Number(label="Resolution (SD 1.x: 512, SDXL: 1024)", value=512, precision=0)
             with gr.Row():
@@ -244,7 +249,7 @@ def _tpo_section():
                 stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_tpo_interrupt")
         curve, status = _train_outputs("tpo")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-    run.click(wrap_gradio_gpu_call(_train_tpo, extra_outputs=[None]), _js="promptistStartTraining_tpo",
+    run.click(wrap_gradio_gpu_call(releasing(_opts, _train_tpo), extra_outputs=[None]), _js="promptistStartTraining_tpo",
               inputs=[task, source, prompts, folder, save_name, loss, steps, rank, beta, lr, batch, accum,
                       resolution, seed, save_every, negatives, valid, sampler, image_steps, cfg],
               outputs=[curve, status])
@@ -305,7 +310,7 @@ def _evaluate_section():
                             interactive=False, elem_id="promptist_eval_grid")
             table = gr.Textbox(label="Table", lines=8, interactive=False, elem_id="promptist_eval_table")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-    run.click(wrap_gradio_gpu_call(_evaluate, extra_outputs=[None, ""]), _js="promptistStartEvaluate",
+    run.click(wrap_gradio_gpu_call(releasing(_opts, _evaluate), extra_outputs=[None, ""]), _js="promptistStartEvaluate",
               inputs=[task, prompts, prompt_set, count, policies, seeds, seed, sampler, steps, cfg, width, height,
                       negative, metric, baseline, out_folder], outputs=[grid, table, status])
 
@@ -337,7 +342,7 @@ def on_ui_tabs():
         for tabname, button in buttons.items():
             infotext_utils.register_paste_params_button(
                 infotext_utils.ParamBinding(paste_button=button, tabname=tabname, source_text_component=best))
-        run.click(wrap_gradio_gpu_call(_optimize_for_tab, extra_outputs=["", ""]),
+        run.click(wrap_gradio_gpu_call(releasing(_opts, _optimize_for_tab), extra_outputs=["", ""]),
                   inputs=[prompt, mode, candidates, seed], outputs=[best, all_candidates, info])
     return [(tab, TITLE, "promptist")]
 
