@@ -195,15 +195,22 @@ def _ppo_section():
 def _train_tpo(id_task, source, prompts, folder, save_name, loss, steps, rank, beta, lr, batch_size, grad_accum,
                resolution, seed, save_every, negatives_per_caption, valid_fraction, sampler_name, image_steps, cfg):
     generator = _generator(sampler_name, "")
-    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
-    return train_tpo_in_webui(shared.state, shared.sd_model, generator, _train_root(),
+    return train_tpo_in_webui(shared.state, _loaded_model, generator, _train_root(),
                               lora_dir(shared.cmd_opts, shared.models_path), source=source, prompts=prompts,
                               folder=folder, save_name=save_name, loss=loss, steps=steps, rank=rank, beta=beta, lr=lr,
                               batch_size=batch_size, grad_accum=grad_accum, resolution=resolution, seed=seed,
                               save_every=save_every, negatives_per_caption=negatives_per_caption,
-                              valid_fraction=valid_fraction, image_steps=image_steps, cfg=cfg, device=devices.device,
-                              model_name=getattr(info, "name_for_extra", "") or "",
-                              model_hash=getattr(info, "sha256", None))
+                              valid_fraction=valid_fraction, image_steps=image_steps, cfg=cfg, device=devices.device)
+
+def _loaded_model():
+    """The webui's model; Forge loads the selected checkpoint at the first job (before it: a placeholder)."""
+    try:
+        from modules import sd_models
+    except ImportError:  # a webui without it (tests' fake webui)
+        sd_models = None
+    if hasattr(sd_models, "forge_model_reload"):
+        sd_models.forge_model_reload()
+    return shared.sd_model
 
 def _tpo_section():
     from modules import sd_samplers

@@ -91,6 +91,10 @@ class WebuiDenoiser:
             from backend import memory_management
 
             memory_management.load_model_gpu(self.unet_patcher)
+            from trainer.tpo.host_unet import trainable_copies
+
+            with torch.inference_mode(False):  # what the move (under Forge's inference mode) made
+                trainable_copies(self.diffusion_model)
 
     def encode_captions(self, texts: Iterable[str]) -> None:
         """Encode every caption up front: the text encoder is then never needed in mid-training."""
@@ -200,7 +204,7 @@ class WebuiDenoiser:
     def diffusion_model_context_dim(self) -> int | None:
         """The cross-attention width (768 SD 1.x, 1024 SD 2.x, 2048 SDXL): an attn2.to_k's input size."""
         for path, module in self.diffusion_model.named_modules():
-            if path.endswith("attn2.to_k") and isinstance(module, nn.Linear):
+            if path.endswith("attn2.to_k") and hasattr(module, "in_features"):
                 return module.in_features
         return None
 
@@ -276,15 +280,16 @@ def gather_data(source: str, prompts: str, folder: str, generator, data: Path, *
                           size=(resolution, resolution), source={"kind": "prompts", "sd": generator.fingerprint})
 
 
-def train_tpo_in_webui(state, sd_model, generator, models_root: Path, loras: Path, *, source: str = "prompts",
+def train_tpo_in_webui(state, loaded_model, generator, models_root: Path, loras: Path, *, source: str = "prompts",
                        prompts: str = "", folder: str = "", save_name: str, loss: str = "tdpo", steps: int = 500,
                        rank: int = 8, beta: float = 0.0, lr: float = 1e-5, batch_size: int = 4, grad_accum: int = 4,
                        resolution: int = 512, seed: int = 0, save_every: int = 100, negatives_per_caption: int = 2,
                        valid_fraction: float = 0.1, image_steps: int = 20, cfg: float = 7.0,
-                       device: str | torch.device = "cpu", model_name: str = "", model_hash: str | None = None) -> tuple:
+                       device: str | torch.device = "cpu") -> tuple:
     """The Train TPO button: a LoRA of the loaded checkpoint by TDPO / TKTO on caption pairs, written to
     `loras/<save name>.safetensors`; the run (data, checkpoints, curves) is `models_root/<save name>`, and
-    pressing Train again with the same save name continues it. Returns (curve image, HTML)."""
+    pressing Train again with the same save name continues it. `loaded_model()` gives the webui's model
+    once the images are drawn (Forge loads its checkpoint at the first job). Returns (curve image, HTML)."""
     from trainer.checkpoint import list_checkpoints
     from trainer.progress import StopTraining
     from trainer.runtime import local_runtime
@@ -294,8 +299,6 @@ def train_tpo_in_webui(state, sd_model, generator, models_root: Path, loras: Pat
 
     from .train import _finished
 
-    if not sd_model:
-        raise PromptistError("No Stable Diffusion checkpoint is loaded: choose one at the top of the page")
     if source not in SOURCES:
         raise PromptistError(f"Images from must be one of {', '.join(SOURCES)}; got {source!r}", status_code=422)
     out = run_folder(models_root, save_name)
@@ -311,6 +314,11 @@ def train_tpo_in_webui(state, sd_model, generator, models_root: Path, loras: Pat
         count = user_errors(build_run_data, data, gathered, editor_from_spec("rules", seed=int(seed)),
                             editor_name="rules", negatives_per_caption=int(negatives_per_caption), seed=int(seed),
                             valid_fraction=float(valid_fraction), resume=resume, label="Save name")
+        sd_model = loaded_model()
+        if not sd_model or not hasattr(sd_model, "get_learned_conditioning"):
+            raise PromptistError("No Stable Diffusion checkpoint is loaded: choose one at the top of the page")
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        model_name, model_hash = getattr(info, "name_for_extra", "") or "", getattr(info, "sha256", None)
         config = TPOConfig(data=str(data), sd=model_name or None, out=str(lora_path), run_dir=str(out), loss=loss,
                            beta=float(beta) or None, rank=int(rank), lr=float(lr), warmup_steps=min(100, steps // 10),
                            batch_size=int(batch_size), grad_accum=int(grad_accum), max_steps=steps,

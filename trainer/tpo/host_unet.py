@@ -54,6 +54,13 @@ class HookLoRA(nn.Module):
         return output + delta.to(output.device, output.dtype)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a host's own linear layer with the same shape attributes (Forge's
+    `ForgeOperations.Linear` is an nn.Module, not an nn.Linear)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Linear" and hasattr(module, "in_features")
+                                             and hasattr(module, "out_features"))
+
+
 def _is_transformer(module: nn.Module) -> bool:
     return hasattr(module, "transformer_blocks")
 
@@ -130,7 +137,7 @@ class HookLoRASet:
                  device: torch.device, seed: int = 0):
         targets = tuple(targets)
         found = [(path, m) for path, m in diffusion_model.named_modules()
-                 if isinstance(m, nn.Linear) and any(path == t or path.endswith("." + t) for t in targets)]
+                 if is_linear(m) and any(path == t or path.endswith("." + t) for t in targets)]
         if not found:
             raise ValueError(f"no Linear layer of the UNet ends with any of {', '.join(targets)}")
         names = kohya_names([p for p, _ in found], diffusers_attention_paths(diffusion_model))
@@ -141,6 +148,12 @@ class HookLoRASet:
             lora = HookLoRA(module.in_features, module.out_features, rank, alpha, device, generator)
             self.loras[names[path]] = lora
             self._handles.append(module.register_forward_hook(lora.hook))
+        # Forge's BasicTransformerBlock adds in place (`x += n`) to the tensor its norm2/norm3 saved for
+        # backward: once the LoRA makes x need a gradient, backward fails ("modified by an inplace
+        # operation"). The norms then get a copy of x.
+        for path, module in diffusion_model.named_modules():
+            if path.rsplit(".", 1)[-1] in ("norm1", "norm2", "norm3") and ".transformer_blocks." in f".{path}":
+                self._handles.append(module.register_forward_pre_hook(_own_copy))
 
     def parameters(self) -> list[nn.Parameter]:
         """In a fixed order (sorted kohya paths): checkpoints store them by position."""
@@ -150,6 +163,13 @@ class HookLoRASet:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _own_copy(module: nn.Module, args: tuple):
+    """Forward pre-hook: the module works on (and saves for backward) a copy of an input that needs a gradient."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+        return (args[0].clone(), *args[1:])
+    return None
 
 
 def trainable_copies(module: nn.Module) -> int:
