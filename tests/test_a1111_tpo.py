@@ -362,3 +362,63 @@ def test_kohya_names_are_diffusers_paths_where_a1111_reads_them_back():
                      "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
                      "output_blocks.5.1.transformer_blocks.0.attn2.to_out.0":
                      "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0"}
+
+
+def test_the_lora_trains_through_a_forge_style_block_that_adds_in_place_with_its_own_linear_class():
+    """Forge classic's BasicTransformerBlock does `x += attn(norm(x))` twice and its UNet's layers are
+    `ForgeOperations.Linear` (an nn.Module, not an nn.Linear): the LoRA still hooks them and gets a gradient."""
+    from trainer.tpo.host_unet import HookLoRASet
+
+    class Linear(nn.Module):  # Forge's: weight and shape attributes, no nn.Linear base
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.in_features, self.out_features = n_in, n_out
+            self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.1)
+
+        def forward(self, x):
+            return F.linear(x, self.weight)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k, self.to_v = Linear(8, 8), Linear(8, 8), Linear(8, 8)
+            self.to_out = nn.Sequential(Linear(8, 8))
+
+        def forward(self, x):
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+            return self.to_out(torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(8), nn.LayerNorm(8)
+            self.attn1, self.attn2 = Attention(), Attention()
+
+        def forward(self, x):
+            x = x.clone()
+            x += self.attn1(self.norm1(x))
+            x += self.attn2(self.norm2(x))
+            return x
+
+    class SpatialTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for block in self.transformer_blocks:
+                x = block(x)
+            return x
+
+    unet = nn.Module()
+    unet.input_blocks = nn.ModuleList([nn.Sequential(nn.Identity()), nn.Sequential(nn.Identity(), SpatialTransformer())])
+    unet.middle_block, unet.output_blocks = nn.Sequential(nn.Identity()), nn.ModuleList()
+    unet.requires_grad_(False)
+    loras = HookLoRASet(unet, 2, 2.0, ("to_q", "to_k", "to_v", "to_out.0"), torch.device("cpu"))
+    assert len(loras.loras) == 16
+    for lora in loras.loras.values():
+        nn.init.normal_(lora.up.weight)  # a LoRA that already moved: every factor gets a gradient
+    unet.input_blocks[1][1](torch.randn(2, 4, 8)).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loras.parameters())
+    loras.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
