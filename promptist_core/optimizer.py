@@ -554,10 +554,11 @@ def forget(folder: Path | str) -> None:
             del _CACHE[key]
 
 
-def cached_optimizers() -> list[PromptOptimizer]:
-    """The loaded optimizers (hosts move their models off the GPU between jobs)."""
+def cached_optimizers() -> list[tuple[torch.device, PromptOptimizer]]:
+    """The loaded optimizers with the device each was loaded for (hosts move their models off the GPU
+    between jobs, and back)."""
     with _CACHE_LOCK:
-        return list(_CACHE.values())
+        return [(torch.device(key[2]), optimizer) for key, optimizer in _CACHE.items()]
 
 
 def clear_cache() -> None:

@@ -317,7 +317,7 @@ def _evaluate_section():
                             interactive=False, elem_id="promptist_eval_grid")
             table = gr.Textbox(label="Table", lines=8, interactive=False, elem_id="promptist_eval_table")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-    run.click(wrap_gradio_gpu_call(releasing(_opts, _evaluate), extra_outputs=[None, ""]), _js="promptistStartEvaluate",
+    run.click(wrap_gradio_gpu_call(releasing(_opts, _evaluate, policies_back=True), extra_outputs=[None, ""]), _js="promptistStartEvaluate",
               inputs=[task, prompts, prompt_set, count, policies, seeds, seed, sampler, steps, cfg, width, height,
                       negative, metric, baseline, out_folder], outputs=[grid, table, status])
 

@@ -41,15 +41,22 @@ def cached_modules() -> list:
     from promptist_core.clip_models import cached_encoders
     from promptist_core.optimizer import cached_optimizers
 
-    return [m for o in cached_optimizers() for m in optimizer_modules(o)] + [c.module for c in cached_encoders()]
+    return [m for _, o in cached_optimizers() for m in optimizer_modules(o)] + [c.module for c in cached_encoders()]
 
 
-def releasing(opts_data: dict, job):
-    """`job` (a tab button's function) with every cached model moved off the GPU when it ends."""
+def releasing(opts_data: dict, job, *, policies_back: bool = False):
+    """`job` (a tab button's function) with every cached model moved off the GPU when it ends.
+    `policies_back`: first every cached policy goes back to the device it was loaded for (Evaluate loads
+    its policies through the core's cache, which would otherwise hand them over parked in RAM)."""
     import functools
+
+    from promptist_core.optimizer import cached_optimizers
 
     @functools.wraps(job)
     def run(*args, **kwargs):
+        if policies_back:
+            for device, optimizer in cached_optimizers():
+                ready(optimizer_modules(optimizer), device)
         try:
             return job(*args, **kwargs)
         finally:

@@ -109,3 +109,17 @@ def test_a_tab_job_moves_every_loaded_model_off_the_gpu_when_it_ends(webui, fake
     optimize = webui.vram.releasing(webui.tab._opts, webui.tab._optimize_for_tab)  # what the Optimize button runs
     optimize("a cat riding a bike", "beam", 2, 0)
     assert fake_gpu[id(policy.model)] == (["cuda"] if keep else ["cuda", "cpu"])
+
+
+def test_evaluate_gets_its_cached_policies_back_on_their_device_and_parks_them_after(webui, fake_gpu, monkeypatch,
+                                                                                     tiny_optimizer):
+    from promptist_core import optimizer as core_optimizer
+
+    monkeypatch.setitem(core_optimizer._CACHE, ("policy", "tokenizer", "cuda", torch.float16, "a", "b"), tiny_optimizer)
+    seen = []
+    job = webui.vram.releasing(webui.tab._opts, lambda: seen.append(fake_gpu["where"].get(id(tiny_optimizer.model))),
+                               policies_back=True)
+    fake_gpu.pop(id(tiny_optimizer.model), None)
+    job()
+    assert seen == ["cuda"]  # on its device while the job runs (Evaluate's policies come from the core's cache)
+    assert fake_gpu[id(tiny_optimizer.model)] == ["cuda", "cpu"]
