@@ -19,6 +19,10 @@ function promptistStartTraining_ppo() {
     return promptistStartTraining('ppo', arguments);
 }
 
+function promptistStartTraining_tpo() {
+    return promptistStartTraining('tpo', arguments);
+}
+
 function promptistStartEvaluate() {
     return promptistStartTraining('eval', arguments, 'grid');
 }

@@ -95,22 +95,11 @@ def _lcm_length(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def trainable_copies(module: nn.Module) -> int:
-    """Swap every inference tensor among `module`'s parameters and buffers for a normal copy; returns how
-    many. ComfyUI loads models while executing a prompt, i.e. under `torch.inference_mode()`, and such
-    tensors cannot be saved for backward: every layer norm, conv and linear of the UNet would fail in the
-    LoRA's backward pass. (TrainLoraNode avoids this only because it wraps every weight and bias.) Call
-    outside inference mode, after the model is on its device."""
-    swapped = 0
-    for child in module.modules():
-        for name, p in list(child._parameters.items()):
-            if p is not None and p.is_inference():
-                child._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
-                swapped += 1
-        for name, b in list(child._buffers.items()):
-            if b is not None and b.is_inference():
-                child._buffers[name] = b.clone()
-                swapped += 1
-    return swapped
+    """Inference tensors of `module` swapped for normal copies (trainer.tpo.host_unet.trainable_copies):
+    ComfyUI loads models under `torch.inference_mode()`, and such tensors cannot be saved for backward."""
+    from trainer.tpo.host_unet import trainable_copies as swap
+
+    return swap(module)
 
 
 PREDICTIONS = ("EPS", "V_PREDICTION", "EDM", "X0", "IMG_TO_IMG", "CONST", "COSMOS_RFLOW")  # comfy.model_sampling

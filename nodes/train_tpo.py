@@ -116,24 +116,12 @@ class GivenNegatives:
 
 def build_data(folder: Path, gathered, editor, *, editor_name: str, negatives_per_caption: int, seed: int,
                valid_fraction: float, resume: bool) -> int:
-    """Write the TPO data folder; a continued run must get the very same pairs. Returns the item count."""
-    from trainer.tpo.data import build_tpo_items, data_summary, pairs_file, read_tpo_data, write_tpo_data
-    from trainer.training_run import differs_from_run
+    """Write the TPO data folder (trainer.tpo.data.build_run_data); returns the item count."""
+    from trainer.tpo.data import build_run_data
 
-    items = build_tpo_items(gathered, editor, negatives_per_caption=negatives_per_caption, seed=seed,
-                            valid_fraction=valid_fraction)
-    if not items:
-        reasons = ", ".join(sorted({s["reason"] for s in gathered.skipped})) or "no captions"
-        raise ValueError(f"no usable image with a caption and a negative ({reasons})")
-    if resume and pairs_file(folder).is_file():
-        before = [(i.id, i.caption, i.negatives, i.split) for i in read_tpo_data(folder, check_images=False)]
-        if before != [(i.id, i.caption, i.negatives, i.split) for i in items]:
-            raise ValueError(differs_from_run("images, captions or negatives", folder.parent, "save_name"))
-        return len(items)
-    write_tpo_data(folder, items, data_summary(gathered, items, editor=editor_name, seed=seed,
-                                               negatives_per_caption=negatives_per_caption,
-                                               valid_fraction=valid_fraction, dropped_negatives={}))
-    return len(items)
+    return build_run_data(folder, gathered, editor, editor_name=editor_name,
+                          negatives_per_caption=negatives_per_caption, seed=seed, valid_fraction=valid_fraction,
+                          resume=resume, label="save_name")
 
 
 def model_with_lora(model, path: Path):

@@ -240,6 +240,12 @@ _CACHE: dict[tuple, ClipEncoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def cached_encoders() -> list[ClipEncoder]:
+    """The loaded CLIPs (hosts move them off the GPU between jobs)."""
+    with _CACHE_LOCK:
+        return list(_CACHE.values())
+
+
 def load_clip(
     name: str = DEFAULT_CLIP_MODEL,
     *,

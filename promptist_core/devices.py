@@ -35,3 +35,32 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter or buffer; CPU for one without any)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def move_to(modules, device: str | torch.device) -> int:
+    """Move each module (None skipped) that is not on `device` there; returns how many moved. A model a
+    host parked in RAM after the last job goes back to its compute device before this one."""
+    device, moved = torch.device(device), 0
+    for module in modules:
+        if module is not None and module_device(module) != device:
+            module.to(device)
+            moved += 1
+    return moved
+
+
+def release_accelerator(modules) -> int:
+    """Move every module (None skipped) that sits on an accelerator to the CPU and give the freed memory
+    back (CUDA's cache emptied): what a host without a memory manager does after a job, so its VRAM is
+    the image model's again. The modules stay loaded, in RAM. Returns how many moved."""
+    moved = sum(1 for module in modules if module is not None and module_device(module).type != "cpu"
+                and module.to("cpu") is not None)
+    if moved and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return moved

@@ -554,6 +554,13 @@ def forget(folder: Path | str) -> None:
             del _CACHE[key]
 
 
+def cached_optimizers() -> list[tuple[torch.device, PromptOptimizer]]:
+    """The loaded optimizers with the device each was loaded for (hosts move their models off the GPU
+    between jobs, and back)."""
+    with _CACHE_LOCK:
+        return [(torch.device(key[2]), optimizer) for key, optimizer in _CACHE.items()]
+
+
 def clear_cache() -> None:
     """Forget every loaded optimizer (hosts call this to free memory)."""
     with _CACHE_LOCK:

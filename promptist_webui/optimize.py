@@ -22,6 +22,7 @@ from .host import IN_WEBUI, devices, gr, models_dirs, scripts, shared
 from .infotext import EXTRA_NETWORK_TAG, INFOTEXT_DFPROMPT, INFOTEXT_MODE, INFOTEXT_ORIGINAL, TITLE
 from .job_models import models_ready, plan
 from .lora_check import warn_about_loras
+from .vram import after_job, optimizer_modules, ready
 
 
 def clean_rewrite(text: str) -> str:
@@ -148,7 +149,10 @@ def policy_name(settings: dict) -> str:
 
 def loaded_optimizer() -> PromptOptimizer:
     device = "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
-    return load_optimizer(policy_name(shared.opts.data), models_dir=models_dirs(shared.models_path), device=device)
+    optimizer = load_optimizer(policy_name(shared.opts.data), models_dir=models_dirs(shared.models_path), device=device)
+    ready(optimizer_modules(optimizer), device)  # parked in RAM after the last job
+    return optimizer
+
 
 def lora_dirs() -> list[Path]:
     """Where the webui keeps LoRAs: its --lora-dir (default models/Lora)."""
@@ -163,6 +167,15 @@ def check_loras(p) -> None:
         warn_about_loras(p, shared.sd_model, lora_dirs())
     except Exception as e:
         print(f"*** Promptist: the LoRA check failed ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def optimize_and_release(p, mode: str, trim: bool) -> None:
+    """Optimize the job's prompts; the policy then leaves the GPU for the sampler (vram.after_job)."""
+    optimizer = loaded_optimizer()
+    try:
+        optimize_processing(p, optimizer, mode=mode, trim=trim)
+    finally:
+        after_job(shared.opts.data, optimizer_modules(optimizer))
 
 
 def sampler_steps(sampler_name: str | None, steps: int) -> int:
@@ -205,8 +218,7 @@ if IN_WEBUI:
             if not guarded(p, "checking the DF-Prompts", lambda: check_dfprompts(p)):
                 return  # optimizing and rendering would only fail on the same block again
             if enabled and models_ready(p, shared.opts.data, models_dirs(shared.models_path)):
-                guarded(p, "optimizing the prompt",
-                        lambda: optimize_processing(p, loaded_optimizer(), mode=mode, trim=trim))
+                guarded(p, "optimizing the prompt", lambda: optimize_and_release(p, mode, trim))
             guarded(p, "rendering the DF-Prompts", lambda: render_dfprompt_processing(
                 p, steps=sampler_steps(p.sampler_name, p.steps),
                 hires_steps=sampler_steps(getattr(p, "hr_sampler_name", None) or p.sampler_name,

@@ -23,6 +23,7 @@ from .infotext import (
     SCORE_TITLE,
 )
 from .job_models import models_ready, plan
+from .vram import after_job, ready, scorer_modules
 
 # A1111 emphasis syntax means nothing to CLIP's text encoder (nor do extra-network tags).
 EMPHASIS_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=[)\]])")
@@ -104,8 +105,19 @@ def loaded_scorer(preset: str) -> RewardScorer:
     opts = shared.opts.data
     device = "cpu" if opts.get("promptist_score_device", "gpu") == "cpu" else devices.device
     clip, aesthetic, pick = scorer_settings(opts)
-    return load_scorer(clip, aesthetic, pick_model=pick, preset=preset, models_dir=models_dirs(shared.models_path),
-                       device=device)
+    scorer = load_scorer(clip, aesthetic, pick_model=pick, preset=preset, models_dir=models_dirs(shared.models_path),
+                         device=device)
+    ready(scorer_modules(scorer), device)  # parked in RAM after the last job
+    return scorer
+
+def score_and_release(p, pp, scorer, **options) -> None:
+    """Score the batch on the score device, then the models leave the GPU again (vram.after_job)."""
+    opts = shared.opts.data
+    ready(scorer_modules(scorer), "cpu" if opts.get("promptist_score_device", "gpu") == "cpu" else devices.device)
+    try:
+        score_processing(p, pp, scorer, **options)
+    finally:
+        after_job(opts, scorer_modules(scorer))
 
 if IN_WEBUI:
 
@@ -136,13 +148,16 @@ if IN_WEBUI:
         def process(self, p, enabled=False, best_of_n=False, preset="promptist", *args):
             # Load the models before sampling: a missing model stops the job before any image is made.
             if (enabled or best_of_n) and models_ready(p, shared.opts.data, models_dirs(shared.models_path)):
+                # loaded to check them; they wait in RAM while the image is sampled (vram.after_job)
                 guarded(p, "loading the scoring models", lambda: setattr(p, "_promptist_scorer", loaded_scorer(preset)))
+                after_job(shared.opts.data, scorer_modules(p._promptist_scorer) if hasattr(p, "_promptist_scorer")
+                          else [])
 
         def postprocess_batch_list(self, p, pp, enabled=False, best_of_n=False, preset="promptist", *args,
                                    **kwargs):
             scorer = getattr(p, "_promptist_scorer", None)
             if not (enabled or best_of_n) or scorer is None:
                 return
-            guarded(p, "scoring the images", lambda: score_processing(
+            guarded(p, "scoring the images", lambda: score_and_release(
                 p, pp, scorer, preset=preset, best_of_n=best_of_n, batch_number=kwargs.get("batch_number", 0)),
                 at=AFTER_SAMPLING)

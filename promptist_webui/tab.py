@@ -1,4 +1,4 @@
-"""The Promptist tab (Optimize, Train SFT, Train PPO, Evaluate) and the settings page: the webui's UI over the
+"""The Promptist tab (Optimize, Train SFT, Train PPO, Train TPO, Evaluate) and the settings page: the webui's UI over the
 functions of `optimize`, `score`, `train` and `evaluate`, bound to the webui's `shared` objects. Used only inside the
 webui (the entry registers `on_ui_tabs` and `on_ui_settings`)."""
 
@@ -29,7 +29,10 @@ from .host import (
 from .infotext import TITLE
 from .optimize import clean_rewrite, loaded_optimizer, sampler_steps, split_for_policy, unique
 from .score import loaded_scorer
+from .tpo import SOURCES as TPO_SOURCES
+from .tpo import lora_dir, train_tpo_in_webui
 from .train import TRAIN_BASE, WebuiGenerator, policy_names, train_ppo_in_webui, train_sft_in_webui
+from .vram import KEEP_LABEL, KEEP_SETTING, releasing
 
 # Settings: a "Promptist" page under the webui's "Stable Diffusion" category (not "Uncategorized").
 SETTINGS_SECTION = ("promptist", TITLE)
@@ -45,6 +48,7 @@ SETTINGS = (  # key, default, label, radio choices
     ("promptist_score_pick", "", "Score: PickScore model (empty: none; the pae reward uses "
      "yuvalkirstain/PickScore_v1)", ()),
     ("promptist_score_device", "gpu", "Score: device", ("gpu", "cpu")),
+    (KEEP_SETTING, False, KEEP_LABEL, ()),
 )
 
 
@@ -60,9 +64,15 @@ def _optimize_for_tab(prompt: str, mode: str, candidates: int, seed: int):
     # The webui's call wrapper appends its timing HTML to the last output.
     return best, "\n".join(unique(clean_rewrite(c) for c in result.candidates)), f"<p>{html.escape(info)}</p>"
 
-def _button_call(func, extra_outputs: list):
-    """A button's function as the webui queues it; the user's own errors shown in the UI, one console line."""
-    return wrap_gradio_gpu_call(shown_in_ui(func, extra_outputs), extra_outputs=extra_outputs)
+def _opts() -> dict:
+    return shared.opts.data
+
+
+def _button_call(func, extra_outputs: list, **release):
+    """A button's function as the webui queues it: the user's own errors shown in the UI with one console line,
+    and Promptist's models off the GPU when it ends (vram.releasing)."""
+    return wrap_gradio_gpu_call(shown_in_ui(releasing(_opts, func, **release), extra_outputs),
+                                extra_outputs=extra_outputs)
 
 def _train_device():
     return "cpu" if shared.opts.data.get("promptist_device", "gpu") == "cpu" else devices.device
@@ -197,6 +207,75 @@ def _ppo_section():
                       cfg, width, height, negative, preset, lr, beta, top, seed, save_every, dfprompt],
               outputs=[curve, status])
 
+def _train_tpo(id_task, source, prompts, folder, save_name, loss, steps, rank, beta, lr, batch_size, grad_accum,
+               resolution, seed, save_every, negatives_per_caption, valid_fraction, sampler_name, image_steps, cfg):
+    generator = _generator(sampler_name, "")
+    return train_tpo_in_webui(shared.state, _loaded_model, generator, _train_root(),
+                              lora_dir(shared.cmd_opts, shared.models_path), source=source, prompts=prompts,
+                              folder=folder, save_name=save_name, loss=loss, steps=steps, rank=rank, beta=beta, lr=lr,
+                              batch_size=batch_size, grad_accum=grad_accum, resolution=resolution, seed=seed,
+                              save_every=save_every, negatives_per_caption=negatives_per_caption,
+                              valid_fraction=valid_fraction, image_steps=image_steps, cfg=cfg, device=devices.device)
+
+def _loaded_model():
+    """The webui's model; Forge loads the selected checkpoint at the first job (before it: a placeholder)."""
+    try:
+        from modules import sd_models
+    except ImportError:  # a webui without it (tests' fake webui)
+        sd_models = None
+    if hasattr(sd_models, "forge_model_reload"):
+        sd_models.forge_model_reload()
+    return shared.sd_model
+
+def _tpo_section():
+    from modules import sd_samplers
+
+    samplers = [s.name for s in sd_samplers.visible_samplers()] or ["Euler a"]
+    gr.HTML("<p>Trains a LoRA of the loaded checkpoint so that it follows captions (TPO: TDPO/TKTO on each "
+            "image's caption against an edited caption that no longer fits it). The images are drawn once from "
+            "your prompts by this checkpoint, or read from a folder of images with same-name .txt captions. "
+            "Saves models/Lora/&lt;save name&gt;.safetensors: use it as &lt;lora:save name:1&gt;. The webui is "
+            "busy while training; Interrupt saves a checkpoint; Train again with the same save name continues."
+            "</p>")
+    with gr.Row():
+        with gr.Column():
+            task = gr.Textbox(visible=False)
+            source = gr.Radio(label="Images from", choices=list(TPO_SOURCES), value="prompts")
+            prompts = gr.Textbox(label="Captions: prompts to draw, one per line (Images from: prompts)", lines=4,
+                                 value="a red car on a street\na blue house in a field\ntwo cats on a sofa\n"
+                                       "a dog left of a tree")
+            folder = gr.Textbox(label="Image folder with same-name .txt captions: full path (Images from: folder)")
+            save_name = gr.Textbox(label="Save name (models/Lora/<save name>.safetensors)", value="my-tpo")
+            with gr.Row():
+                loss = gr.Radio(label="Loss", choices=["tdpo", "tkto"], value="tdpo")
+                steps = gr.Number(label="Steps", value=500, precision=0)
+                rank = gr.Number(label="LoRA rank", value=8, precision=0)
+            with gr.Row():
+                lr = gr.Number(label="LoRA learning rate", value=1e-5)
+                beta = gr.Number(label="Beta (0: tdpo 5000, tkto 1000)", value=0)
+                resolution = gr.Number(label="Resolution (SD 1.x: 512, SDXL: 1024)", value=512, precision=0)
+            with gr.Row():
+                batch = gr.Number(label="Caption pairs per batch", value=4, precision=0)
+                accum = gr.Number(label="Batches per step", value=4, precision=0)
+                save_every = gr.Number(label="Save every (steps)", value=100, precision=0)
+            with gr.Row():
+                negatives = gr.Number(label="Edited captions per caption", value=2, precision=0)
+                valid = gr.Number(label="Held-out share of captions", value=0.1)
+                seed = gr.Number(label="Seed", value=0, precision=0)
+            with gr.Row():
+                sampler = gr.Dropdown(label="Sampler (drawing the images)", choices=samplers, value=samplers[0])
+                image_steps = gr.Number(label="Sampling steps", value=20, precision=0)
+                cfg = gr.Number(label="CFG scale", value=7.0)
+            with gr.Row():
+                run = gr.Button("Train TPO", variant="primary", elem_id="promptist_tpo_train")
+                stop = gr.Button("Interrupt (saves a checkpoint)", elem_id="promptist_tpo_interrupt")
+        curve, status = _train_outputs("tpo")
+    stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+    run.click(_button_call(_train_tpo, [None]), _js="promptistStartTraining_tpo",
+              inputs=[task, source, prompts, folder, save_name, loss, steps, rank, beta, lr, batch, accum,
+                      resolution, seed, save_every, negatives, valid, sampler, image_steps, cfg],
+              outputs=[curve, status])
+
 def _evaluate(id_task, prompts, prompt_set, count, policies, seeds, seed, sampler_name, steps, cfg, width, height,
               negative, metric, baseline, out_folder):
     generator = _generator(sampler_name, negative, stop_on_interrupt=True)
@@ -253,7 +332,7 @@ def _evaluate_section():
                             interactive=False, elem_id="promptist_eval_grid")
             table = gr.Textbox(label="Table", lines=8, interactive=False, elem_id="promptist_eval_table")
     stop.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-    run.click(_button_call(_evaluate, [None, ""]), _js="promptistStartEvaluate",
+    run.click(_button_call(_evaluate, [None, ""], policies_back=True), _js="promptistStartEvaluate",
               inputs=[task, prompts, prompt_set, count, policies, seeds, seed, sampler, steps, cfg, width, height,
                       negative, metric, baseline, out_folder], outputs=[grid, table, status])
 
@@ -280,6 +359,8 @@ def on_ui_tabs():
             _sft_section()
         with gr.Tab("Train PPO"):
             _ppo_section()
+        with gr.Tab("Train TPO (LoRA)"):
+            _tpo_section()
         with gr.Tab("Evaluate"):
             _evaluate_section()
         for tabname, button in buttons.items():

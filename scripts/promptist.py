@@ -21,14 +21,14 @@ def _import_adapter() -> None:
         import trainer  # noqa: F401
 
         promptist_core.check_own_packages(EXTENSION_ROOT, names=("promptist_core", "trainer", "promptist_webui"))
-        from promptist_webui import errors, evaluate, host, infotext, optimize, score, tab, train  # noqa: F401
+        from promptist_webui import errors, evaluate, host, infotext, optimize, score, tab, tpo, train, vram  # noqa: F401
     finally:
         sys.path.remove(str(EXTENSION_ROOT))
 
 
 _import_adapter()
 
-from promptist_webui import errors, evaluate, host, infotext, optimize, score, tab, train  # noqa: E402, F401
+from promptist_webui import errors, evaluate, host, infotext, optimize, score, tab, tpo, train, vram  # noqa: E402, F401
 
 if host.IN_WEBUI:
     from promptist_webui.optimize import PromptistScript  # noqa: F401  (registered by the webui from here)

@@ -390,3 +390,25 @@ def data_summary(gathered: Gathered, items: Sequence[TPOItem], *, editor: str, s
         "skipped": {"reasons": dict(reasons), "items": gathered.skipped[:MAX_LISTED_SKIPS]},
         "dropped_negatives": dict(dropped_negatives),
     }
+
+
+def build_run_data(folder: Path, gathered: Gathered, editor, *, editor_name: str, negatives_per_caption: int,
+                   seed: int, valid_fraction: float, resume: bool, label: str = "save name") -> int:
+    """Write a training run's TPO data folder (the hosts' TPO Train: ComfyUI's node, the webui's tab); a
+    continued run must get the very same pairs, else ValueError naming `label`. Returns the item count."""
+    from ..training_run import differs_from_run
+
+    items = build_tpo_items(gathered, editor, negatives_per_caption=negatives_per_caption, seed=seed,
+                            valid_fraction=valid_fraction)
+    if not items:
+        reasons = ", ".join(sorted({s["reason"] for s in gathered.skipped})) or "no captions"
+        raise ValueError(f"no usable image with a caption and a negative ({reasons})")
+    if resume and pairs_file(folder).is_file():
+        before = [(i.id, i.caption, i.negatives, i.split) for i in read_tpo_data(folder, check_images=False)]
+        if before != [(i.id, i.caption, i.negatives, i.split) for i in items]:
+            raise ValueError(differs_from_run("images, captions or negatives", Path(folder).parent, label))
+        return len(items)
+    write_tpo_data(folder, items, data_summary(gathered, items, editor=editor_name, seed=seed,
+                                               negatives_per_caption=negatives_per_caption,
+                                               valid_fraction=valid_fraction, dropped_negatives={}))
+    return len(items)
