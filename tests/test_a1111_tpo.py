@@ -308,7 +308,8 @@ def test_forge_trains_through_its_unet_patcher_with_the_same_predictions_as_a111
     ({"save_name": "a/b"}, "Save name must be a plain folder name"),
     ({"folder": "/no/such/folder"}, "Image folder: no such folder"),
     ({"source": "prompts", "prompts": ""}, "Captions is empty"),
-    ({"resolution": 60}, "multiple of 8"),
+    ({"resolution": 60}, "between 64 and 8192"),
+    ({"resolution": 100}, "multiple of 8"),
 ])
 def test_bad_tpo_inputs_are_one_clear_error(webui, change, error):
     change = dict(change)
