@@ -24,7 +24,6 @@ the names ComfyUI's LoraLoader maps for SD3. Other prediction kinds and flow mod
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from promptist_core.fingerprint import weights_fingerprint
 
 from . import comfy_host
 
@@ -317,13 +318,9 @@ class ComfyDenoiser:
         latents are reused only for the same encoder."""
         if self._latents_fingerprint is None:
             first_stage = getattr(self.vae, "first_stage_model", None)
-            h = hashlib.sha256(type(self.vae).__name__.encode())
-            h.update(type(getattr(self.base, "latent_format", None)).__name__.encode())
-            if isinstance(first_stage, nn.Module):
-                for name, tensor in sorted(first_stage.state_dict().items()):
-                    h.update(name.encode())
-                    h.update(tensor.detach().float().cpu().numpy().tobytes())
-            self._latents_fingerprint = h.hexdigest()[:16]
+            labels = [type(self.vae).__name__, type(getattr(self.base, "latent_format", None)).__name__]
+            self._latents_fingerprint = weights_fingerprint(labels, first_stage if isinstance(first_stage, nn.Module)
+                                                            else None)
         return self._latents_fingerprint
 
     # --- helpers ---------------------------------------------------------------------------------------

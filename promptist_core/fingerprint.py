@@ -38,3 +38,16 @@ def contents_fingerprint(path: Path | str) -> str:
         digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
     return digest.hexdigest()[:16]
 
+
+
+def weights_fingerprint(labels: list[str], module) -> str:
+    """16 hex digits of `labels` (a class name, a config) and of every tensor of `module` (an nn.Module, or None):
+    the name of an encoder whose outputs are cached (TPO's latents), the same for the same weights in any host."""
+    digest = hashlib.sha256()
+    for label in labels:
+        digest.update(label.encode())
+    if module is not None:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

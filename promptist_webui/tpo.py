@@ -14,7 +14,6 @@ A1111's `<lora:...>`, Forge and ComfyUI read it. The loop is trainer.tpo.train.t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from promptist_core.fingerprint import weights_fingerprint
 from trainer.training_run import TPO_PANELS
 
 from .errors import PromptistError
@@ -165,12 +165,8 @@ class WebuiDenoiser:
         if self._latents_fingerprint is None:
             first_stage = (self.sd_model.forge_objects.vae.first_stage_model if self.forge
                            else getattr(self.sd_model, "first_stage_model", None))
-            h = hashlib.sha256(type(first_stage).__name__.encode())
-            if isinstance(first_stage, nn.Module):
-                for name, tensor in sorted(first_stage.state_dict().items()):
-                    h.update(name.encode())
-                    h.update(tensor.detach().float().cpu().numpy().tobytes())
-            self._latents_fingerprint = h.hexdigest()[:16]
+            self._latents_fingerprint = weights_fingerprint(
+                [type(first_stage).__name__], first_stage if isinstance(first_stage, nn.Module) else None)
         return self._latents_fingerprint
 
     # --- helpers ---------------------------------------------------------------------------------------

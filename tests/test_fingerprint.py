@@ -54,3 +54,18 @@ def test_a_single_weights_file_and_a_missing_path_have_fingerprints(tmp_path):
     weights.write_bytes(b"other weights")
     assert contents_fingerprint(weights) != before
     assert contents_fingerprint(tmp_path / "missing") == contents_fingerprint(tmp_path / "missing")
+
+
+def test_weights_fingerprint_names_the_weights_and_labels_not_the_object():
+    import torch
+
+    from promptist_core.fingerprint import weights_fingerprint
+
+    first, second = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    second.load_state_dict(first.state_dict())
+    assert weights_fingerprint(["Linear"], first) == weights_fingerprint(["Linear"], second)
+    assert weights_fingerprint(["Linear"], first) != weights_fingerprint(["Linear", "config"], first)
+    with torch.no_grad():
+        second.weight[0, 0] += 1e-3
+    assert weights_fingerprint(["Linear"], first) != weights_fingerprint(["Linear"], second)
+    assert len(weights_fingerprint(["no encoder"], None)) == 16

@@ -15,7 +15,6 @@ when the denoiser is built, before any step.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from promptist_core.fingerprint import weights_fingerprint
 from promptist_core.quiet import no_fp32_cast_note
 
 from .lora import DEFAULT_TARGETS, TRANSFORMER_PREFIX, adapters_enabled, attach_lora, save_kohya_lora
@@ -213,12 +213,8 @@ class DiffusersDenoiser:
         if self.vae is None:
             return "no-vae"
         if self._latents_fingerprint is None:
-            h = hashlib.sha256(type(self.vae).__name__.encode())
-            h.update(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
-            for name, tensor in sorted(self.vae.state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().float().cpu().numpy().tobytes())
-            self._latents_fingerprint = h.hexdigest()[:16]
+            config = json.dumps(dict(self.vae.config), sort_keys=True, default=str)
+            self._latents_fingerprint = weights_fingerprint([type(self.vae).__name__, config], self.vae)
         return self._latents_fingerprint
 
     # --- helpers ---------------------------------------------------------------------------------------
