@@ -48,7 +48,9 @@ class WebuiDenoiser:
         self.model_name, self.model_hash = model_name, model_hash
         self.forge = getattr(sd_model, "forge_objects", None) is not None
         self.sdxl = bool(getattr(sd_model, "is_sdxl", False))
+        self._stack = contextlib.ExitStack()
         if self.forge:
+            self._use_checkpoint_objects(sd_model)
             self.unet_patcher = sd_model.forge_objects.unet
             self.diffusion_model = self.unet_patcher.model.diffusion_model
             sigmas = getattr(self.unet_patcher.model.predictor, "sigmas", None)
@@ -64,7 +66,6 @@ class WebuiDenoiser:
             self._alphas_cumprod = torch.as_tensor(alphas).detach().float().to(self.device).clone()
             self.parameterization = prediction_type(sd_model)
         self.num_train_timesteps = len(self._alphas_cumprod)
-        self._stack = contextlib.ExitStack()
         with torch.inference_mode(False):
             trainable_copies(self.diffusion_model)  # Forge loads checkpoints under inference mode
         self._stack.enter_context(frozen_without_checkpointing(self.diffusion_model))
@@ -74,6 +75,17 @@ class WebuiDenoiser:
         self.loras = self.lora_set.loras
         self._texts: dict[str, Any] = {}
         self._latents_fingerprint: str | None = None
+
+    def _use_checkpoint_objects(self, sd_model) -> None:
+        """Forge/Neo: after a job with `<lora:...>`, `sd_model.forge_objects` holds the patchers with that
+        LoRA (merged into the weights when loaded); the job trains the checkpoint's own (as each generation
+        starts from `forge_objects_original`), and gives the last job's back when it ends."""
+        original = getattr(sd_model, "forge_objects_original", None)
+        if original is None or not hasattr(original, "shallow_copy"):
+            return
+        previous = sd_model.forge_objects
+        sd_model.forge_objects = original.shallow_copy()
+        self._stack.callback(setattr, sd_model, "forge_objects", previous)
 
     def close(self) -> None:
         """Take the LoRA off the webui's UNet and restore its flags."""
