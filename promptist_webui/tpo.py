@@ -45,7 +45,7 @@ class WebuiDenoiser:
         from trainer.tpo.host_unet import HookLoRASet, frozen_without_checkpointing, trainable_copies
 
         self.sd_model, self.device, self.resolution = sd_model, torch.device(device), int(resolution)
-        self.model_name, self.model_hash = model_name, model_hash
+        self.model_name, self.model_hash, self.seed = model_name, model_hash, int(seed)
         self.forge = getattr(sd_model, "forge_objects", None) is not None
         self.sdxl = bool(getattr(sd_model, "is_sdxl", False))
         self._stack = contextlib.ExitStack()
@@ -130,7 +130,11 @@ class WebuiDenoiser:
         dtype = next(first_stage.parameters()).dtype if isinstance(first_stage, nn.Module) else torch.float32
         device = next(first_stage.parameters()).device if isinstance(first_stage, nn.Module) else self.device
         pixels = images.permute(0, 3, 1, 2).to(device, dtype) * 2 - 1
-        encoded = self.sd_model.encode_first_stage(pixels)
+        # Forge/Neo (and A1111 SDXL) encode a draw from the VAE's distribution: seeded, so a new run's
+        # cached latents are the same for the same images and seed; the webui's RNG is left as it was
+        with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            encoded = self.sd_model.encode_first_stage(pixels)
         if not isinstance(encoded, torch.Tensor):  # A1111 SD 1.x/2.x: the distribution's mode, not a draw (latents are cached)
             encoded = encoded.mode()
         return self.sd_model.get_first_stage_encoding(encoded).float().clone().to(self.device)

@@ -340,6 +340,22 @@ def test_forge_trains_the_checkpoints_own_unet_not_the_last_jobs_lora_patched_on
     assert forge.forge_objects is last_job
 
 
+def test_forge_latents_drawn_from_the_vae_are_the_same_for_the_same_images_and_seed(webui, text_parts):  # noqa: F811
+    from promptist_webui.tpo import WebuiDenoiser
+
+    forge = FakeForgeModel(webui.shared.sd_model.model.diffusion_model.unet, text_parts)
+    forge.encode_first_stage = lambda pixels: fake_vae(pixels) + 0.1 * torch.randn(fake_vae(pixels).shape)  # a draw
+    images = torch.rand(2, PIXELS, PIXELS, 3)
+    with WebuiDenoiser(forge, rank=4, seed=7) as one:
+        torch.manual_seed(123)
+        expected_next = torch.rand(3)
+        torch.manual_seed(123)
+        first = one.encode_images(images)
+        assert torch.equal(torch.rand(3), expected_next)  # the webui's RNG untouched
+    with WebuiDenoiser(forge, rank=4, seed=7) as other:
+        assert torch.equal(other.encode_images(images), first)
+
+
 @pytest.mark.parametrize(("change", "error"), [
     ({"save_name": "a/b"}, "Save name must be a plain folder name"),
     ({"folder": "/no/such/folder"}, "Image folder: no such folder"),
