@@ -45,10 +45,12 @@ class WebuiDenoiser:
         from trainer.tpo.host_unet import HookLoRASet, frozen_without_checkpointing, trainable_copies
 
         self.sd_model, self.device, self.resolution = sd_model, torch.device(device), int(resolution)
-        self.model_name, self.model_hash = model_name, model_hash
+        self.model_name, self.model_hash, self.seed = model_name, model_hash, int(seed)
         self.forge = getattr(sd_model, "forge_objects", None) is not None
         self.sdxl = bool(getattr(sd_model, "is_sdxl", False))
+        self._stack = contextlib.ExitStack()
         if self.forge:
+            self._use_checkpoint_objects(sd_model)
             self.unet_patcher = sd_model.forge_objects.unet
             self.diffusion_model = self.unet_patcher.model.diffusion_model
             sigmas = getattr(self.unet_patcher.model.predictor, "sigmas", None)
@@ -64,7 +66,6 @@ class WebuiDenoiser:
             self._alphas_cumprod = torch.as_tensor(alphas).detach().float().to(self.device).clone()
             self.parameterization = prediction_type(sd_model)
         self.num_train_timesteps = len(self._alphas_cumprod)
-        self._stack = contextlib.ExitStack()
         with torch.inference_mode(False):
             trainable_copies(self.diffusion_model)  # Forge loads checkpoints under inference mode
         self._stack.enter_context(frozen_without_checkpointing(self.diffusion_model))
@@ -74,6 +75,17 @@ class WebuiDenoiser:
         self.loras = self.lora_set.loras
         self._texts: dict[str, Any] = {}
         self._latents_fingerprint: str | None = None
+
+    def _use_checkpoint_objects(self, sd_model) -> None:
+        """Forge/Neo: after a job with `<lora:...>`, `sd_model.forge_objects` holds the patchers with that
+        LoRA (merged into the weights when loaded); the job trains the checkpoint's own (as each generation
+        starts from `forge_objects_original`), and gives the last job's back when it ends."""
+        original = getattr(sd_model, "forge_objects_original", None)
+        if original is None or not hasattr(original, "shallow_copy"):
+            return
+        previous = sd_model.forge_objects
+        sd_model.forge_objects = original.shallow_copy()
+        self._stack.callback(setattr, sd_model, "forge_objects", previous)
 
     def close(self) -> None:
         """Take the LoRA off the webui's UNet and restore its flags."""
@@ -118,7 +130,11 @@ class WebuiDenoiser:
         dtype = next(first_stage.parameters()).dtype if isinstance(first_stage, nn.Module) else torch.float32
         device = next(first_stage.parameters()).device if isinstance(first_stage, nn.Module) else self.device
         pixels = images.permute(0, 3, 1, 2).to(device, dtype) * 2 - 1
-        encoded = self.sd_model.encode_first_stage(pixels)
+        # Forge/Neo (and A1111 SDXL) encode a draw from the VAE's distribution: seeded, so a new run's
+        # cached latents are the same for the same images and seed; the webui's RNG is left as it was
+        with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            encoded = self.sd_model.encode_first_stage(pixels)
         if not isinstance(encoded, torch.Tensor):  # A1111 SD 1.x/2.x: the distribution's mode, not a draw (latents are cached)
             encoded = encoded.mode()
         return self.sd_model.get_first_stage_encoding(encoded).float().clone().to(self.device)

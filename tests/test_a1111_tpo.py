@@ -111,14 +111,23 @@ class FakeKModel(nn.Module):
         return x - self.diffusion_model(x / (s ** 2 + 1).sqrt(), timestep, context=c_crossattn) * s
 
 
+class FakeForgeObjects(SimpleNamespace):
+    """Forge's ForgeObjects (unet, vae patchers); `shallow_copy` as the webui copies them per job."""
+
+    def shallow_copy(self):
+        return FakeForgeObjects(**vars(self))
+
+
 class FakeForgeModel(FakeSDModel):
-    """`shared.sd_model` of Forge classic: the same legacy members, the UNet in forge_objects."""
+    """`shared.sd_model` of Forge classic / Neo: the same legacy members, the UNet in forge_objects, the
+    checkpoint's own patchers in forge_objects_original."""
 
     def __init__(self, unet, text):
         super().__init__(unet, text)
-        self.forge_objects = SimpleNamespace(
+        self.forge_objects = FakeForgeObjects(
             unet=SimpleNamespace(model=FakeKModel(self.model.diffusion_model, self.alphas_cumprod)),
             vae=SimpleNamespace(first_stage_model=self.first_stage_model))
+        self.forge_objects_original = self.forge_objects.shallow_copy()
 
     def encode_first_stage(self, pixels):
         return fake_vae(pixels)
@@ -302,6 +311,49 @@ def test_forge_trains_through_its_unet_patcher_with_the_same_predictions_as_a111
     _, message = train(webui, "forge", steps=3, save_every=3)
     assert "TPO finished" in message and loaded == [forge.forge_objects.unet], message
     assert a1111_unmatched(tmp_path / "models" / "Lora" / "forge.safetensors", forge.model.diffusion_model) == []
+
+
+def test_forge_trains_the_checkpoints_own_unet_not_the_last_jobs_lora_patched_one(webui, monkeypatch, tmp_path,
+                                                                                   text_parts):  # noqa: F811
+    from promptist_webui.tpo import WebuiDenoiser
+
+    a1111 = webui.shared.sd_model
+    forge = FakeForgeModel(a1111.model.diffusion_model.unet, text_parts)
+    patched_model = FakeKModel(forge.model.diffusion_model, forge.alphas_cumprod)
+    patched_model.apply_model = lambda x, t, **kw: FakeKModel.apply_model(patched_model, x, t, **kw) + 0.5
+    last_job = FakeForgeObjects(unet=SimpleNamespace(model=patched_model), vae=forge.forge_objects.vae)
+    forge.forge_objects = last_job  # as Forge/Neo leave it after a txt2img with <lora:...>
+    loaded = []
+    backend = types.ModuleType("backend")
+    backend.memory_management = SimpleNamespace(load_model_gpu=loaded.append)
+    monkeypatch.setitem(sys.modules, "backend", backend)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 800])
+    with torch.no_grad(), WebuiDenoiser(a1111, rank=4) as one:
+        expected = one.predict(x, t, one.encode_text(["a red car", "a blue boat"]))
+    with torch.no_grad(), WebuiDenoiser(forge, rank=4) as other:
+        assert torch.allclose(other.predict(x, t, other.encode_text(["a red car", "a blue boat"])), expected, atol=1e-4)
+    assert forge.forge_objects is last_job
+
+    webui.shared.sd_model = forge
+    _, message = train(webui, "forge-after-lora", steps=2, save_every=2)
+    assert "TPO finished" in message and loaded == [forge.forge_objects_original.unet], message
+    assert forge.forge_objects is last_job
+
+
+def test_forge_latents_drawn_from_the_vae_are_the_same_for_the_same_images_and_seed(webui, text_parts):  # noqa: F811
+    from promptist_webui.tpo import WebuiDenoiser
+
+    forge = FakeForgeModel(webui.shared.sd_model.model.diffusion_model.unet, text_parts)
+    forge.encode_first_stage = lambda pixels: fake_vae(pixels) + 0.1 * torch.randn(fake_vae(pixels).shape)  # a draw
+    images = torch.rand(2, PIXELS, PIXELS, 3)
+    with WebuiDenoiser(forge, rank=4, seed=7) as one:
+        torch.manual_seed(123)
+        expected_next = torch.rand(3)
+        torch.manual_seed(123)
+        first = one.encode_images(images)
+        assert torch.equal(torch.rand(3), expected_next)  # the webui's RNG untouched
+    with WebuiDenoiser(forge, rank=4, seed=7) as other:
+        assert torch.equal(other.encode_images(images), first)
 
 
 @pytest.mark.parametrize(("change", "error"), [
