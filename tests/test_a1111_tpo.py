@@ -308,7 +308,7 @@ def test_forge_trains_through_its_unet_patcher_with_the_same_predictions_as_a111
     ({"save_name": "a/b"}, "Save name must be a plain folder name"),
     ({"folder": "/no/such/folder"}, "Image folder: no such folder"),
     ({"source": "prompts", "prompts": ""}, "Captions is empty"),
-    ({"resolution": 60}, "multiple of 8"),
+    ({"resolution": 100}, "multiple of 8"),
 ])
 def test_bad_tpo_inputs_are_one_clear_error(webui, change, error):
     change = dict(change)
@@ -370,6 +370,58 @@ def test_kohya_names_are_diffusers_paths_where_a1111_reads_them_back():
                      "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
                      "output_blocks.5.1.transformer_blocks.0.attn2.to_out.0":
                      "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0"}
+
+
+class FakeSDXLModel(FakeSDModel):
+    """`shared.sd_model` of A1111 1.10 for an SDXL checkpoint (sgm DiffusionEngine as the webui extends it):
+    the conditioning is a dict (`crossattn` token states, `vector` pooled + size embedding, one row per
+    prompt) and `apply_model(x, t, cond)` takes the dict. Each call's cond is recorded."""
+
+    is_sdxl = True
+
+    def __init__(self, unet, text):
+        super().__init__(unet, text)
+        self.seen, self.vectors = [], {}
+
+    def get_learned_conditioning(self, texts):
+        hidden = super().get_learned_conditioning(texts)
+        assert getattr(texts, "width", None) == PIXELS and getattr(texts, "height", None) == PIXELS
+        vector = torch.cat([hidden.mean(dim=1), torch.full((len(texts), 3), float(PIXELS))], 1)
+        self.vectors.update({tuple(h.flatten().tolist()): tuple(v.tolist()) for h, v in zip(hidden, vector, strict=True)})
+        return {"crossattn": hidden, "vector": vector}
+
+    def apply_model(self, x, t, cond):
+        assert isinstance(cond, dict), "SDXL's apply_model takes the conditioning dict"
+        assert cond["vector"].shape[0] == x.shape[0] == cond["crossattn"].shape[0]
+        self.seen.append({k: v.detach().clone() for k, v in cond.items()})
+        return self.model.diffusion_model(x, t, context=cond["crossattn"], y=cond["vector"])
+
+
+def test_sdxl_checkpoint_trains_with_each_captions_own_pooled_vector_and_saves_an_sdxl_lora(webui, monkeypatch,
+                                                                                              tmp_path):
+    """On an SDXL checkpoint the webui's conditioning is a dict: the job hands A1111's apply_model the dict
+    with every caption's own `vector` row (pooled output + size conditioning at the training resolution),
+    and the LoRA is labelled SDXL for the hosts' LoRA lists."""
+    class SdConditioning(list):
+        def __init__(self, prompts, width=None, height=None):
+            super().__init__(prompts)
+            self.width, self.height = width, height
+
+    monkeypatch.setitem(sys.modules, "modules.prompt_parser", SimpleNamespace(SdConditioning=SdConditioning))
+    shared = sys.modules["modules.shared"]
+    base = shared.sd_model
+    sdxl = FakeSDXLModel(base.model.diffusion_model.unet, (base.tokenizer, base.text_encoder))
+    shared.sd_model = sdxl
+    _, message = train(webui, steps=2, save_every=2)
+    assert "TPO finished" in message, message
+    lora = tmp_path / "models" / "Lora" / "colour.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert sdxl.seen
+    pairs = [(tuple(h.flatten().tolist()), tuple(v.tolist())) for cond in sdxl.seen
+             for h, v in zip(cond["crossattn"], cond["vector"], strict=True)]
+    assert all(sdxl.vectors[h] == v for h, v in pairs)  # each row: the vector of that row's own caption
+    assert len({v for _, v in pairs}) > 1
 
 
 def test_sdxl_layout_loras_keep_diffusers_names_that_a1111_maps_to_the_very_layers_trained():
