@@ -369,40 +369,48 @@ def test_bad_tpo_inputs_are_one_clear_error(webui, change, error):
         train(webui, change.pop("save_name", "bad"), **change)
 
 
+class _SpatialTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList()
+
+
+class Downsample(nn.Module):
+    pass
+
+
+class Upsample(nn.Module):
+    pass
+
+
+def ldm_unet_tree(attention: list[bool], res_blocks: int = 2) -> nn.Module:
+    """An ldm/sgm UNet's block tree (input/middle/output blocks, spatial transformers where `attention`
+    says, per level), without weights: what diffusers_attention_paths reads."""
+    levels = len(attention)
+    unet = nn.Module()
+    inputs = [nn.Sequential(nn.Identity())]
+    for level in range(levels):
+        inputs += [nn.Sequential(nn.Identity(), *([_SpatialTransformer()] if attention[level] else []))
+                   for _ in range(res_blocks)]
+        if level < levels - 1:
+            inputs.append(nn.Sequential(Downsample()))
+    unet.input_blocks = nn.ModuleList(inputs)
+    unet.middle_block = nn.Sequential(nn.Identity(), _SpatialTransformer(), nn.Identity())
+    outputs = []
+    for level in reversed(range(levels)):
+        for r in range(res_blocks + 1):
+            parts = [nn.Identity(), *([_SpatialTransformer()] if attention[level] else [])]
+            outputs.append(nn.Sequential(*parts, *([Upsample()] if r == res_blocks and level > 0 else [])))
+    unet.output_blocks = nn.ModuleList(outputs)
+    return unet
+
+
 def test_kohya_names_are_diffusers_paths_where_a1111_reads_them_back():
     """SD 1.5's layout (two res blocks per level, attention on the first three levels): diffusers names,
     which A1111's formula maps back to the same ldm layers."""
     from trainer.tpo.host_unet import diffusers_attention_paths, kohya_names
 
-    class SpatialTransformer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.transformer_blocks = nn.ModuleList()
-
-    class Downsample(nn.Module):
-        pass
-
-    class Upsample(nn.Module):
-        pass
-
-    def block(*parts):
-        return nn.Sequential(*parts)
-
-    unet = nn.Module()
-    inputs = [block(nn.Identity())]
-    for level in range(4):
-        inputs += [block(nn.Identity(), *([SpatialTransformer()] if level < 3 else [])) for _ in range(2)]
-        if level < 3:
-            inputs.append(block(Downsample()))
-    unet.input_blocks = nn.ModuleList(inputs)
-    unet.middle_block = block(nn.Identity(), SpatialTransformer(), nn.Identity())
-    outputs = []
-    for level in range(4):
-        for r in range(3):
-            parts = [nn.Identity(), *([SpatialTransformer()] if level > 0 else [])]
-            outputs.append(block(*parts, *([Upsample()] if r == 2 and level < 3 else [])))
-    unet.output_blocks = nn.ModuleList(outputs)
-
+    unet = ldm_unet_tree([True, True, True, False])
     paths = diffusers_attention_paths(unet)
     assert paths["input_blocks.1.1"] == "down_blocks.0.attentions.0"
     assert paths["input_blocks.8.1"] == "down_blocks.2.attentions.1"
@@ -415,6 +423,77 @@ def test_kohya_names_are_diffusers_paths_where_a1111_reads_them_back():
                      "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
                      "output_blocks.5.1.transformer_blocks.0.attn2.to_out.0":
                      "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0"}
+
+
+class FakeSDXLModel(FakeSDModel):
+    """`shared.sd_model` of A1111 1.10 for an SDXL checkpoint (sgm DiffusionEngine as the webui extends it):
+    the conditioning is a dict (`crossattn` token states, `vector` pooled + size embedding, one row per
+    prompt) and `apply_model(x, t, cond)` takes the dict. Each call's cond is recorded."""
+
+    is_sdxl = True
+
+    def __init__(self, unet, text):
+        super().__init__(unet, text)
+        self.seen, self.vectors = [], {}
+
+    def get_learned_conditioning(self, texts):
+        hidden = super().get_learned_conditioning(texts)
+        assert getattr(texts, "width", None) == PIXELS and getattr(texts, "height", None) == PIXELS
+        vector = torch.cat([hidden.mean(dim=1), torch.full((len(texts), 3), float(PIXELS))], 1)
+        self.vectors.update({tuple(h.flatten().tolist()): tuple(v.tolist()) for h, v in zip(hidden, vector, strict=True)})
+        return {"crossattn": hidden, "vector": vector}
+
+    def apply_model(self, x, t, cond):
+        assert isinstance(cond, dict), "SDXL's apply_model takes the conditioning dict"
+        assert cond["vector"].shape[0] == x.shape[0] == cond["crossattn"].shape[0]
+        self.seen.append({k: v.detach().clone() for k, v in cond.items()})
+        return self.model.diffusion_model(x, t, context=cond["crossattn"], y=cond["vector"])
+
+
+def test_sdxl_checkpoint_trains_with_each_captions_own_pooled_vector_and_saves_an_sdxl_lora(webui, monkeypatch,
+                                                                                              tmp_path):
+    """On an SDXL checkpoint the webui's conditioning is a dict: the job hands A1111's apply_model the dict
+    with every caption's own `vector` row (pooled output + size conditioning at the training resolution),
+    and the LoRA is labelled SDXL for the hosts' LoRA lists."""
+    class SdConditioning(list):
+        def __init__(self, prompts, width=None, height=None):
+            super().__init__(prompts)
+            self.width, self.height = width, height
+
+    monkeypatch.setitem(sys.modules, "modules.prompt_parser", SimpleNamespace(SdConditioning=SdConditioning))
+    shared = sys.modules["modules.shared"]
+    base = shared.sd_model
+    sdxl = FakeSDXLModel(base.model.diffusion_model.unet, (base.tokenizer, base.text_encoder))
+    shared.sd_model = sdxl
+    _, message = train(webui, steps=2, save_every=2)
+    assert "TPO finished" in message, message
+    lora = tmp_path / "models" / "Lora" / "colour.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert sdxl.seen
+    pairs = [(tuple(h.flatten().tolist()), tuple(v.tolist())) for cond in sdxl.seen
+             for h, v in zip(cond["crossattn"], cond["vector"], strict=True)]
+    assert all(sdxl.vectors[h] == v for h, v in pairs)  # each row: the vector of that row's own caption
+    assert len({v for _, v in pairs}) > 1
+
+
+def test_sdxl_layout_loras_keep_diffusers_names_that_a1111_maps_to_the_very_layers_trained():
+    """SDXL's block layout (three levels, two res blocks each, attention on the lower two; the tiny host
+    checkpoint, which ComfyUI calls Segmind_Vega, has it too): every spatial transformer keeps its diffusers
+    name and A1111 1.10's own conversion reads each name back to the ldm layer the LoRA was trained on
+    (checked in the real A1111 1.10.1 on the tiny SDXL: 0 unmatched keys)."""
+    from trainer.tpo.host_unet import diffusers_attention_paths, kohya_names
+    from trainer.tpo.lora_layout import a1111_compvis_name
+
+    paths = diffusers_attention_paths(ldm_unet_tree([False, True, True]))
+    assert sorted(paths) == sorted(["input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1",
+                                    "middle_block.1", *[f"output_blocks.{i}.1" for i in range(6)]])
+    ldm = [f"{block}.transformer_blocks.0.attn2.to_k" for block in paths]
+    names = kohya_names(ldm, paths)
+    assert names["output_blocks.3.1.transformer_blocks.0.attn2.to_k"] == \
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    for path, name in names.items():
+        assert a1111_compvis_name("lora_unet_" + name.replace(".", "_")) == "diffusion_model_" + path.replace(".", "_")
 
 
 def test_the_lora_trains_through_a_forge_style_block_that_adds_in_place_with_its_own_linear_class():
