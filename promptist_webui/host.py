@@ -23,11 +23,10 @@ IN_WEBUI = scripts is not None
 
 
 def models_dirs(webui_models_path: str | None = None) -> list[Path]:
-    """`extensions/<this>/models`, then the webui's `models/promptist`."""
-    dirs = [EXTENSION_ROOT / "models"]
-    if webui_models_path:
-        dirs.append(Path(webui_models_path) / "promptist")
-    return dirs
+    """The webui's `models/promptist` (where webui users look, and where our trainers save), then
+    `extensions/<this>/models`: a missing model's message names the first as the place to put it."""
+    dirs = [Path(webui_models_path) / "promptist"] if webui_models_path else []
+    return dirs + [EXTENSION_ROOT / "models"]
 
 
 def expose_to_options_api(options: dict) -> None:

@@ -121,6 +121,8 @@ def test_every_missing_model_of_the_job_is_named_in_one_message_before_anything_
             ("PickScore's tokenizer", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "preprocessor_config.json")]:
         line = next(part for part in said.split(" | ") if part.startswith(f"- {role} '{name}': put "))
         assert files in line, line
+        if role == "the optimizer policy":  # the webui's own models folder, where its users look
+            assert f"{webui.host.shared.models_path}/promptist" in line.split(" (from ")[0], line
     assert "improved-aesthetic-predictor" in said  # where to download the head
     assert p.all_prompts == ["a red horse"] and not p.sampled  # the optimizer never ran
 
