@@ -33,7 +33,7 @@ def job_needs(planned: dict, settings: dict, models_dir) -> list[ModelNeed]:
 
     needs = []
     if planned.get("optimize"):
-        needs += policy_needs(policy_name(settings), models_dir=models_dir)
+        needs += policy_needs(policy_name(settings, models_dir), models_dir=models_dir)
     if planned.get("score_preset"):
         clip, aesthetic, pick = scorer_settings(settings)
         needs += scorer_needs(clip, aesthetic, pick_model=pick, preset=planned["score_preset"], models_dir=models_dir)

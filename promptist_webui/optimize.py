@@ -14,8 +14,9 @@ import unicodedata
 from pathlib import Path
 
 from promptist_core.dfprompt import has_dfprompt, parse, to_a1111
+from promptist_core.fingerprint import contents_fingerprint
 from promptist_core.optimizer import MODES, PromptOptimizer, load_optimizer
-from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL
+from promptist_core.weights import DEFAULT_OPTIMIZER_MODEL, choose_default_policy, local_folder_name
 
 from .errors import CONTROL_CHARACTERS, check_dfprompts, guarded
 from .host import IN_WEBUI, devices, gr, models_dirs, scripts, shared
@@ -142,9 +143,24 @@ def render_dfprompt_processing(p, *, steps: int | None = None, hires_steps: int 
     return changed
 
 
-def policy_name(settings: dict) -> str:
-    """The policy the settings name (the Settings page's "Optimizer model")."""
-    return settings.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
+_DEFAULT_CHOICE: dict[tuple, str] = {}  # (models folders, Promptist folder's fingerprint) -> the policy chosen
+
+
+def policy_name(settings: dict, models_dir=None) -> str:
+    """The policy the settings name (the Settings page's "Optimizer model"). The setting's default,
+    microsoft/Promptist, is the same choice as the CLI's default: Promptist where it is here or downloadable,
+    else the bundled policy (said once in the console), so a fresh offline webui rewrites at once."""
+    name = settings.get("promptist_model", DEFAULT_OPTIMIZER_MODEL) or DEFAULT_OPTIMIZER_MODEL
+    if name != DEFAULT_OPTIMIZER_MODEL:
+        return name
+    dirs = [Path(d) for d in (models_dir if models_dir is not None else models_dirs(shared.models_path))]
+    key = (tuple(dirs), *(contents_fingerprint(d / local_folder_name(DEFAULT_OPTIMIZER_MODEL)) for d in dirs))
+    if key not in _DEFAULT_CHOICE:
+        chosen, why = choose_default_policy(models_dir=dirs)
+        if why:
+            print(why, file=sys.stderr)
+        _DEFAULT_CHOICE[key] = chosen
+    return _DEFAULT_CHOICE[key]
 
 
 def loaded_optimizer() -> PromptOptimizer:

@@ -214,3 +214,20 @@ def test_settings_have_a_section_in_a_category_and_name_both_model_folders(webui
     assert {o.category_id for o in options.values()} == {"sd"}
     label = options["promptist_model"].label
     assert "models/promptist" in label and "extensions/promptist/models" in label
+
+
+def test_the_default_setting_rewrites_with_the_bundled_policy_on_a_fresh_offline_webui(webui, monkeypatch, capsys):
+    # A1111 offline with default settings reported microsoft/Promptist missing, though the CLI's default
+    # falls back to the bundled policy: the setting's default is now that same choice.
+    from promptist_core.weights import BUNDLED_POLICY
+
+    monkeypatch.setenv("PROMPTIST_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(ROOT / "no-such-hub-cache"))
+    del webui.settings["promptist_model"]
+    assert webui.optimize.policy_name(webui.settings) == BUNDLED_POLICY
+    p = Job("a red horse")
+    assert run_job_hooks(p, (webui.PromptistScript(), (True, "beam", False))) == []
+    assert p.all_prompts[0].startswith("a red horse, ") and p.sampled  # the bundled policy keeps the prompt
+    assert "using the bundled policy" in capsys.readouterr().err
+    webui.settings["promptist_model"] = "no-such-policy"  # a named policy is never replaced
+    assert webui.optimize.policy_name(webui.settings) == "no-such-policy"
